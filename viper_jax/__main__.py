@@ -1,0 +1,3 @@
+from viper_jax.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""`viper`: the JAX side's command line. Each sub-command lives in its own module, imported only when
+it runs, so `viper --help` is instant and a sub-command's heavy imports stay its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert weights between HF safetensors and Orbax")
+    which = convert.add_subparsers(dest="direction", required=True)
+    to_orbax = which.add_parser("hf-to-orbax", help="HF Qwen2.5-VL directory -> Orbax checkpoint")
+    to_orbax.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
+    to_orbax.add_argument("--out", required=True, help="Orbax checkpoint directory to create")
+    to_orbax.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                          help="parameter dtype stored in the checkpoint")
+    to_orbax.add_argument("--step", type=int, default=0)
+    to_hf = which.add_parser("orbax-to-hf", help="Orbax checkpoint (converted or trained) -> HF directory")
+    to_hf.add_argument("--ckpt", required=True, help="Orbax checkpoint directory")
+    to_hf.add_argument("--out", required=True, help="HF directory to write")
+    to_hf.add_argument("--tokenizer_dir", default=None,
+                       help="copy tokenizer/processor files from here so the export is usable as-is")
+    to_hf.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    to_hf.add_argument("--max_shard_gb", type=float, default=5.0)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from viper_jax import convert
+
+    if args.direction == "hf-to-orbax":
+        path = convert.hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, step=args.step)
+    else:
+        path = convert.orbax_to_hf(args.ckpt, args.out, tokenizer_dir=args.tokenizer_dir, step=args.step,
+                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {path}")
+
+
+COMMANDS = {"convert": (_add_convert, _run_convert)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="viper", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    COMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
