@@ -1,0 +1,74 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, all inside jit with static settings.
+
+The returned log-probability is that of the chosen token under `log_softmax(logits / temperature)`
+over the full vocabulary (top-k/top-p only restrict which tokens can be drawn). This is what GRPO
+recomputes in its forward pass over prompt + response (verl, EasyR1 and TRL all use logits / T), so
+the rollout's log-probs can serve as the old policy without a second pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static (hashable) sampling settings. temperature == 0 or greedy=True means argmax."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+def _mask_top_k(logits: jax.Array, k: int) -> jax.Array:
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _mask_top_p(logits: jax.Array, p: float) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose probability reaches p (the nucleus)."""
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # A token stays if the mass strictly before it is below p; the top token always stays.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def filtered_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Temperature-scaled logits with top-k / top-p applied (what the sampler draws from)."""
+    scaled = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k:
+        scaled = _mask_top_k(scaled, min(cfg.top_k, scaled.shape[-1]))
+    if cfg.top_p < 1.0:
+        scaled = _mask_top_p(scaled, cfg.top_p)
+    return scaled
+
+
+def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """logits [B, V] -> (tokens [B] int32, logprobs [B] float32 under logits / temperature)."""
+    logits = logits.astype(jnp.float32)
+    # Greedy log-probs are reported at temperature 1 when no temperature is set (T == 0).
+    full = jax.nn.log_softmax(logits / (cfg.temperature or 1.0), axis=-1)
+    if cfg.is_greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        tokens = jax.random.categorical(rng, filtered_logits(logits, cfg), axis=-1)
+    return tokens.astype(jnp.int32), jnp.take_along_axis(full, tokens[:, None], axis=-1)[:, 0]
