@@ -1,0 +1,166 @@
+"""Rollout engine: multimodal prefill + KV-cache decode inside one jitted program.
+
+Flow for B prompts and G samples each:
+  1. host: pad the prompts (left) to a length bucket; positions from get_rope_index; vision index arrays.
+  2. jit: vision tower once per prompt, prefill the B prompts into a cache of `bucket + max_new_tokens`
+     slots, then repeat the cache G times (the group shares one prefill).
+  3. jit: `lax.while_loop` decode: one token per row per step at position max(prompt positions) + 1 + i
+     on all three MRoPE axes (HF's rope_deltas), stopping when every row hit an end token or the limit.
+Prompt buckets and max_new_tokens are static, so XLA compiles once per (bucket, image-grid set).
+The model's own parameters are used in place: no copy, no second model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs, get_rope_index, prepare_vision
+from viper_jax.models.qwen2_5_vl.rope_index import text_positions
+from viper_jax.rollout.sampling import SamplingConfig, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    max_new_tokens: int = 128
+    prompt_buckets: tuple[int, ...] = (128, 256, 512, 1024)
+    max_cache_len: int = 4096  # prompt bucket + max_new_tokens must fit
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    group_size: int = 1
+    sampling: SamplingConfig = SamplingConfig()
+    cache_dtype: Any = None  # default: the model's compute dtype
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    tokens: np.ndarray      # [B*G, max_new_tokens] int32, pad after the end token
+    lengths: np.ndarray     # [B*G] tokens generated, the end token included
+    logprobs: np.ndarray    # [B*G, max_new_tokens] float32 under logits / temperature, 0 after the end
+    prompt_index: np.ndarray  # [B*G] which prompt each row answers (rows of a group are consecutive)
+    seconds: float
+    kv_cache_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return float(self.lengths.sum()) / max(self.seconds, 1e-9)
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket {max(buckets)}; "
+                     f"raise rollout.prompt_buckets or shorten the prompt")
+
+
+def kv_cache_bytes(model: Qwen2_5_VL, rows: int, length: int, dtype: Any) -> int:
+    t = model.config.text
+    return 2 * t.num_hidden_layers * rows * length * t.num_key_value_heads * t.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    extra = length - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return (np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0))))
+
+
+@nnx.jit(static_argnames=("cfg",))
+def _prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_inputs: VisionInputs | None,
+             cfg: RolloutConfig):
+    b, t = ids.shape
+    embeds = model.embed(ids, pixel_values, vision_inputs)
+    slots = t + cfg.max_new_tokens
+    cache = model.init_cache(b, slots, cfg.cache_dtype)
+    slot_mask = jnp.concatenate([mask, jnp.zeros((b, cfg.max_new_tokens), mask.dtype)], axis=1)
+    logits, cache = model.forward_with_cache(embeds, positions, slot_mask, cache, 0)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+@nnx.jit(static_argnames=("cfg", "prompt_len"))
+def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: RolloutConfig, prompt_len: int):
+    g = cfg.group_size
+    # The group shares one prefill: repeat every per-row tensor G times (rows of a group consecutive).
+    last_logits = jnp.repeat(last_logits, g, axis=0)
+    cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
+    mask = jnp.repeat(mask, g, axis=0)
+    next_pos = jnp.repeat(next_pos, g, axis=0)
+    rows, n = last_logits.shape[0], cfg.max_new_tokens
+    slot_mask = jnp.concatenate([mask, jnp.zeros((rows, n), mask.dtype)], axis=1)
+    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+
+    rng, key = jax.random.split(rng)
+    tok, lp = sample(last_logits, key, cfg.sampling)
+    tokens = jnp.full((rows, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
+    logprobs = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(lp)
+    done = jnp.isin(tok, eos)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, _, done, _, _ = state
+        return (i < n) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, slot_mask, tokens, logprobs, done, lengths, rng = state
+        token = tokens[:, i - 1]
+        slot = prompt_len + i - 1
+        slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((rows, 1), slot_mask.dtype), (0, slot))
+        pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, rows, 1))
+        embeds = model.language_model.embed(token[:, None])
+        logits, cache = model.forward_with_cache(embeds, pos, slot_mask, cache, slot)
+        rng, key = jax.random.split(rng)
+        tok, lp = sample(logits[:, -1], key, cfg.sampling)
+        tok = jnp.where(done, cfg.pad_token_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos)
+        return i + 1, cache, slot_mask, tokens, logprobs, done, lengths, rng
+
+    state = (jnp.int32(1), cache, slot_mask, tokens, logprobs, done, lengths, rng)
+    _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, logprobs, lengths
+
+
+def generate(model: Qwen2_5_VL, input_ids: Any, attention_mask: Any, rng: jax.Array, cfg: RolloutConfig,
+             pixel_values: Any = None, image_grid_thw: Any = None) -> RolloutResult:
+    """Samples `cfg.group_size` responses for each of the B prompts (left-padded [B, T] on the host)."""
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    bucket = pick_bucket(ids.shape[1], cfg.prompt_buckets)
+    if bucket + cfg.max_new_tokens > cfg.max_cache_len:
+        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the KV cache "
+                         f"({cfg.max_cache_len} slots); lower max_new_tokens or raise rollout.max_cache_len")
+    if bucket + cfg.max_new_tokens > model.config.text.max_position_embeddings:
+        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {model.config.text.max_position_embeddings}")
+    ids, mask = _left_pad(ids, mask, bucket, cfg.pad_token_id)
+    if image_grid_thw is None:
+        positions = text_positions(ids)
+        vision_inputs = None
+    else:
+        positions, _ = get_rope_index(ids, mask, np.asarray(image_grid_thw), None, None, model.config)
+        vision_inputs = prepare_vision(np.asarray(image_grid_thw), model.config.vision)
+    # Generated token i sits at max(prompt positions) + 1 + i on every axis (HF's rope_deltas).
+    next_pos = positions.max(axis=(0, 2)) + 1
+    cache_dtype = cfg.cache_dtype or model.dtype
+    cfg = dataclasses.replace(cfg, cache_dtype=cache_dtype)
+    start = time.perf_counter()
+    last_logits, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
+                                  None if pixel_values is None else jnp.asarray(pixel_values), vision_inputs, cfg)
+    tokens, logprobs, lengths = _decode(model, last_logits, cache, jnp.asarray(mask), jnp.asarray(next_pos),
+                                        rng, cfg, bucket)
+    tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
+    seconds = time.perf_counter() - start
+    rows = ids.shape[0] * cfg.group_size
+    return RolloutResult(tokens=np.asarray(tokens), lengths=np.asarray(lengths), logprobs=np.asarray(logprobs),
+                         prompt_index=np.repeat(np.arange(ids.shape[0]), cfg.group_size), seconds=seconds,
+                         kv_cache_bytes=kv_cache_bytes(model, rows, bucket + cfg.max_new_tokens, cache_dtype))
