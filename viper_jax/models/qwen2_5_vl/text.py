@@ -1,0 +1,128 @@
+"""Qwen2.5-VL language model (transformers' `Qwen2_5_VLTextModel`): a Qwen2 decoder with MRoPE.
+
+KV cache (for the rollout engine). A cache is a dict `{"k": [L, B, S, KV, hd], "v": [L, B, S, KV, hd]}`
+(`init_cache`), stacked over layers like the parameters, so the layer scan slices it together with
+the weights. With a cache, a call writes the T new keys/values of every layer at slots
+`[cache_index, cache_index + T)` (one `dynamic_update_slice`; `cache_index` is a scalar shared by the
+batch, i.e. prompts are left-padded to a common length), attends over all S slots, and returns the
+updated cache. The mask is then built from `attention_mask` [B, S] (1 = a filled, non-pad slot,
+including the T new ones) and causality on absolute slot positions (slot s is visible to query t when
+s <= cache_index + t). Without a cache, `attention_mask` is the usual [B, T] padding mask. Logical
+names for sharding a cache: ("layers", "cache_batch", "cache_length", "cache_heads", None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import TextConfig
+from .layers import GatedMLP, Linear, RMSNorm, attend, param, rotate_half, scan_layers, stacked
+
+Cache = dict[str, jax.Array]
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, std: float, param_dtype: Any, rngs: nnx.Rngs):
+        self.embedding = param(std * jax.random.normal(rngs.params(), (vocab, dim), param_dtype), ("vocab", "embed"))
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, hd, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        kw = dict(std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, h * hd, ("embed", "heads"), bias=True, **kw)
+        self.k_proj = Linear(d, kv * hd, ("embed", "kv_heads"), bias=True, **kw)
+        self.v_proj = Linear(d, kv * hd, ("embed", "kv_heads"), bias=True, **kw)
+        self.o_proj = Linear(h * hd, d, ("heads", "embed"), bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        b, t, _ = x.shape
+        hd, kvh = self.head_dim, self.num_kv_heads
+        q = self.q_proj(x).reshape(b, t, self.num_heads, hd)
+        k = self.k_proj(x).reshape(b, t, kvh, hd)
+        v = self.v_proj(x).reshape(b, t, kvh, hd)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        q = q.reshape(b, t, kvh, self.num_heads // kvh, hd)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
+                            std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=0):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 remat: str = "none", rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, param_dtype, rngs)
+        self.layers = stacked(cfg.num_hidden_layers,
+                              lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
+
+    def rope(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """MRoPE tables [B, T, head_dim]: computed in fp32, cast to the compute dtype as HF does.
+
+        Frequency chunk i of `mrope_section` takes its angle from axis i % 3 (t, h, w) of position_ids [3, B, T].
+        """
+        dim = self.cfg.head_dim
+        inv = 1.0 / (self.cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+        freqs = position_ids.astype(jnp.float32)[..., None] * inv  # [3, B, T, dim/2]
+        chunks, start = [], 0
+        for i, size in enumerate(self.cfg.mrope_section):
+            chunks.append(freqs[i % 3, ..., start:start + size])
+            start += size
+        emb = jnp.concatenate(chunks * 2, axis=-1)
+        return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
+        shape = (self.cfg.num_hidden_layers, batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
+
+    def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        """inputs_embeds [B, T, D], position_ids [3, B, T] -> (final-normed hidden [B, T, D], cache)."""
+        b, t, _ = inputs_embeds.shape
+        if cache is None:
+            keys = jnp.arange(t)
+            mask = (keys[None, :] <= keys[:, None])[None]  # causal [1, T, T]
+            if attention_mask is not None:
+                mask = mask & attention_mask.astype(bool)[:, None, :]
+        else:
+            keys = jnp.arange(cache["k"].shape[2])
+            mask = (keys[None, :] <= cache_index + jnp.arange(t)[:, None])[None]
+            if attention_mask is not None:
+                mask = mask & attention_mask.astype(bool)[:, None, :]
+        cos, sin = self.rope(position_ids)
+
+        def body(layer, x, layer_cache):
+            return layer(x, cos, sin, mask, layer_cache, cache_index)
+
+        x, cache = scan_layers(self.layers, body, inputs_embeds.astype(self.dtype), cache, self.remat)
+        return self.norm(x), cache
