@@ -96,8 +96,12 @@ def validate(record: ViperRecord) -> None:
     for i, img in enumerate(record.images):
         if not isinstance(img, (bytes, bytearray)) or image_format(bytes(img)) is None:
             raise RecordError("bad_image", f"image {i} is not PNG/JPEG/WebP bytes", rid)
+    if record.caption is not None and not isinstance(record.caption, str):
+        raise RecordError("bad_field", f"caption must be a string, got {type(record.caption).__name__}", rid)
     if record.task == "caption_refine" and not record.caption:
         raise RecordError("missing_field", "caption_refine record without a caption", rid)
+    if not isinstance(record.provenance, dict):
+        raise RecordError("bad_field", "provenance must be a JSON object", rid)
     if not record.truth or not all(isinstance(s, str) and s.strip() for s in record.truth):
         raise RecordError("missing_field", "truth must be a non-empty list of non-empty sentences", rid)
 
@@ -140,6 +144,13 @@ def decode(data: bytes) -> ViperRecord:
         raise RecordError("schema_version",
                           f"schema_version {header['schema_version']}, this code reads {SCHEMA_VERSION}", rid)
     sizes = header["image_sizes"]
+    # Checked before use: a non-list or negative size would otherwise crash `sum` or mis-slice the body.
+    if not isinstance(sizes, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in sizes):
+        raise RecordError("bad_header", f"image_sizes must be a list of non-negative ints, got {sizes!r}", rid)
+    # tuple("a string") would silently become a tuple of characters, so the container types are checked.
+    if not isinstance(header["truth"], list):
+        raise RecordError("bad_field", f"truth must be a list, got {type(header['truth']).__name__}", rid)
     body = data[8 + head_len:]
     if sum(sizes) != len(body):
         raise RecordError("truncated", f"images need {sum(sizes)} bytes, {len(body)} present", rid)
