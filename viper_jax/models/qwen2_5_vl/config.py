@@ -60,7 +60,7 @@ class TextConfig:
     rope_theta: float = 1e6
     mrope_section: tuple[int, ...] = (16, 24, 24)  # transformers' fallback when the config has none
     use_sliding_window: bool = False
-    sliding_window: int | None = 4096
+    sliding_window: int | None = None  # transformers nulls it unless use_sliding_window
     max_window_layers: int = 80
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
@@ -115,6 +115,7 @@ class Qwen2_5_VLConfig:
         text = _build(TextConfig, t, rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1e6))),
                       mrope_section=tuple(int(x) for x in rope.get("mrope_section", TextConfig.mrope_section)),
                       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                      sliding_window=t.get("sliding_window", 4096) if t.get("use_sliding_window") else None,
                       num_key_value_heads=t.get("num_key_value_heads") or t.get("num_attention_heads",
                                                                              TextConfig.num_attention_heads))
         vd = dict(d.get("vision_config") or {})
@@ -144,7 +145,6 @@ class Qwen2_5_VLConfig:
         t.update(model_type="qwen2_5_vl_text",
                  rope_parameters={"rope_type": "default", "rope_theta": t.pop("rope_theta"),
                                   "mrope_section": list(t.pop("mrope_section"))},
-                 sliding_window=t["sliding_window"] if t["use_sliding_window"] else None,
                  layer_types=["full_attention"] * self.text.num_hidden_layers, use_cache=True)
         if isinstance(t["eos_token_id"], tuple):
             t["eos_token_id"] = list(t["eos_token_id"])
