@@ -76,6 +76,9 @@ class Qwen2_5_VL(nnx.Module):
               vision_inputs: VisionInputs | None = None, pixel_values_videos: jax.Array | None = None,
               video_inputs: VisionInputs | None = None) -> jax.Array:
         """Token embeddings with image/video features placed at their placeholder tokens: [B, T, D]."""
+        for pix, vi, what in ((pixel_values, vision_inputs, "image"), (pixel_values_videos, video_inputs, "video")):
+            if pix is not None and vi is None:
+                raise ValueError(f"{what} pixels need their VisionInputs: prepare_vision({what}_grid_thw, config.vision)")
         x = self.language_model.embed(input_ids)
         if pixel_values is not None:
             x = _place(x, input_ids, self.config.image_token_id, self.get_image_features(pixel_values, vision_inputs))
@@ -93,8 +96,8 @@ class Qwen2_5_VL(nnx.Module):
 
     def prepare_inputs(self, input_ids: Any, attention_mask: Any = None, image_grid_thw: Any = None,
                        video_grid_thw: Any = None, second_per_grid_ts: Any = None, position_ids: Any = None,
-                       vision_inputs: VisionInputs | None = None,
-                       video_inputs: VisionInputs | None = None) -> tuple[Any, Any, Any]:
+                       vision_inputs: VisionInputs | None = None, video_inputs: VisionInputs | None = None,
+                       mm_token_type_ids: Any = None) -> tuple[Any, Any, Any]:
         """Host-side: fills in position_ids / vision_inputs / video_inputs the caller did not give."""
         cfg = self.config
         if vision_inputs is None and image_grid_thw is not None:
@@ -109,19 +112,20 @@ class Qwen2_5_VL(nnx.Module):
                 mask = None if attention_mask is None else _concrete(attention_mask, "position_ids")
                 grids = [None if g is None else _concrete(g, "position_ids") for g in (image_grid_thw, video_grid_thw)]
                 secs = None if second_per_grid_ts is None else _concrete(second_per_grid_ts, "position_ids")
-                position_ids, _ = get_rope_index(ids, mask, grids[0], grids[1], secs, cfg)
+                types = None if mm_token_type_ids is None else _concrete(mm_token_type_ids, "position_ids")
+                position_ids, _ = get_rope_index(ids, mask, grids[0], grids[1], secs, cfg, types)
         return position_ids, vision_inputs, video_inputs
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       pixel_values: jax.Array | None = None, image_grid_thw: Any = None,
                       pixel_values_videos: jax.Array | None = None, video_grid_thw: Any = None,
                       second_per_grid_ts: Any = None, position_ids: jax.Array | None = None,
-                      vision_inputs: VisionInputs | None = None,
-                      video_inputs: VisionInputs | None = None) -> jax.Array:
+                      vision_inputs: VisionInputs | None = None, video_inputs: VisionInputs | None = None,
+                      mm_token_type_ids: Any = None) -> jax.Array:
         """Final-normed hidden states [B, T, D] (before lm_head)."""
         position_ids, vision_inputs, video_inputs = self.prepare_inputs(
             input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts, position_ids,
-            vision_inputs, video_inputs)
+            vision_inputs, video_inputs, mm_token_type_ids)
         x = self.embed(input_ids, pixel_values, vision_inputs, pixel_values_videos, video_inputs)
         hidden, _ = self.language_model(x, jnp.asarray(position_ids), attention_mask)
         return hidden
@@ -130,11 +134,13 @@ class Qwen2_5_VL(nnx.Module):
                  pixel_values: jax.Array | None = None, image_grid_thw: Any = None,
                  pixel_values_videos: jax.Array | None = None, video_grid_thw: Any = None,
                  second_per_grid_ts: Any = None, position_ids: jax.Array | None = None,
-                 vision_inputs: VisionInputs | None = None, video_inputs: VisionInputs | None = None) -> jax.Array:
-        """Logits [B, T, vocab], HF argument names and shapes."""
+                 vision_inputs: VisionInputs | None = None, video_inputs: VisionInputs | None = None,
+                 mm_token_type_ids: Any = None) -> jax.Array:
+        """Logits [B, T, vocab], HF argument names and shapes (mm_token_type_ids is optional: it is
+        derived from the placeholder ids when absent)."""
         return self.logits_from_hidden(self.hidden_states(
             input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-            second_per_grid_ts, position_ids, vision_inputs, video_inputs))
+            second_per_grid_ts, position_ids, vision_inputs, video_inputs, mm_token_type_ids))
 
     # ------------------------------------------------------------------ KV cache (rollout)
 

@@ -68,7 +68,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=0):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: Cache | None = None,
+                 cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache

@@ -141,7 +141,7 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, is_full, vi):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_full: jax.Array, vi: VisionInputs) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, is_full, vi)
         return x + self.mlp(self.norm2(x))
 
