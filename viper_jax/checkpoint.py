@@ -52,10 +52,11 @@ def restore_model_config(directory: str | Path, step: int | None = None) -> tupl
         return restored[MODEL_CONFIG], step
 
 
-def restore_params(directory: str | Path, target: Any, step: int | None = None) -> Any:
-    """Restores the params item onto `target`: a pytree of arrays or `jax.ShapeDtypeStruct`s whose
-    shardings decide where each restored array lives (so a checkpoint restores onto any mesh)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+def restore_params(directory: str | Path, target: Any = None, step: int | None = None) -> Any:
+    """Restores the params item. `target`: a pytree of arrays or `jax.ShapeDtypeStruct`s whose shardings
+    decide where each restored array lives (so a checkpoint restores onto any mesh); None restores the
+    arrays as saved (dtypes included) onto the default device."""
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with _manager(directory, read_only=True) as mngr:
         step = _resolve_step(mngr, directory, step)
         restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))

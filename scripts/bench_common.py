@@ -1,0 +1,86 @@
+"""The ~30M-parameter Qwen2.5-VL used by the benchmarks, built once in transformers (random weights)
+and loaded into JAX through a real HF directory, so both sides compute with identical parameters."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+IMAGE, VIDEO, VSTART, VEND, PAD, EOS = 8000, 8001, 8002, 8003, 0, 1
+
+
+def bench_config_dict() -> dict:
+    """Text hidden 512 x 8 layers, vision hidden 256 x depth 4: about 33M parameters."""
+    return dict(
+        text_config=dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                             "mrope_section": [8, 12, 12]},
+                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD),
+        vision_config=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=512,
+                           fullatt_block_indexes=[3], tokens_per_second=2),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        tie_word_embeddings=False)
+
+
+def build_models(attn_implementation: str = "eager"):
+    """(HF torch model, its saved directory). The JAX side loads the directory with load_hf."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(**bench_config_dict())
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
+                                                            dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # no all-zero biases / unit norms
+    path = tempfile.mkdtemp(prefix="viper_bench_")
+    model.save_pretrained(path)
+    return model, path
+
+
+def image_batch(batch: int, text_tokens: int, image_px: int = 112, seed: int = 0) -> dict:
+    """`batch` prompts, each `text_tokens` random tokens around one image of image_px x image_px."""
+    rng = np.random.default_rng(seed)
+    grid = image_px // 14
+    n_img = grid * grid // 4
+    before = text_tokens // 2
+    row = lambda: ([*rng.integers(10, 7000, before)] + [VSTART] + [IMAGE] * n_img + [VEND]
+                   + [*rng.integers(10, 7000, text_tokens - before)])
+    ids = np.asarray([row() for _ in range(batch)], np.int64)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                mm_token_type_ids=(ids == IMAGE).astype(np.int64),
+                pixel_values=rng.normal(size=(batch * grid * grid, 1176)).astype(np.float32),
+                image_grid_thw=np.asarray([[1, grid, grid]] * batch, np.int64))
+
+
+def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """(JAX, torch) fp32 FLOP/s of an n^3 matmul, measured now (the machine is shared and noisy)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    jax_rate = 2 * n**3 * repeats / (time.perf_counter() - t)
+    b = torch.randn(n, n)
+    b @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        b @ b
+    return jax_rate, 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def describe_machine() -> str:
+    import jax
+
+    return f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores"
