@@ -448,3 +448,18 @@ def test_synthesis_never_imports_jax():
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_editor_passes_mm_token_type_ids(tiny_dirs):
+    """The Edit pipeline's own prompt encoder drops mm_token_type_ids (diffusers #14194), so its text encoder
+    falls back to 1D positions over the image tokens; our replacement keeps the multimodal positions."""
+    from synthesis_torch.editors import QwenImageEditor
+
+    editor = QwenImageEditor(tiny_dirs["editor"], device=torch.device("cpu"), dtype=torch.float32, offload="none",
+                             steps=1, true_cfg_scale=1.0, negative_prompt=" ", area=32 * 32, condition_area=32 * 32)
+    pipe, image = editor.pipe, photo(64, 48, 9)
+    ours, ours_mask = pipe._get_qwen_prompt_embeds(["make the ball blue"], image)  # bound on the instance
+    theirs, theirs_mask = type(pipe)._get_qwen_prompt_embeds(pipe, ["make the ball blue"], image)
+    assert ours.shape == theirs.shape and torch.equal(ours_mask, theirs_mask)
+    assert not torch.allclose(ours, theirs)
+    assert editor.edit(image, "make the ball blue", seed=0).size == (40, 24)  # about 32*32 px, aspect 4:3
