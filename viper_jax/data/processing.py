@@ -1,0 +1,195 @@
+"""Per-record processing (bytes -> model inputs) and batch collation, as plain NumPy/PIL code.
+
+`RecordProcessor` runs inside Grain's `map` (possibly in worker processes) and never raises for a bad
+record: it returns a `Skipped` sentinel instead, so the pipeline can count and log it in the main
+process and the iterator state stays exact (one source index in, one element out).
+
+Token layout follows `Qwen2_5_VLProcessor` exactly: the chat template emits one
+`<|vision_start|><|image_pad|><|vision_end|>` per image; each `<|image_pad|>` is then expanded into
+`grid.prod() // merge_size**2` copies. We expand at the id level (tokenize once, then `np.repeat`),
+which equals the processor's string-level expansion because special tokens are atomic in the
+tokenizer; tests/test_data_pipeline.py checks this against the processor itself.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from viper_common import records
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+
+# mm_token_type_ids values (transformers' convention for Qwen2.5-VL).
+TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
+
+
+@dataclasses.dataclass
+class Example:
+    """One processed record. `input_ids` are unpadded; `pixel_values` rows are in processor order."""
+
+    id: str
+    task: str
+    truth: tuple[str, ...]
+    input_ids: np.ndarray       # [L] int32, image pads already expanded
+    pixel_values: np.ndarray    # [sum_i grid_i.prod(), C*T*P*P] float32
+    image_grid_thw: np.ndarray  # [num_images, 3] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in for a record that cannot be used; `reason` is the counter key."""
+
+    reason: str
+    record_id: str | None
+    message: str
+
+
+def render_prompt(template: str, record: records.ViperRecord) -> str:
+    """The task prompt for a record. Only `{caption}` is substituted, by plain replacement rather than
+    `str.format`, so a user's prompt override may contain other literal braces."""
+    return template.replace("{caption}", record.caption or "")
+
+
+def _open_image(data: bytes) -> Any:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # PIL decodes lazily; force it here so truncated/corrupt data fails now, inside the try
+    return img  # mode conversion is left to the image processor (do_convert_rgb), exactly as transformers
+
+
+class RecordProcessor:
+    """Callable: encoded record bytes -> `Example`, or `Skipped(reason)` for a record we cannot use.
+
+    Skip reasons: the RecordError reasons of viper_common.records (bad_magic, truncated, bad_header,
+    missing_field, schema_version, bad_field, bad_image), plus `bad_image` for bytes PIL or the image
+    processor cannot handle, `bad_prompt` when the prompt does not hold exactly one set of vision
+    placeholders per image (e.g. a caption containing special-token text), and `too_long` when the
+    prompt exceeds `max_length` (the largest length bucket).
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, prompts: Mapping[str, str], max_length: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompts = dict(prompts)
+        self.max_length = int(max_length)
+        self.merge_length = int(image_processor.merge_size) ** 2
+        ids = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END])
+        if any(i is None or i == tokenizer.unk_token_id for i in ids):
+            raise ValueError(f"tokenizer lacks Qwen2-VL vision tokens: {dict(zip([IMAGE_PAD, VIDEO_PAD], ids))}")
+        self.image_id, self.video_id, self.vstart_id, self.vend_id = (int(i) for i in ids)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("tokenizer has no chat template (Qwen2-VL's is in viper_jax.data.tiny_tokenizer)")
+
+    def prompt_ids(self, record: records.ViperRecord) -> np.ndarray:
+        """Token ids of the chat prompt with ONE `<|image_pad|>` per image (not yet expanded)."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in record.images]
+        content.append({"type": "text", "text": render_prompt(self.prompts[record.task], record)})
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+        # The template already holds every special token; add_special_tokens=False keeps a tokenizer that
+        # adds BOS from adding a second one (Qwen's adds none, so this matches the processor).
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+
+    def __call__(self, data: bytes) -> Example | Skipped:
+        try:
+            record = records.decode(bytes(data))
+        except records.RecordError as e:
+            return Skipped(e.reason, e.record_id, str(e))
+        try:
+            images = [_open_image(b) for b in record.images]
+            out = self.image_processor(images=images, return_tensors="np")
+        except Exception as e:  # noqa: BLE001 - any failure decoding/resizing these bytes means a bad image
+            return Skipped("bad_image", record.id, f"{type(e).__name__}: {e}")
+        grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
+        try:
+            ids = self.prompt_ids(record)
+        except Exception as e:  # noqa: BLE001 - the record's text is the only input (e.g. a lone surrogate)
+            return Skipped("bad_prompt", record.id, f"cannot build the prompt: {type(e).__name__}: {e}")
+        n = len(record.images)
+        counts = {tid: int((ids == tid).sum()) for tid in (self.image_id, self.vstart_id, self.vend_id)}
+        if set(counts.values()) != {n} or (ids == self.video_id).any():
+            return Skipped("bad_prompt", record.id,
+                           f"prompt has vision tokens {counts} (video {int((ids == self.video_id).sum())}) "
+                           f"for {n} image(s)")
+        # Expand each <|image_pad|> into its merged-patch count, in image order (as the processor does).
+        repeats = np.ones(len(ids), np.int64)
+        repeats[ids == self.image_id] = grid.prod(axis=1) // self.merge_length
+        ids = np.repeat(ids, repeats)
+        if len(ids) > self.max_length:
+            return Skipped("too_long", record.id, f"prompt is {len(ids)} tokens, largest bucket {self.max_length}")
+        return Example(id=record.id, task=record.task, truth=record.truth, input_ids=ids.astype(np.int32),
+                       pixel_values=np.asarray(out["pixel_values"], np.float32), image_grid_thw=grid)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n. Past the last bucket: the next multiple of the last bucket (nothing dropped)."""
+    i = bisect.bisect_left(buckets, n)
+    if i < len(buckets):
+        return int(buckets[i])
+    last = int(buckets[-1])
+    return -(-n // last) * last
+
+
+def _object_array(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)  # assigned one by one so tuples stay tuples, not a 2-D array
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Collator:
+    """Batches `Example`s into the model's input dict (Grain `batch_fn`).
+
+    Prompts are LEFT-padded to the smallest length bucket holding the longest prompt (generation appends
+    on the right, so every row's last prompt token sits at T-1). With `patch_buckets`, pixel_values gets
+    zero rows appended up to a patch bucket; `num_patches` says how many rows are real, and
+    image_grid_thw is unchanged, so a vision tower that derives its sequence from image_grid_thw (as
+    viper_jax's does: it gathers rows through `patch_perm`) never reads the padding. A consumer that
+    feeds every row must slice `pixel_values[:num_patches]` first.
+    """
+
+    length_buckets: tuple[int, ...]
+    pad_id: int
+    image_id: int
+    video_id: int
+    patch_buckets: tuple[int, ...] = ()
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        lengths = np.asarray([len(e.input_ids) for e in examples], np.int32)
+        width = bucket_for(int(lengths.max()), self.length_buckets)
+        input_ids = np.full((len(examples), width), self.pad_id, np.int32)
+        attention_mask = np.zeros((len(examples), width), np.int32)
+        for b, e in enumerate(examples):
+            input_ids[b, width - len(e.input_ids):] = e.input_ids
+            attention_mask[b, width - len(e.input_ids):] = 1
+        mm = np.where(input_ids == self.image_id, IMAGE_TYPE, np.where(input_ids == self.video_id, VIDEO_TYPE, TEXT_TYPE))
+        mm = (mm * attention_mask).astype(np.int32)  # a pad id that equals a vision id must not count
+        pixel_values = np.concatenate([e.pixel_values for e in examples], axis=0)
+        num_patches = pixel_values.shape[0]
+        if self.patch_buckets:
+            rows = bucket_for(num_patches, self.patch_buckets)
+            pixel_values = np.concatenate(
+                [pixel_values, np.zeros((rows - num_patches, pixel_values.shape[1]), np.float32)], axis=0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": mm,
+            "pixel_values": pixel_values,
+            "image_grid_thw": np.concatenate([e.image_grid_thw for e in examples], axis=0).astype(np.int32),
+            "num_patches": np.asarray(num_patches, np.int32),
+            "images_per_sample": np.asarray([len(e.image_grid_thw) for e in examples], np.int32),
+            "prompt_lengths": lengths,
+            "id": _object_array([e.id for e in examples]),
+            "task": _object_array([e.task for e in examples]),
+            "truth": _object_array([tuple(e.truth) for e in examples]),
+        }
