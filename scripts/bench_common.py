@@ -84,3 +84,24 @@ def describe_machine() -> str:
     import jax
 
     return f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores"
+
+
+def train_flops(config: dict, batch: int, seq: int, patches_per_row: int) -> float:
+    """Analytic forward+backward FLOPs (3 x forward) of one step: matmuls with parameters, attention
+    scores and values, the vision tower and merger. XLA's cost analysis counts a scanned layer once, so
+    it cannot be used for a scanned model."""
+    t, v = config["text_config"], config["vision_config"]
+    d, hd = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"]
+    kv = t["num_key_value_heads"] * hd
+    layer = d * d * 2 + 2 * d * kv + 3 * d * t["intermediate_size"]
+    text = 2 * batch * seq * (t["num_hidden_layers"] * layer + d * t["vocab_size"])
+    text += t["num_hidden_layers"] * 4 * batch * seq * seq * d  # QK^T and PV over the full T x T
+    dv = v["hidden_size"]
+    block = 3 * dv * dv + dv * dv + 3 * dv * v["intermediate_size"]
+    n = batch * patches_per_row
+    vision = 2 * n * (v["depth"] * block + 1176 * dv)
+    window = (v["window_size"] // v["patch_size"]) ** 2
+    full_blocks = len(v["fullatt_block_indexes"])
+    vision += 4 * n * dv * ((v["depth"] - full_blocks) * window + full_blocks * patches_per_row)
+    vision += 2 * (n // 4) * (16 * dv * dv + 4 * dv * v["out_hidden_size"])
+    return 3.0 * (text + vision)

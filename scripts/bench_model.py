@@ -1,0 +1,106 @@
+"""Forward + backward tokens/s: the Flax model vs transformers (PyTorch eager and sdpa), same ~30M model.
+
+Batch 4, ~270 tokens per row with one 112x112 image, next-token cross-entropy, fp32, this machine's CPU.
+Also prints the model's achieved FLOP/s (XLA's cost analysis of the compiled step) as a fraction of a
+2048^3 matmul measured in the same run. One run; prints the ratios.
+Usage: python scripts/bench_model.py [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_common import (bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
+                          matmul_flops_per_second, train_flops)
+from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf, prepare_vision  # noqa: E402
+
+
+def _jax_step(model, batch):
+    graphdef, params = nnx.split(model, nnx.Param)
+    positions, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, None,
+                                  model.config)
+    vision = prepare_vision(batch["image_grid_thw"], model.config.vision)
+    ids, pix = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"])
+
+    def loss_fn(params):
+        m = nnx.merge(graphdef, params)
+        logits = m(ids, pixel_values=pix, position_ids=positions, vision_inputs=vision)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    return lambda: jax.block_until_ready(step(params))
+
+
+def _torch_step(model, batch):
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    ids = inputs["input_ids"]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model.model.rope_deltas = None
+        logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss
+
+    return run
+
+
+def _time(fn, steps: int) -> float:
+    fn()  # warm-up (and compile for JAX)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--text_tokens", type=int, default=252)
+    args = ap.parse_args()
+
+    batch = image_batch(args.batch, args.text_tokens)
+    tokens = batch["input_ids"].size
+    hf_eager, path = build_models("eager")
+    ours = load_hf(path)
+    hf_sdpa, _ = build_models("sdpa")
+    hf_sdpa.load_state_dict(hf_eager.state_dict())
+    hf_eager.train(), hf_sdpa.train()
+
+    jax_step = _jax_step(ours, batch)
+    grid = int(batch["image_grid_thw"][0, 1])
+    flops = train_flops(bench_config_dict(), args.batch, batch["input_ids"].shape[1], grid * grid)
+    results = {"viper_jax (jit)": _time(jax_step, args.steps),
+               "transformers eager": _time(_torch_step(hf_eager, batch), args.steps),
+               "transformers sdpa": _time(_torch_step(hf_sdpa, batch), args.steps)}
+    jax_mm, torch_mm = matmul_flops_per_second()
+
+    print(f"machine: {describe_machine()}; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
+          f"(one 112x112 image per row), fp32, forward + backward")
+    print(f"{'':22s}{'s/step':>10s}{'tokens/s':>12s}{'vs ours':>10s}")
+    for name, sec in results.items():
+        print(f"{name:22s}{sec:>10.3f}{tokens / sec:>12.0f}{results['viper_jax (jit)'] / sec:>9.2f}x")
+    for name in ("transformers eager", "transformers sdpa"):
+        print(f"speed-up of viper_jax over {name}: {results[name] / results['viper_jax (jit)']:.2f}x")
+    achieved = flops / results["viper_jax (jit)"]
+    print(f"model FLOPs/step (analytic, fwd+bwd): {flops / 1e9:.2f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s")
+    print(f"2048^3 matmul: JAX {jax_mm / 1e9:.1f} GFLOP/s, torch {torch_mm / 1e9:.1f} GFLOP/s; "
+          f"model at {achieved / jax_mm:.0%} of the JAX matmul rate")
+
+
+if __name__ == "__main__":
+    main()
