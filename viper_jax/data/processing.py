@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import io
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -66,6 +66,84 @@ def _open_image(data: bytes) -> Any:
     return img  # mode conversion is left to the image processor (do_convert_rgb), exactly as transformers
 
 
+class PromptError(ValueError):
+    """`build_prompt` could not build a prompt; `reason` is `bad_image` (the image processor failed)
+    or `bad_prompt` (the text breaks the template, or holds vision tokens of its own)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionTokens:
+    image: int
+    video: int
+    start: int
+    end: int
+
+
+class Prompt(NamedTuple):
+    input_ids: np.ndarray       # [L] int32, image pads expanded
+    pixel_values: np.ndarray    # [sum_i grid_i.prod(), C*T*P*P] float32 ([0, 0] without images)
+    image_grid_thw: np.ndarray  # [num_images, 3] int32
+
+
+def vision_tokens(tokenizer: Any) -> VisionTokens:
+    """The Qwen2-VL vision token ids; ValueError for a tokenizer without them or without a chat template."""
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"tokenizer lacks Qwen2-VL vision tokens: {dict(zip([IMAGE_PAD, VIDEO_PAD], ids))}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat template (Qwen2-VL's is in viper_common.tiny_tokenizer)")
+    return VisionTokens(*(int(i) for i in ids))
+
+
+def chat_prompt_ids(tokenizer: Any, num_images: int, text: str) -> np.ndarray:
+    """Token ids of a one-turn user chat (images first, then `text`) with the generation prompt, holding
+    ONE `<|image_pad|>` per image (not yet expanded)."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": text})
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    # The template already holds every special token; add_special_tokens=False keeps a tokenizer that
+    # adds BOS from adding a second one (Qwen's adds none, so this matches the processor).
+    return np.asarray(tokenizer(chat, add_special_tokens=False)["input_ids"], np.int32)
+
+
+def build_prompt(tokenizer: Any, image_processor: Any, images: Sequence[Any], text: str,
+                 tokens: VisionTokens | None = None) -> Prompt:
+    """PIL images + user text -> model inputs, exactly as `Qwen2_5_VLProcessor` on the chat-templated text.
+
+    Raises `PromptError` (reason `bad_image` or `bad_prompt`). `tokens`: `vision_tokens(tokenizer)`,
+    passed by callers that build many prompts.
+    """
+    tokens = tokens or vision_tokens(tokenizer)
+    if images:
+        try:
+            out = image_processor(images=list(images), return_tensors="np")
+        except Exception as e:  # noqa: BLE001 - any failure resizing/normalising an image means a bad image
+            raise PromptError("bad_image", f"{type(e).__name__}: {e}") from e
+        pixel_values = np.asarray(out["pixel_values"], np.float32)
+        grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
+    else:
+        pixel_values, grid = np.zeros((0, 0), np.float32), np.zeros((0, 3), np.int32)
+    try:
+        ids = chat_prompt_ids(tokenizer, len(images), text)
+    except Exception as e:  # noqa: BLE001 - the text is the only input (e.g. a lone surrogate)
+        raise PromptError("bad_prompt", f"cannot build the prompt: {type(e).__name__}: {e}") from e
+    n = len(images)
+    counts = {tid: int((ids == tid).sum()) for tid in (tokens.image, tokens.start, tokens.end)}
+    if set(counts.values()) != {n} or (ids == tokens.video).any():
+        raise PromptError("bad_prompt", f"prompt has vision tokens {counts} (video {int((ids == tokens.video).sum())}) "
+                                        f"for {n} image(s)")
+    # Expand each <|image_pad|> into its merged-patch count, in image order (as the processor does).
+    merge_length = int(image_processor.merge_size) ** 2
+    repeats = np.ones(len(ids), np.int64)
+    repeats[ids == tokens.image] = grid.prod(axis=1) // merge_length
+    return Prompt(np.repeat(ids, repeats).astype(np.int32), pixel_values, grid)
+
+
 class RecordProcessor:
     """Callable: encoded record bytes -> `Example`, or `Skipped(reason)` for a record we cannot use.
 
@@ -73,7 +151,7 @@ class RecordProcessor:
     missing_field, schema_version, bad_field, bad_image), plus `bad_image` for bytes PIL or the image
     processor cannot handle, `bad_prompt` when the prompt does not hold exactly one set of vision
     placeholders per image (e.g. a caption containing special-token text), and `too_long` when the
-    prompt exceeds `max_length` (the largest length bucket).
+    prompt exceeds `max_length` (the largest length bucket). The prompt itself is `build_prompt`'s.
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, prompts: Mapping[str, str], max_length: int):
@@ -81,23 +159,13 @@ class RecordProcessor:
         self.image_processor = image_processor
         self.prompts = dict(prompts)
         self.max_length = int(max_length)
-        self.merge_length = int(image_processor.merge_size) ** 2
-        ids = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END])
-        if any(i is None or i == tokenizer.unk_token_id for i in ids):
-            raise ValueError(f"tokenizer lacks Qwen2-VL vision tokens: {dict(zip([IMAGE_PAD, VIDEO_PAD], ids))}")
-        self.image_id, self.video_id, self.vstart_id, self.vend_id = (int(i) for i in ids)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("tokenizer has no chat template (Qwen2-VL's is in viper_jax.data.tiny_tokenizer)")
+        self.tokens = vision_tokens(tokenizer)
+        self.image_id, self.video_id = self.tokens.image, self.tokens.video
+        self.vstart_id, self.vend_id = self.tokens.start, self.tokens.end
 
     def prompt_ids(self, record: records.ViperRecord) -> np.ndarray:
         """Token ids of the chat prompt with ONE `<|image_pad|>` per image (not yet expanded)."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in record.images]
-        content.append({"type": "text", "text": render_prompt(self.prompts[record.task], record)})
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
-        # The template already holds every special token; add_special_tokens=False keeps a tokenizer that
-        # adds BOS from adding a second one (Qwen's adds none, so this matches the processor).
-        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+        return chat_prompt_ids(self.tokenizer, len(record.images), render_prompt(self.prompts[record.task], record))
 
     def __call__(self, data: bytes) -> Example | Skipped:
         try:
@@ -106,28 +174,21 @@ class RecordProcessor:
             return Skipped(e.reason, e.record_id, str(e))
         try:
             images = [_open_image(b) for b in record.images]
-            out = self.image_processor(images=images, return_tensors="np")
-        except Exception as e:  # noqa: BLE001 - any failure decoding/resizing these bytes means a bad image
+        except Exception as e:  # noqa: BLE001 - any failure decoding these bytes means a bad image
             return Skipped("bad_image", record.id, f"{type(e).__name__}: {e}")
-        grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
         try:
-            ids = self.prompt_ids(record)
-        except Exception as e:  # noqa: BLE001 - the record's text is the only input (e.g. a lone surrogate)
+            text = render_prompt(self.prompts[record.task], record)
+        except Exception as e:  # noqa: BLE001 - e.g. a task without a prompt
             return Skipped("bad_prompt", record.id, f"cannot build the prompt: {type(e).__name__}: {e}")
-        n = len(record.images)
-        counts = {tid: int((ids == tid).sum()) for tid in (self.image_id, self.vstart_id, self.vend_id)}
-        if set(counts.values()) != {n} or (ids == self.video_id).any():
-            return Skipped("bad_prompt", record.id,
-                           f"prompt has vision tokens {counts} (video {int((ids == self.video_id).sum())}) "
-                           f"for {n} image(s)")
-        # Expand each <|image_pad|> into its merged-patch count, in image order (as the processor does).
-        repeats = np.ones(len(ids), np.int64)
-        repeats[ids == self.image_id] = grid.prod(axis=1) // self.merge_length
-        ids = np.repeat(ids, repeats)
-        if len(ids) > self.max_length:
-            return Skipped("too_long", record.id, f"prompt is {len(ids)} tokens, largest bucket {self.max_length}")
-        return Example(id=record.id, task=record.task, truth=record.truth, input_ids=ids.astype(np.int32),
-                       pixel_values=np.asarray(out["pixel_values"], np.float32), image_grid_thw=grid)
+        try:
+            prompt = build_prompt(self.tokenizer, self.image_processor, images, text, self.tokens)
+        except PromptError as e:
+            return Skipped(e.reason, record.id, str(e))
+        if len(prompt.input_ids) > self.max_length:
+            return Skipped("too_long", record.id,
+                           f"prompt is {len(prompt.input_ids)} tokens, largest bucket {self.max_length}")
+        return Example(id=record.id, task=record.task, truth=record.truth, input_ids=prompt.input_ids,
+                       pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
