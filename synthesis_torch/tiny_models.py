@@ -23,39 +23,14 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-
-# The Qwen2-VL / Qwen2.5-VL chat template (as shipped with the Instruct models).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from viper_common.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE as CHAT_TEMPLATE, build_tiny_tokenizer
 
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 16  # at most 16 vision tokens per image
 
 
 def byte_level_tokenizer():
-    """Qwen2Tokenizer over the 256 byte symbols (no merges) plus Qwen's special tokens."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS
-                                                          if t not in ("<|im_end|>", "<|endoftext|>")]})
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    """The shared byte-level Qwen2 tokenizer (viper_common.tiny_tokenizer), with the real chat template."""
+    return build_tiny_tokenizer()
 
 
 def _processor(cls, tok):
@@ -70,7 +45,8 @@ def _qwen_vl_config(tok, hidden: int, intermediate: int, heads: int, kv_heads: i
                     vision_hidden: int, vision_heads: int):
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
+                                                  "<|vision_start|>", "<|vision_end|>")}
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -1,4 +1,4 @@
-"""A tiny, file-free Qwen2-VL tokenizer for tests and the CPU demo.
+"""A tiny, file-free Qwen2-VL tokenizer for tests and the CPU demo, shared by both sides (no jax, no torch).
 
 Byte-level BPE with no merges: every UTF-8 byte is one token (id == byte value), so any text
 round-trips, and the Qwen2-VL special tokens are added on top with the real Qwen2-VL chat template.
@@ -37,8 +37,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 # Added after the 256 byte tokens, in this order. eos and pad are registered by the constructor first.
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                  "<|video_pad|>")
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>")
 
 
 def build_tiny_tokenizer(save_dir: str | os.PathLike | None = None) -> Any:
