@@ -36,7 +36,32 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"convert": (_add_convert, _run_convert)}
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.inference import add_generate_args  # light: jax/transformers load only when run
+
+    add_generate_args(sub)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from viper_jax.inference import run_generate
+
+    run_generate(args)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.evaluation.run import add_eval_args
+
+    add_eval_args(sub)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from viper_jax.evaluation.run import run_eval
+
+    run_eval(args)
+
+
+COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
+            "eval": (_add_eval, _run_eval)}
 
 
 def main(argv: list[str] | None = None) -> None:
