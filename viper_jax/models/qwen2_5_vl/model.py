@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...sharding import constrain
 from .config import Qwen2_5_VLConfig
 from .layers import Linear
 from .rope_index import get_rope_index, text_positions
@@ -79,20 +80,23 @@ class Qwen2_5_VL(nnx.Module):
         for pix, vi, what in ((pixel_values, vision_inputs, "image"), (pixel_values_videos, video_inputs, "video")):
             if pix is not None and vi is None:
                 raise ValueError(f"{what} pixels need their VisionInputs: prepare_vision({what}_grid_thw, config.vision)")
-        x = self.language_model.embed(input_ids)
+        x = constrain(self.language_model.embed(input_ids), ("batch", "length", "embed"))
         if pixel_values is not None:
             x = _place(x, input_ids, self.config.image_token_id, self.get_image_features(pixel_values, vision_inputs))
         if pixel_values_videos is not None:
             x = _place(x, input_ids, self.config.video_token_id,
                        self.get_image_features(pixel_values_videos, video_inputs))
-        return x
+        return constrain(x, ("batch", "length", "embed"))
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """lm_head on final hidden states (any leading shape), e.g. only a response span."""
         if self.config.tie_word_embeddings:
             table = self.language_model.embed_tokens.embedding[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), table)
-        return self.lm_head(hidden)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), table)
+        else:
+            logits = self.lm_head(hidden)
+        # [B, T, V] keeps the batch split and splits the vocabulary over `tensor` (the largest activation).
+        return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
     def prepare_inputs(self, input_ids: Any, attention_mask: Any = None, image_grid_thw: Any = None,
                        video_grid_thw: Any = None, second_per_grid_ts: Any = None, position_ids: Any = None,

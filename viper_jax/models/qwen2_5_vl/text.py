@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ...sharding import constrain
 from .config import TextConfig
 from .layers import GatedMLP, Linear, RMSNorm, attend, param, rotate_half, scan_layers, stacked
 
 Cache = dict[str, jax.Array]
+HIDDEN = ("batch", "length", "embed")  # logical names of [B, T, D] activations (no-op without a mesh)
 
 
 class Embed(nnx.Module):
@@ -85,7 +87,10 @@ class TextModel(nnx.Module):
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
+        # The lookup gathers whole rows: unshard the embed axis first (as FSDP does for any weight), so
+        # the result can take the batch layout without an all-to-all XLA cannot express for a gather.
+        table = constrain(self.embed_tokens.embedding[...], ("vocab", None))
+        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
 
     def rope(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """MRoPE tables [B, T, head_dim]: computed in fp32, cast to the compute dtype as HF does.
@@ -123,7 +128,9 @@ class TextModel(nnx.Module):
         cos, sin = self.rope(position_ids)
 
         def body(layer, x, layer_cache):
-            return layer(x, cos, sin, mask, layer_cache, cache_index)
+            x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
+            return constrain(x, HIDDEN), layer_cache  # the scan carry: one layout between all layers
 
-        x, cache = scan_layers(self.layers, body, inputs_embeds.astype(self.dtype), cache, self.remat)
-        return self.norm(x), cache
+        x = constrain(inputs_embeds.astype(self.dtype), HIDDEN)
+        x, cache = scan_layers(self.layers, body, x, cache, self.remat)
+        return constrain(self.norm(x), HIDDEN), cache

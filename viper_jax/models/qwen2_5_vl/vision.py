@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...sharding import constrain
 from .config import VisionConfig
 from .layers import GatedMLP, Linear, RMSNorm, attend, param, rotate_half, scan_layers, stacked
 
@@ -39,6 +40,10 @@ class VisionInputs:
     full_gather: Any   # [Sf, Lf] int32: one segment per frame
     full_valid: Any    # [Sf, Lf] bool
     full_slot: Any     # [N] int32
+
+
+# Patch/merged tokens are one flat [N, D] sequence over all images (no batch axis): split them like a batch.
+TOKENS = ("vision_tokens", "embed")
 
 
 def _window_index(grid_thw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -181,12 +186,13 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array, vi: VisionInputs) -> jax.Array:
         """pixel_values [N, C*T*P*P] -> merged embeddings [N/4, out_hidden_size] in input token order."""
-        x = self.patch_embed(pixel_values)[vi.patch_perm]
+        # Rows are permuted before the (row-wise) patch embedding, so no gradient flows through a gather.
+        x = constrain(self.patch_embed(pixel_values[vi.patch_perm]), TOKENS)
         cos, sin = self.rotary(vi.pos_hw)
         is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))  # per scanned block
 
         def body(block, h, full):
-            return block(h, cos, sin, full, vi), None
+            return constrain(block(h, cos, sin, full, vi), TOKENS), None
 
         x, _ = scan_layers(self.blocks, body, x, is_full, self.remat)
-        return self.merger(x)[vi.merge_unperm]
+        return constrain(constrain(self.merger(x), TOKENS)[vi.merge_unperm], TOKENS)
