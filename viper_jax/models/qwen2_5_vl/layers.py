@@ -84,23 +84,27 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+           heads_first: bool = False) -> jax.Array:
     """Grouped attention without repeating K/V.
 
-    q [B, T, K, G, d] (query head j = k * G + g uses K/V head k, as HF's repeat_kv), k/v [B, S, K, d],
-    mask [B, T, S] or broadcastable (True = attend). Scores and softmax in fp32 as HF's eager path; a
-    masked score is set to the fp32 minimum, which is what HF's additive mask produces, so a fully
-    masked row (a left-pad query) averages over all keys exactly as HF does.
+    q [B, T, K, G, d] (query head j = k * G + g uses K/V head k, as HF's repeat_kv), k/v [B, S, K, d]
+    ([B, K, S, d] with heads_first, the KV-cache layout, which lets the batched matmuls read the cache
+    without a transpose), mask [B, T, S] or broadcastable (True = attend). Scores and softmax in fp32
+    as HF's eager path; a masked score is set to the fp32 minimum, which is what HF's additive mask
+    produces, so a fully masked row (a left-pad query) averages over all keys exactly as HF does.
     """
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    kv = "bksd" if heads_first else "bskd"
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
 
 
 def remat_policy(remat: str) -> Callable[[Callable], Callable]:
-    """Wraps a scanned layer body for rematerialisation: none | full | dots (keep non-batched matmuls)."""
+    """Wraps a scanned layer body for rematerialisation: none | full | dots (keep non-batched matmuls) |
+    offload (the same matmul outputs, moved to pinned host memory between forward and backward)."""
     if remat == "none":
         return lambda f: f
     if remat == "full":
@@ -108,7 +112,10 @@ def remat_policy(remat: str) -> Callable[[Callable], Callable]:
     if remat == "dots":
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         return lambda f: jax.checkpoint(f, policy=policy, prevent_cse=False)
-    raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
+    if remat == "offload":
+        policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        return lambda f: jax.checkpoint(f, policy=policy, prevent_cse=False)
+    raise ValueError(f"remat must be 'none', 'full', 'dots' or 'offload', got {remat!r}")
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:

@@ -1,14 +1,15 @@
 """Qwen2.5-VL language model (transformers' `Qwen2_5_VLTextModel`): a Qwen2 decoder with MRoPE.
 
-KV cache (for the rollout engine). A cache is a dict `{"k": [L, B, S, KV, hd], "v": [L, B, S, KV, hd]}`
-(`init_cache`), stacked over layers like the parameters, so the layer scan slices it together with
-the weights. With a cache, a call writes the T new keys/values of every layer at slots
-`[cache_index, cache_index + T)` (one `dynamic_update_slice`; `cache_index` is a scalar shared by the
-batch, i.e. prompts are left-padded to a common length), attends over all S slots, and returns the
-updated cache. The mask is then built from `attention_mask` [B, S] (1 = a filled, non-pad slot,
+KV cache (for the rollout engine). A cache is a dict `{"k": [L, B, KV, S, hd], "v": [L, B, KV, S, hd]}`
+(`init_cache`): heads before slots, so attention reads it without a transpose. The layer scan carries
+the whole cache and each layer writes its T new keys/values in place at slots
+`[cache_index, cache_index + T)` (a `dynamic_update_slice` on the carry, which XLA does in place,
+instead of scanning over per-layer slices, which copies the cache every step; `cache_index` is a scalar
+shared by the batch, i.e. prompts are left-padded to a common length), attends over all S slots, and the
+call returns the updated cache. The mask is then built from `attention_mask` [B, S] (1 = a filled, non-pad slot,
 including the T new ones) and causality on absolute slot positions (slot s is visible to query t when
 s <= cache_index + t). Without a cache, `attention_mask` is the usual [B, T] padding mask. Logical
-names for sharding a cache: ("layers", "cache_batch", "cache_length", "cache_heads", None).
+names for sharding a cache: ("layers", "cache_batch", "cache_heads", "cache_length", None).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class TextAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None = None, cache_index: jax.Array | int = 0,
+                 layer: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        """With a cache (all layers), writes this layer's (`layer`) new keys/values and attends over it."""
         b, t, _ = x.shape
         hd, kvh = self.head_dim, self.num_kv_heads
         q = self.q_proj(x).reshape(b, t, self.num_heads, hd)
@@ -52,13 +55,16 @@ class TextAttention(nnx.Module):
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
-        if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
         q = q.reshape(b, t, kvh, self.num_heads // kvh, hd)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5)
+        if cache is None:
+            out = attend(q, k, v, mask, hd**-0.5)
+        else:
+            start = (layer, 0, 0, cache_index, 0)
+            cache = {name: jax.lax.dynamic_update_slice(
+                cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), start)
+                for name, new in (("k", k), ("v", v))}
+            k_all, v_all = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in ("k", "v"))
+            out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, hd**-0.5, heads_first=True)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -71,8 +77,8 @@ class DecoderLayer(nnx.Module):
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+                 cache_index: jax.Array | int = 0, layer: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, layer)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -108,7 +114,7 @@ class TextModel(nnx.Module):
         return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
-        shape = (self.cfg.num_hidden_layers, batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        shape = (self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim)
         return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -121,16 +127,25 @@ class TextModel(nnx.Module):
             if attention_mask is not None:
                 mask = mask & attention_mask.astype(bool)[:, None, :]
         else:
-            keys = jnp.arange(cache["k"].shape[2])
+            keys = jnp.arange(cache["k"].shape[3])
             mask = (keys[None, :] <= cache_index + jnp.arange(t)[:, None])[None]
             if attention_mask is not None:
                 mask = mask & attention_mask.astype(bool)[:, None, :]
         cos, sin = self.rope(position_ids)
 
-        def body(layer, x, layer_cache):
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
-            return constrain(x, HIDDEN), layer_cache  # the scan carry: one layout between all layers
-
         x = constrain(inputs_embeds.astype(self.dtype), HIDDEN)
-        x, cache = scan_layers(self.layers, body, x, cache, self.remat)
+        if cache is None:
+            def body(layer, x, _):
+                x, _ = layer(x, cos, sin, mask)
+                return constrain(x, HIDDEN), None  # the scan carry: one layout between all layers
+
+            x, _ = scan_layers(self.layers, body, x, None, self.remat)
+        else:
+            def body(layer, carry, index):  # the cache rides in the carry, updated in place
+                x, cache = carry
+                x, cache = layer(x, cos, sin, mask, cache, cache_index, index)
+                return (constrain(x, HIDDEN), cache), None
+
+            (x, cache), _ = scan_layers(self.layers, body, (x, cache), jnp.arange(self.cfg.num_hidden_layers),
+                                        self.remat)
         return constrain(self.norm(x), HIDDEN), cache
