@@ -60,8 +60,20 @@ def _run_eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.plan_cli import add_plan_args
+
+    add_plan_args(sub)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from viper_jax.plan_cli import run_plan
+
+    run_plan(args)
+
+
 COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
-            "eval": (_add_eval, _run_eval)}
+            "eval": (_add_eval, _run_eval), "plan": (_add_plan, _run_plan)}
 
 
 def main(argv: list[str] | None = None) -> None:
