@@ -5,19 +5,26 @@ Every step holds at least two items:
   params        the model's parameter pytree (nested dicts of arrays, `nnx.State.to_pure_dict()`)
   model_config  the HF-style config.json dict the parameters belong to
 The GRPO trainer adds its own items (optimizer state, trainer metadata, data iterator state) to the
-same steps, so `viper convert orbax-to-hf` reads a trainer checkpoint and a converted one alike.
+same steps, so `viper convert orbax-to-hf` reads a trainer checkpoint and a converted one alike:
+  opt_state     the optax state (same shardings as the parameters it mirrors)
+  train_meta    JSON: step, stage, stage step, RNG, skip counters (see viper_jax/train/trainer.py)
+  data_state    JSON: the stage's data iterator state (DataPipeline.get_state())
+`TrainCheckpointer` writes them asynchronously and keeps the latest K steps plus named steps (stage ends).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+OPT_STATE = "opt_state"
+TRAIN_META = "train_meta"
+DATA_STATE = "data_state"
 
 
 def _manager(directory: str | Path, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -72,3 +79,63 @@ def _resolve_step(mngr: ocp.CheckpointManager, directory: str | Path, step: int 
     if step not in steps:
         raise FileNotFoundError(f"step {step} not in {directory}; available: {sorted(steps)}")
     return step
+
+
+def _abstract(target: Any) -> Any:
+    """ShapeDtypeStructs carrying the target's shardings: Orbax restores each array straight into them."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+
+class TrainCheckpointer:
+    """The trainer's checkpoints: params + model_config (the layout every JAX-side tool reads) plus
+    opt_state, train_meta and data_state in the same step directories.
+
+    Saves are asynchronous (Orbax copies the arrays to host memory before `save` returns, so the next
+    donated update cannot change what is written) and atomic: a step directory appears only when complete,
+    so a run killed mid-save resumes from the previous step. Kept: the latest `keep` steps and every step
+    in `keep_steps` (stage ends). Restoring into abstract targets with shardings places every array on the
+    current mesh, whatever mesh wrote it.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int, keep_steps: Sequence[int] = (), async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(int(keep)),
+            ocp.checkpoint_managers.CustomSteps([int(s) for s in keep_steps])])
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
+                                               preservation_policy=policy, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, *, params: Any, opt_state: Any, model_config: dict[str, Any], meta: dict[str, Any],
+             data_state: dict[str, Any]) -> None:
+        self.manager.save(step, force=True, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            MODEL_CONFIG: ocp.args.JsonSave(model_config),
+            OPT_STATE: ocp.args.StandardSave(opt_state),
+            TRAIN_META: ocp.args.JsonSave(meta),
+            DATA_STATE: ocp.args.JsonSave(data_state),
+        }))
+
+    def restore_json(self, step: int, item: str = MODEL_CONFIG) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def restore(self, step: int, params_target: Any, opt_state_target: Any) -> dict[str, Any]:
+        """All five items of `step`; params/opt_state land in the targets' shapes, dtypes and shardings."""
+        items = {PARAMS: ocp.args.StandardRestore(_abstract(params_target)),
+                 OPT_STATE: ocp.args.StandardRestore(_abstract(opt_state_target)),
+                 MODEL_CONFIG: ocp.args.JsonRestore(), TRAIN_META: ocp.args.JsonRestore(),
+                 DATA_STATE: ocp.args.JsonRestore()}
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -60,6 +60,20 @@ def _run_eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="phased GRPO training (caption_refine, then visual_ops)",
+                           description="Extra arguments --config.a.b=value override single config fields.")
+    train.add_argument("--config", required=True, help="Python config file with get_config() (see configs/)")
+    train.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (= --config.workdir)")
+    train.set_defaults(accepts_config_overrides=True)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from viper_jax.train.trainer import run_cli
+
+    run_cli(args.config, args.workdir, args.overrides)
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     from viper_jax.plan_cli import add_plan_args
 
@@ -73,7 +87,8 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
-            "eval": (_add_eval, _run_eval), "plan": (_add_plan, _run_plan)}
+            "eval": (_add_eval, _run_eval), "train": (_add_train, _run_train),
+            "plan": (_add_plan, _run_plan)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_config_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     COMMANDS[args.command][1](args)
 
 

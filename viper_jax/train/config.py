@@ -1,0 +1,266 @@
+"""Trainer configuration: the schema with its defaults, config files, `--config.a.b=value` overrides,
+and validation that names the culprit.
+
+A config file is a Python file with `get_config()` returning `base_config()` with changes (see
+configs/). Every key a file or an override sets must already exist in the schema: a typo such as
+`rl.grup_size` is refused instead of being silently ignored. Stages are open-ended (any name), but
+each stage has exactly the keys of `stage()`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+from ml_collections import ConfigDict
+
+from viper_jax.data.config import get_data_config
+from viper_jax.rl.reward import get_reward_config
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "dots")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+# Sections whose keys are free-form (checked elsewhere): prompt overrides by task, stages by name.
+OPEN_SECTIONS = ("data.prompts", "stages")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+def stage(task: str, data_globs: Sequence[str] = (), steps: int = 1, reward: str = "") -> ConfigDict:
+    """One training stage: records of `task` from `data_globs`, for `steps` GRPO steps, scored by the
+    reward registered as `reward` (default: the task's own, i.e. the ViPER reward)."""
+    return ConfigDict(dict(task=task, data_globs=tuple(data_globs), steps=steps, reward=reward or task))
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.workdir = ""  # checkpoints, metrics.jsonl, tensorboard/, config.json (required)
+    c.seed = 0  # the rollout RNG of step s is fold_in(key(seed), s): resumable without stored RNG streams
+
+    c.model = ConfigDict()
+    c.model.path = ""  # HF directory (config.json + safetensors) or Orbax checkpoint directory
+    c.model.tokenizer_path = ""  # default: model.path
+    c.model.dtype = "float32"  # compute dtype; master weights and optimizer state are always fp32
+    c.model.remat = "none"
+    # Write a random-init tiny Qwen2.5-VL (+ byte-level tokenizer) to model.path, or <workdir>/tiny_model
+    # when model.path is empty, if no model is there yet (CPU demo and tests).
+    c.model.tiny_init = False
+    c.model.tiny_seed = 0
+
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding_rules = ()  # ((logical name, mesh axis | (axes,) | None), ...) over sharding.DEFAULT_RULES
+    c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False,
+                                    cpu_collectives="", timeout_s=300))
+
+    # Input pipeline defaults for every stage; shard_globs come from the stage and batch_size from
+    # rl.prompts_per_step (both are overwritten per stage).
+    c.data = get_data_config()
+
+    c.stage_order = ("caption_refine", "visual_ops")  # run in this order, never mixed (the paper)
+    c.stages = ConfigDict()
+    c.stages.caption_refine = stage("caption_refine", ("data/viper/caption_refine-*/part-*.arrayrecord",), 100)
+    c.stages.visual_ops = stage("visual_ops", ("data/viper/visual_ops-*/part-*.arrayrecord",), 100)
+
+    c.rollout = ConfigDict()
+    c.rollout.max_new_tokens = 1024
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.eos_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2.5-VL-Instruct's generation_config
+    c.rollout.cache_dtype = ""  # default: the compute dtype
+
+    c.rl = ConfigDict()
+    c.rl.prompts_per_step = 128
+    c.rl.group_size = 5
+    c.rl.ppo_epochs = 1  # passes over each rollout batch
+    c.rl.num_minibatches = 1  # optimizer updates per pass (each a whole number of prompt groups)
+    c.rl.micro_batch_prompts = 0  # prompts per forward/backward (gradient accumulation); 0 = whole minibatch
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.28
+    c.rl.dual_clip = 0.0  # c > 1 turns the dual clip on for negative advantages; 0 = off
+    c.rl.aggregation = "token-mean"
+    c.rl.kl_coef = 0.0  # > 0 keeps a frozen reference (the initial policy) and adds kl_coef * agg(KL)
+    c.rl.kl_estimator = "k3"
+    c.rl.entropy_coef = 0.0
+    c.rl.advantage_scale = "group"
+    c.rl.advantage_eps = 1e-6
+    c.rl.drop_zero_spread = False  # mask out groups whose rewards are all equal (no signal)
+    c.rl.recompute_old_logprobs = False  # True: a full forward gives the old log-probs (verl/EasyR1)
+    c.rl.logit_chunk = 0  # response tokens per lm_head chunk (rematerialised); 0 = all at once
+
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "constant"  # after warmup
+    c.optim.warmup_steps = 0  # optimizer updates
+    c.optim.final_lr_fraction = 0.0  # cosine ends at learning_rate * this
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global norm; 0 = off
+    c.optim.decay_norms_and_biases = True  # torch AdamW (verl) decays every parameter
+
+    c.reward = get_reward_config()
+
+    c.checkpoint = ConfigDict(dict(every_steps=50, keep=3, async_save=True))
+    c.logging = ConfigDict(dict(every_steps=1, tensorboard=True, progress_bar=True, record_ids=True))
+    c.export = ConfigDict(dict(hf_dir=""))  # write the final policy here as an HF directory
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def load_config(path: str | Path) -> ConfigDict:
+    """`get_config()` of a Python file, checked against the schema (unknown keys refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_viper_train_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config()")
+    config = module.get_config()
+    check_keys(config)
+    return config
+
+
+def _unknown(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
+    """Every key of `config` must exist in `schema` (default: base_config()); stages match `stage()`."""
+    schema = base_config() if schema is None else schema
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if path in OPEN_SECTIONS:
+            if path == "stages":
+                for name, st in value.items():
+                    if not isinstance(st, ConfigDict):
+                        raise ConfigError(f"stages.{name} must be a ConfigDict made with stage()")
+                    check_keys(st, stage(name), f"stages.{name}.")
+            continue
+        if key not in schema:
+            raise _unknown(path, list(schema.keys()))
+        if isinstance(schema[key], ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
+            check_keys(value, schema[key], f"{path}.")
+
+
+def _parse(old: Any, text: str, key: str) -> Any:
+    """`text` parsed as the type of the current value, so an int stays an int."""
+    if isinstance(old, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
+    try:
+        if isinstance(old, int):
+            return int(text)
+        if isinstance(old, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--config.{key}: expected {type(old).__name__}, got {text!r}") from None
+    if isinstance(old, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if isinstance(old, (tuple, list)):  # a bare glob or name: a one-element tuple
+            return (text,)
+        return text
+    if isinstance(old, (tuple, list)):
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return value
+
+
+def apply_overrides(config: ConfigDict, flags: Sequence[str]) -> None:
+    """Applies `--config.a.b=value` (or `--config.a.b value`); anything else is refused by name."""
+    i = 0
+    flags = list(flags)
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {flag!r}; overrides look like --config.rl.group_size=8")
+        if "=" in flag:
+            key, text = flag[len("--config."):].split("=", 1)
+        elif i + 1 < len(flags):
+            key, text = flag[len("--config."):], flags[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{flag} needs a value")
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            if not isinstance(node, ConfigDict) or part not in node:
+                raise _unknown(".".join(parents[:depth + 1]), list(node.keys()) if isinstance(node, ConfigDict) else [])
+            node = node[part]
+        if not isinstance(node, ConfigDict) or leaf not in node:
+            raise _unknown(key, list(node.keys()) if isinstance(node, ConfigDict) else [])
+        if isinstance(node[leaf], ConfigDict):
+            raise ConfigError(f"--config.{key} is a section; override its keys one by one")
+        try:
+            node[leaf] = _parse(node[leaf], text, key)
+        except TypeError as e:  # ConfigDict's own type check
+            raise ConfigError(f"--config.{key}: {e}") from None
+        i += 1
+
+
+# ------------------------------------------------------------------------------------------------ values
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {message}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Values that would fail later (or silently do the wrong thing) are refused now, by key."""
+    check_keys(config)
+    _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
+    _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
+    _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
+    rl = config.rl
+    _require(rl.group_size >= 2, "rl.group_size", "must be at least 2 (GRPO compares responses in a group)")
+    _require(rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be positive")
+    _require(rl.prompts_per_step % rl.num_minibatches == 0, "rl.num_minibatches",
+             f"{rl.num_minibatches} does not divide rl.prompts_per_step {rl.prompts_per_step}")
+    per_minibatch = rl.prompts_per_step // rl.num_minibatches
+    _require(rl.micro_batch_prompts >= 0 and (rl.micro_batch_prompts == 0 or per_minibatch % rl.micro_batch_prompts == 0),
+             "rl.micro_batch_prompts", f"{rl.micro_batch_prompts} does not divide the {per_minibatch} prompts of a minibatch")
+    _require(rl.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")
+    _require(rl.aggregation in AGGREGATIONS, "rl.aggregation", f"must be one of {AGGREGATIONS}")
+    _require(rl.kl_estimator in KL_ESTIMATORS, "rl.kl_estimator", f"must be one of {KL_ESTIMATORS}")
+    _require(rl.advantage_scale in ADVANTAGE_SCALES, "rl.advantage_scale", f"must be one of {ADVANTAGE_SCALES}")
+    _require(rl.eps_low > 0 and rl.eps_high > 0, "rl.eps_low/eps_high", "must be positive")
+    _require(rl.dual_clip == 0 or rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or greater than 1")
+    _require(rl.kl_coef >= 0 and rl.entropy_coef >= 0, "rl.kl_coef/entropy_coef", "must be non-negative")
+    _require(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
+    _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+    _require(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be positive")
+    _require(config.rollout.temperature > 0, "rollout.temperature",
+             "must be positive (GRPO samples; log-probs are taken under it)")
+    _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
+             "every_steps and keep must be positive")
+    _require(len(config.stage_order) > 0, "stage_order", "lists no stage")
+    for name in config.stage_order:
+        _require(name in config.stages, "stage_order", f"names stage {name!r}, which config.stages does not define "
+                                                       f"(defined: {sorted(config.stages.keys())})")
+        st = config.stages[name]
+        _require(st.steps >= 1, f"stages.{name}.steps", "must be positive")
+        _require(len(st.data_globs) > 0, f"stages.{name}.data_globs", "is empty: the stage has no data")

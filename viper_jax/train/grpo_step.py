@@ -1,0 +1,294 @@
+"""One GRPO step: rollout -> reward -> group advantages -> clipped policy updates (formulas in
+grpo_loss.py; shared/reference/qwen2_5_vl_grpo_diffusers.md section C).
+
+Update structure: the rollout batch is cut into `num_minibatches` minibatches of whole prompt groups
+(one optimizer update each, `ppo_epochs` passes), each minibatch into micro-batches (one
+forward/backward each). Micro-batch losses use the minibatch's token (or sequence) count as their
+denominator, so the summed gradients equal the gradient of the whole minibatch's loss. Gradients are
+accumulated in a donated fp32 buffer by a host loop rather than a `lax.scan`, because micro-batches
+with different images have different shapes.
+
+A non-finite loss or gradient norm leaves parameters and optimizer state untouched; the skip is counted
+in `TrainState.skipped` and reported per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
+from viper_jax.rl import grpo_loss
+from viper_jax.rollout.engine import RolloutConfig, generate
+from viper_jax.sharding import DEFAULT_RULES, use_mesh
+from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices, update_inputs
+from viper_jax.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    group_size: int = 5
+    num_minibatches: int = 1
+    micro_batch_prompts: int = 0
+    ppo_epochs: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 0.0
+    aggregation: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    advantage_scale: str = "group"
+    advantage_eps: float = 1e-6
+    drop_zero_spread: bool = False
+    recompute_old_logprobs: bool = False
+    logit_chunk: int = 0
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, rl: Any, temperature: float) -> "GRPOSettings":
+        names = {f.name for f in dataclasses.fields(cls)} - {"temperature"}
+        return cls(temperature=float(temperature), **{k: rl[k] for k in names})
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+def response_logprobs(model: Qwen2_5_VL, hidden: jax.Array, targets: jax.Array, temperature: float,
+                      chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(log-probs [R, N] of `targets`, entropies [R, N]) under logits / temperature from the response
+    span's hidden states [R, N, D]. With `chunk`, the lm_head runs over chunks of response positions
+    inside a rematerialised map, so [R, N, vocab] logits never exist at once (vocab 152K x 2K tokens)."""
+
+    def one(h: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.logits_from_hidden(h)
+        return grpo_loss.token_logprobs(logits, t, temperature), grpo_loss.entropy(logits, temperature)
+
+    r, n, d = hidden.shape
+    if not chunk or chunk >= n:
+        return one(hidden, targets)
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(r, k, chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(r, k, chunk).swapaxes(0, 1)
+    lp, ent = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (h, t))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(r, k * chunk)[:, :n]
+    return unchunk(lp), unchunk(ent)
+
+
+def policy_forward(model: Qwen2_5_VL, mi: dict[str, Any], group_size: int, temperature: float,
+                   chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Log-probs and entropies of the sampled response tokens under `model` (see grpo_batch.py)."""
+    prompt = model.embed(mi["prompt_ids"], mi.get("pixel_values"), mi.get("vision_inputs"))
+    x = jnp.concatenate([jnp.repeat(prompt, group_size, axis=0), model.language_model.embed(mi["tokens"])], axis=1)
+    mask = jnp.concatenate([jnp.repeat(mi["prompt_mask"], group_size, axis=0),
+                            mi["resp_mask"].astype(mi["prompt_mask"].dtype)], axis=1)
+    hidden, _ = model.language_model(x, mi["positions"], mask)
+    tp, n = mi["prompt_ids"].shape[1], mi["tokens"].shape[1]
+    # Position Tp-1+i (the last prompt token, then response tokens) predicts response token i.
+    return response_logprobs(model, hidden[:, tp - 1:tp - 1 + n], mi["tokens"], temperature, chunk)
+
+
+# ------------------------------------------------------------------------------------------------ jitted fns
+
+class UpdateFns:
+    """The jitted pieces of the update, compiled once per input shape set."""
+
+    def __init__(self, graphdef: Any, optimizer: optax.GradientTransformation, shardings: TrainState,
+                 settings: GRPOSettings, mesh: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+        s = settings
+        self.mesh, self.rules = mesh, tuple(rules)
+
+        def forward(params: Any, mi: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+            with use_mesh(mesh, self.rules):  # traced here: the model's activation constraints apply
+                return policy_forward(nnx.merge(graphdef, params), mi, s.group_size, s.temperature, s.logit_chunk)
+
+        def loss_fn(params: Any, mi: dict[str, Any], denoms: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+            logp, ent = forward(params, mi)
+            mask = mi["resp_mask"]
+            agg = dict(num_tokens=denoms["tokens"], num_seqs=denoms["seqs"], norm_length=mask.shape[1])
+            pg, m = grpo_loss.policy_loss(logp, mi["old_logp"], mi["advantages"], mask, eps_low=s.eps_low,
+                                          eps_high=s.eps_high, dual_clip=s.dual_clip or None,
+                                          aggregation=s.aggregation, **agg)
+            loss = pg
+            tokens = mask.sum()
+            sums = {k: v * tokens for k, v in m.items()}
+            sums.update(tokens=tokens, pg_loss=pg, entropy=(ent * mask).sum())
+            if s.kl_coef > 0:
+                kl = grpo_loss.kl_estimate(logp, mi["ref_logp"], s.kl_estimator)
+                loss = loss + s.kl_coef * grpo_loss.aggregate(kl, mask, s.aggregation, **agg)
+                sums["kl"] = (kl * mask).sum()
+            if s.entropy_coef > 0:
+                loss = loss - s.entropy_coef * grpo_loss.aggregate(ent, mask, s.aggregation, **agg)
+            sums["loss"] = loss
+            return loss, sums
+
+        grad = jax.value_and_grad(loss_fn, has_aux=True)
+        p_sh = shardings.params
+
+        def accumulate(params, acc, mi, denoms):
+            (_, sums), g = grad(params, mi, denoms)
+            return jax.tree.map(jnp.add, acc, g), sums
+
+        def apply(state: TrainState, grads: Any, loss: jax.Array) -> tuple[TrainState, dict]:
+            grad_norm = optax.tree.norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf anywhere makes the norm non-finite
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
+                             opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32))
+            return new, {"grad_norm": grad_norm, "skipped": ~ok}
+
+        self.logprobs = jax.jit(lambda params, mi: forward(params, mi)[0])
+        # One gradient program for every micro-batch (a zero buffer starts each minibatch): a second
+        # "first micro-batch" program would double the largest compile for no measurable gain.
+        self.zeros = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), out_shardings=p_sh)
+        self.accumulate = jax.jit(accumulate, out_shardings=(p_sh, None), donate_argnums=(1,))
+        self.apply = jax.jit(apply, out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    return (float(np.mean(x)), float(np.std(x))) if len(x) else (0.0, 0.0)
+
+
+class GRPOLearner:
+    """Owns the train state; `step(batch, rng, reward_fn)` runs one GRPO step and returns its metrics."""
+
+    def __init__(self, graphdef: Any, state: TrainState, fns: UpdateFns, settings: GRPOSettings,
+                 rollout: RolloutConfig, decode: Callable[[np.ndarray, np.ndarray], list[str]],
+                 schedule: optax.Schedule, model_config: Any, ref_params: Any = None):
+        if settings.kl_coef > 0 and ref_params is None:
+            raise ValueError("rl.kl_coef > 0 needs the reference parameters")
+        self.graphdef, self.state, self.fns, self.s = graphdef, state, fns, settings
+        self.rollout_cfg = rollout
+        self.decode, self.schedule, self.ref_params = decode, schedule, ref_params
+        self.model_config = model_config
+
+    def policy(self) -> Qwen2_5_VL:
+        """The current policy as a model sharing the state's parameter buffers (no copy)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def step(self, batch: dict[str, Any], rng: jax.Array, reward_fn: Callable[..., Any]) -> dict[str, Any]:
+        s, t0 = self.s, time.perf_counter()
+        model = self.policy()
+        grid = batch.get("image_grid_thw")
+        has_images = grid is not None and len(grid) > 0
+        pixels = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])] if has_images else None
+        with use_mesh(self.fns.mesh, self.fns.rules):
+            ro = generate(model, batch["input_ids"], batch["attention_mask"], rng, self.rollout_cfg,
+                          pixel_values=pixels, image_grid_thw=grid if has_images else None)
+        del model
+        t1 = time.perf_counter()
+        responses = self.decode(ro.tokens, ro.lengths)
+        out = reward_fn(responses, [tuple(t) for t in batch["truth"]], ro.prompt_index)
+        rewards = np.asarray(out.reward, np.float32)
+        t2 = time.perf_counter()
+
+        g = s.group_size
+        adv = np.asarray(grpo_loss.group_advantages(jnp.asarray(rewards), g, scale=s.advantage_scale,
+                                                    eps=s.advantage_eps))
+        zero = np.asarray(grpo_loss.zero_spread_groups(jnp.asarray(rewards), g))
+        keep = ~zero if s.drop_zero_spread else np.ones_like(zero)
+        n = ro.tokens.shape[1]
+        mask = response_mask(ro.lengths, n) * keep[:, None]
+        rb = RolloutBatch(prompt_ids=np.asarray(batch["input_ids"], np.int32),
+                          prompt_mask=np.asarray(batch["attention_mask"], np.int32), pixel_values=pixels,
+                          image_grid_thw=np.asarray(grid, np.int32) if has_images else None,
+                          images_per_prompt=np.asarray(batch.get("images_per_sample", np.zeros(len(batch["input_ids"]))), np.int64),
+                          tokens=ro.tokens, resp_mask=mask, advantages=adv.astype(np.float32),
+                          old_logp=np.asarray(ro.logprobs, np.float32) * mask, group_size=g)
+        upd = self._update(rb)
+        t3 = time.perf_counter()
+
+        lengths = ro.lengths.astype(np.float64)
+        ended = np.isin(ro.tokens[np.arange(len(lengths)), np.maximum(ro.lengths - 1, 0)],
+                        np.asarray(self.rollout_cfg.eos_token_ids or (-1,)))
+        prompt_tokens = int(np.asarray(batch["attention_mask"]).sum()) * g
+        metrics: dict[str, Any] = {}
+        metrics["reward/mean"], metrics["reward/std"] = _mean_std(rewards)
+        for name, values in out.as_dict().items() if hasattr(out, "as_dict") else ():
+            if name != "reward":
+                metrics[f"reward/{name}"] = float(np.mean(values))
+        if hasattr(out, "format"):
+            metrics["format_rate"] = float(np.mean(np.asarray(out.format) > 0))
+        metrics.update({
+            "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+            "response_length/truncated_rate": float(np.mean(~ended)),
+            "groups/zero_spread_rate": float(zero.reshape(-1, g)[:, 0].mean()),
+            "advantage/abs_mean": float(np.abs(adv).mean()),
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
+            "throughput/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
+            "throughput/update_tokens_per_s": upd.pop("processed_tokens") / max(t3 - t2, 1e-9),
+            "rollout/kv_cache_mib": ro.kv_cache_bytes / 2**20, "rollout/prompt_tokens": prompt_tokens,
+        })
+        metrics.update(upd)
+        return metrics
+
+    # -------------------------------------------------------------------------------------------- update
+
+    def _inputs(self, rb: RolloutBatch, ranges: list[list[tuple[int, int]]]) -> list[list[dict]]:
+        return [[update_inputs(rb, a, b, self.model_config) for a, b in mb] for mb in ranges]
+
+    def _update(self, rb: RolloutBatch) -> dict[str, float]:
+        s, fns = self.s, self.fns
+        ranges = slices(rb.num_prompts, s.num_minibatches, s.micro_batch_prompts)
+        inputs = self._inputs(rb, ranges)
+        micros = [mi for mb in inputs for mi in mb]
+        live = [float(mi["resp_mask"].sum()) > 0 for mi in micros]
+        # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
+        if s.recompute_old_logprobs or s.kl_coef > 0:
+            for mi, ok in zip(micros, live):
+                if not ok:
+                    continue
+                if s.recompute_old_logprobs:
+                    mi["old_logp"] = np.asarray(fns.logprobs(self.state.params, mi)) * mi["resp_mask"]
+                if s.kl_coef > 0:
+                    mi["ref_logp"] = np.asarray(fns.logprobs(self.ref_params, mi))
+        sums: dict[str, Any] = {}
+        grad_norms, skipped, empty, lrs, processed = [], 0, 0, [], 0
+        for _ in range(s.ppo_epochs):
+            for mb in inputs:
+                tokens = sum(float(mi["resp_mask"].sum()) for mi in mb)
+                seqs = sum(float((mi["resp_mask"].sum(axis=1) > 0).sum()) for mi in mb)
+                if tokens == 0:  # every group dropped: nothing to learn from, no optimizer update
+                    empty += 1
+                    continue
+                denoms = {"tokens": jnp.float32(tokens), "seqs": jnp.float32(seqs)}
+                acc, loss = None, jnp.float32(0)
+                for mi in mb:
+                    if float(mi["resp_mask"].sum()) == 0:
+                        continue
+                    if acc is None:
+                        acc = fns.zeros(self.state.params)
+                    acc, part = fns.accumulate(self.state.params, acc, mi, denoms)
+                    loss = loss + part["loss"]
+                    sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+                    processed += mi["tokens"].size + mi["prompt_mask"].sum() * s.group_size
+                lrs.append(float(self.schedule(int(self.state.step))))
+                self.state, st = fns.apply(self.state, acc, loss)
+                grad_norms.append(st["grad_norm"])
+                skipped += st["skipped"]
+        sums, grad_norms, skipped = jax.device_get((sums, grad_norms, skipped))
+        count = max(float(sums.get("tokens", 0.0)), 1.0)
+        out = {f"update/{k}": float(sums[k]) / count for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual",
+                                                              "approx_kl_old", "entropy") if k in sums}
+        if "kl" in sums:
+            out["update/kl"] = float(sums["kl"]) / count
+        updates = len(grad_norms)
+        out.update({"update/loss": float(sums.get("loss", 0.0)) / max(updates, 1),
+                    "update/pg_loss": float(sums.get("pg_loss", 0.0)) / max(updates, 1),
+                    "update/grad_norm": float(np.mean(grad_norms)) if updates else 0.0,
+                    "update/lr": float(np.mean(lrs)) if lrs else 0.0, "update/updates": updates,
+                    "update/skipped_nonfinite": int(skipped), "update/skipped_empty": empty,
+                    "update/total_skipped_nonfinite": int(self.state.skipped),
+                    "update/optimizer_steps": int(self.state.step), "processed_tokens": float(processed)})
+        return out

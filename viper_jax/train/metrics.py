@@ -1,0 +1,83 @@
+"""Per-step metrics to the console, `metrics.jsonl` and TensorBoard event files, plus the progress bar.
+
+Only the main process writes (the caller passes enabled=False elsewhere). On resume from step k the
+JSONL file is cut back to steps <= k and TensorBoard purges later events (`purge_step`), so after a
+kill and restart each step appears exactly once, with the values of the run that finished it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+# Shown on the console line (the rest goes to JSONL / TensorBoard only).
+CONSOLE_KEYS = ("reward/mean", "reward/std", "format_rate", "response_length/mean", "update/grad_norm",
+                "update/clip_frac_high", "update/entropy", "time/step_s")
+
+
+def _scalar(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str | Path, *, start_step: int, total_steps: int, enabled: bool = True,
+                 tensorboard: bool = True, progress_bar: bool = True, console_every: int = 1):
+        self.enabled = enabled
+        self.console_every = max(int(console_every), 1)
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "metrics.jsonl"
+        if path.exists():  # drop steps the checkpoint does not cover (they will be redone)
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True,
+                        disable=not progress_bar)
+
+    def write(self, step: int, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """`metrics`: scalars (all sinks); `extra`: JSON-only values such as the step's record ids."""
+        if not self.enabled:
+            return
+        scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        self.jsonl.write(json.dumps({"step": step, **scalars, **(extra or {})}) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.3f}", refresh=False)
+            if step % self.console_every == 0:
+                shown = " ".join(f"{k.split('/')[-1] if k.startswith('update/') else k}={scalars[k]:.4g}"
+                                 for k in CONSOLE_KEYS if k in scalars)
+                stage = (extra or {}).get("stage", "")
+                self.bar.write(f"step {step} [{stage}] {shown}")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

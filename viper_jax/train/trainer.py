@@ -1,0 +1,204 @@
+"""`viper train`: ViPER's phased GRPO (stage by stage, in `config.stage_order`), checkpointed and resumable.
+
+One run goes through every stage; the global step counts across stages. A step: draw the stage's next
+prompt batch, sample G responses per prompt, score them, update (grpo_step.py), log, and save every
+`checkpoint.every_steps` steps and at every stage end. A restart with the same workdir resumes from the
+latest checkpoint: parameters, optimizer state, step, stage, skip counters and the stage's data iterator
+are restored, and step s always samples with fold_in(key(seed), s), so a killed and resumed run
+reproduces an uninterrupted one exactly (on the same mesh and machine).
+
+train_meta (JSON, in each checkpoint): step, stage_index, stage_name, stage_step (steps done in that
+stage), seed, rng (the key data of step `step`'s successor), skipped (non-finite updates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from viper_jax import checkpoint, distributed
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+from viper_jax.rl.reward import get_reward
+from viper_jax.rollout.engine import RolloutConfig
+from viper_jax.rollout.sampling import SamplingConfig
+from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
+from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
+from viper_jax.train.config import ConfigError, validate
+from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
+from viper_jax.train.metrics import MetricsLogger
+from viper_jax.train.optim import make_optimizer
+from viper_jax.train.train_io import (ModelMismatchError, check_same_model, check_stage_data, load_params,
+                                      make_stage_pipeline, read_model_config, resolve_model_path,
+                                      restore_train_state, stage_check)
+from viper_jax.train_state import init_train_state, train_state_shardings
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+__all__ = ["train", "ModelMismatchError", "ConfigError"]
+
+
+def _stage_ends(config: ConfigDict) -> list[int]:
+    ends, total = [], 0
+    for name in config.stage_order:
+        total += int(config.stages[name].steps)
+        ends.append(total)
+    return ends
+
+
+def _write_config(workdir: Path, config: ConfigDict) -> None:
+    path = workdir / "config.json"
+    new = json.loads(config.to_json_best_effort())
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            logger.warning("config differs from the previous run in this workdir in sections %s", changed)
+    path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def train(config: ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) the configured stages; returns the last step's metrics plus `step`."""
+    validate(config)
+    check_stage_data(config)
+    distributed.initialize_from_config(config.distributed)
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{jax.process_count()} processes: the rollout engine takes host NumPy batches and fetches results "
+            "to one host, so multi-host GRPO is not supported yet; use one process per machine")
+    main = distributed.is_main_process()
+    workdir = Path(config.workdir).absolute()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_config(workdir, config)
+
+    # ---------------------------------------------------------------------------------------- model, state
+    model_path = resolve_model_path(config, workdir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_path))
+    model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(model_path))
+    dtype = DTYPES[config.model.dtype]
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                 remat=config.model.remat, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    mesh = mesh_from_config(config.mesh)
+    rules = rules_from_config(config.sharding_rules)
+    p_sh = param_shardings(abstract, mesh, rules)
+
+    stage_ends = _stage_ends(config)
+    total_steps = stage_ends[-1]
+    rl = config.rl
+    updates_per_step = rl.ppo_epochs * rl.num_minibatches
+    optimizer, schedule = make_optimizer(config.optim, total_steps * updates_per_step)
+    shardings = train_state_shardings(optimizer, abstract_params, p_sh)
+    ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                        keep_steps=stage_ends, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = init_train_state(load_params(model_path, dtype, p_sh, remat=config.model.remat), optimizer, shardings)
+        meta = {"step": 0, "stage_index": 0, "stage_name": config.stage_order[0], "stage_step": 0}
+        data_state = None
+    else:
+        check_same_model(ckpt.restore_json(latest), model_cfg, ckpt.directory, latest, model_path)
+        state, meta, data_state = restore_train_state(ckpt, latest, optimizer, abstract_params, shardings)
+        if meta["stage_index"] >= len(config.stage_order) or \
+                config.stage_order[meta["stage_index"]] != meta["stage_name"]:
+            raise ConfigError(f"checkpoint step {latest} is in stage {meta['stage_name']!r} (#{meta['stage_index']}), "
+                              f"but config.stage_order is {list(config.stage_order)}")
+    ref_params = None
+    if rl.kl_coef > 0:  # the frozen reference is the starting policy: reloaded, never checkpointed
+        ref_params = load_params(model_path, dtype, p_sh, remat=config.model.remat)
+
+    eos = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in config.rollout.eos_tokens)
+    buckets = tuple(sorted(int(b) for b in config.data.length_buckets))
+    rollout_cfg = RolloutConfig(
+        max_new_tokens=int(config.rollout.max_new_tokens), prompt_buckets=buckets,
+        max_cache_len=buckets[-1] + int(config.rollout.max_new_tokens), eos_token_ids=eos,
+        pad_token_id=int(tokenizer.pad_token_id), group_size=int(rl.group_size),
+        sampling=SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
+                                top_p=float(config.rollout.top_p)),
+        cache_dtype=DTYPES[config.rollout.cache_dtype] if config.rollout.cache_dtype else None)
+    settings = GRPOSettings.from_config(rl, config.rollout.temperature)
+    decode = lambda tokens, lengths: tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
+    learner = GRPOLearner(graphdef, state, UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules),
+                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params)
+
+    # ---------------------------------------------------------------------------------------- stages
+    step = int(meta["step"])
+    log = MetricsLogger(workdir, start_step=step, total_steps=total_steps, enabled=main,
+                        tensorboard=config.logging.tensorboard, progress_bar=config.logging.progress_bar,
+                        console_every=config.logging.every_steps)
+    if latest is not None:
+        log.message(f"resumed from {ckpt.directory}/{latest} (stage {meta['stage_name']}, step {step})")
+    base_key = jax.random.key(int(config.seed))
+    metrics: dict[str, Any] = {}
+    try:
+        for index in range(int(meta["stage_index"]), len(config.stage_order)):
+            name = config.stage_order[index]
+            stage = config.stages[name]
+            done = int(meta["stage_step"]) if index == meta["stage_index"] else 0
+            if done >= stage.steps:
+                continue
+            pipeline = make_stage_pipeline(config, name, tokenizer, index)
+            if done and data_state is not None:
+                pipeline.set_state(data_state)
+            reward_fn = get_reward(stage.reward, config.reward)
+            try:
+                for stage_step in range(done + 1, stage.steps + 1):
+                    batch = next(pipeline)
+                    stage_check(name, stage.task, batch)
+                    metrics = learner.step(batch, jax.random.fold_in(base_key, step), reward_fn)
+                    step += 1
+                    metrics.update({"stage_index": index, "data/seen": pipeline.stats.seen,
+                                    "data/skipped": pipeline.stats.num_skipped})
+                    extra = {"stage": name, "stage_step": stage_step}
+                    if config.logging.record_ids:
+                        extra["record_ids"] = [str(i) for i in batch["id"]]
+                    log.write(step, metrics, extra)
+                    if step % config.checkpoint.every_steps == 0 or stage_step == stage.steps:
+                        meta = {"step": step, "stage_index": index, "stage_name": name, "stage_step": stage_step,
+                                "seed": int(config.seed), "updates": int(learner.state.step),
+                                "skipped": int(learner.state.skipped),
+                                "rng": np.asarray(jax.random.key_data(jax.random.fold_in(base_key, step))).tolist()}
+                        ckpt.save(step, params=learner.state.params, opt_state=learner.state.opt_state,
+                                  model_config=model_cfg.to_hf_dict(), meta=meta, data_state=pipeline.get_state())
+            finally:
+                pipeline.close()
+            if main:
+                log.message(f"stage {name} finished at step {step}")
+        ckpt.wait()
+        if config.export.hf_dir:
+            from viper_jax.models.qwen2_5_vl import save_hf
+
+            save_hf(learner.state.params, model_cfg, config.export.hf_dir,
+                    tokenizer_dir=config.model.tokenizer_path or model_path)
+            log.message(f"exported the policy to {config.export.hf_dir}")
+    finally:
+        ckpt.close()
+        log.close()
+    return {"step": step, **metrics}
+
+
+def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None:
+    """`viper train --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
+    from viper_jax.train.config import apply_overrides, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path)
+    apply_overrides(config, overrides)
+    if workdir:
+        config.workdir = workdir
+    result = train(config)
+    if distributed.is_main_process():
+        print(f"finished at step {result['step']}; workdir {Path(config.workdir).absolute()}")
