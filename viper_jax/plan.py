@@ -391,6 +391,12 @@ def _sds(shape: Sequence[int], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruc
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
+def _parts(sharding: NamedSharding, mesh: Mesh, exclude: Sequence[str] = ()) -> int:
+    """How many ways an array with `sharding` is split, ignoring the mesh axes in `exclude`."""
+    axes = [a for entry in sharding.spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))]
+    return math.prod(mesh.shape[a] for a in axes if a not in exclude)
+
+
 def _nbytes(tree: Any, per_device: bool = True) -> int:
     """Bytes of a tree of ShapeDtypeStructs on one device (the largest shard of each)."""
     total = 0
@@ -606,9 +612,11 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
                                         donate_argnums=(1,)).lower(*dargs), verbose)
             d.model_flops = d.hw_flops = text_forward_flops(t, rows, 1, slots, rows)
             d.hw_flops *= padding(rows)
-            # Every chip reads every layer's (gathered) weights in the compute dtype, its fp32 shard and its cache slice.
-            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-            d.hbm_traffic = n_params * jnp.dtype(dtype).itemsize + _nbytes(master) + 2 * _nbytes(dcache)
+            # Every chip reads each layer's weights all-gathered over the batch axes (still split over `tensor`) in
+            # the compute dtype, its fp32 shard, and its slice of the cache.
+            gathered = sum(math.prod(x.shape) / _parts(sh, mesh, exclude=batch_axes)
+                           for x, sh in zip(jax.tree.leaves(master), jax.tree.leaves(shardings.params)))
+            d.hbm_traffic = gathered * jnp.dtype(dtype).itemsize + _nbytes(master) + 2 * _nbytes(dcache)
             reports.append(d)
 
     peak = chip.peak_bf16_flops * chips / len(devices)

@@ -29,7 +29,7 @@ def run_plan(args: Any) -> None:
 
     try:
         config = load_config(args.config)
-        apply_overrides(config, args.overrides)
+        apply_overrides(config, getattr(args, "overrides", []))
         if config.model.remat not in ("none", "full", "dots", "offload"):
             raise ConfigError(f"config model.remat: must be one of none, full, dots, offload")
         report = plan(config, args.topology, model_config=model_config_for(config, args.model_config),
