@@ -86,9 +86,34 @@ def _run_plan(args: argparse.Namespace) -> None:
     run_plan(args)
 
 
+def _add_loop(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.loop import add_loop_args  # light: the steps run as subprocesses
+
+    add_loop_args(sub)
+
+
+def _run_loop(args: argparse.Namespace) -> None:
+    from viper_jax.loop import run_loop_cli
+
+    run_loop_cli(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.demo import add_demo_args
+
+    add_demo_args(sub)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from viper_jax.demo import run_demo_cli
+
+    run_demo_cli(args)
+
+
 COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
             "eval": (_add_eval, _run_eval), "train": (_add_train, _run_train),
             "plan": (_add_plan, _run_plan)}
+COMMANDS.update(loop=(_add_loop, _run_loop), demo=(_add_demo, _run_demo))
 
 
 def main(argv: list[str] | None = None) -> None:
