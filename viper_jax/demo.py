@@ -226,12 +226,21 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
     if started is not None:
         md.append(f"Wall time {time.time() - started:.0f} s on this machine (no GPU, no downloads), "
                   f"this invocation (steps finished by an earlier one are skipped).")
+    stages = json.loads((rd / "train" / "config.json").read_text())["stages"]
+    rewards = sorted({st["reward"] for st in stages.values()})
+    if rewards == ["caption_refine", "visual_ops"]:  # each stage's own: the ViPER reward
+        about_reward = ("The tiny policy cannot write the `<think>/<answer>` format and never matches a truth "
+                        "sentence, so the ViPER reward is 0 and GRPO has no signal: the round shows the pipeline end "
+                        "to end, not learning (`viper demo --reward toy_letters` shows GRPO moving a toy reward).")
+    else:
+        about_reward = ("Rewards: " + ", ".join(f"{k}: `{v['reward']}`" for k, v in stages.items()) + " instead of "
+                        "the ViPER reward (which a random tiny policy cannot earn); the curves show GRPO at work, "
+                        "not better perception.")
     md += ["", "Every model here is random-init (a 0.2 M-parameter Qwen2.5-VL and diffusers' tiny Qwen-Image / "
            "Qwen-Image-Edit), so captions, corrections and edit instructions are letter soup and the "
-           "reconstructions/edits are noise. The tiny policy cannot write the `<think>/<answer>` format and never "
-           "matches a truth sentence, so the ViPER reward is 0 and GRPO has no signal: the round shows the "
-           "pipeline end to end, not learning. With the real models: `viper loop --config configs/loop_7b.py`.", "",
-           "## Steps", "", "| step | seconds | what it made |", "|---|---|---|"]
+           "reconstructions/edits are noise. " + about_reward + " With the real models: "
+           "`viper loop --config configs/loop_7b.py`.", "", "## Steps", "", "| step | seconds | what it made |",
+           "|---|---|---|"]
     for name, st in steps.items():
         made = {"synth_caption_refine": lambda s: f"{s.get('num_records')} caption_refine records, {s.get('num_rejects')} rejects",
                 "synth_visual_ops": lambda s: f"{s.get('num_records')} visual_ops records, {s.get('num_rejects')} rejects",
