@@ -94,3 +94,32 @@ def test_on_policy_gradient_is_advantage_weighted_logprob_gradient():
     adv, mask = jnp.array([0.5, -2.0]), jnp.array([[1, 1], [1, 0]])
     grad = jax.grad(lambda lp: gl.policy_loss(lp, jnp.zeros_like(lp), adv, mask)[0])(logp)
     np.testing.assert_allclose(grad, [[-0.5 / 3, -0.5 / 3], [2.0 / 3, 0.0]], atol=1e-6)
+
+
+def test_clip_never_raises_the_objective_on_the_other_side():
+    # A > 0 with ratio 0.5 (below 1 - eps_low) keeps the unclipped -0.5 (not -0.8), and A < 0 with ratio
+    # 1.5 (above 1 + eps_high) keeps 1.5 (not 1.28): pessimistic min, so neither counts as clipped, and
+    # both keep their gradient; the clipped sides (A > 0 above, A < 0 below) get none.
+    logp = jnp.log(jnp.array([[0.5, 1.5], [1.5, 0.5]]))
+    adv, mask = jnp.array([1.0, -1.0]), jnp.ones((2, 2))
+    loss, m = gl.policy_loss(logp, jnp.zeros((2, 2)), adv, mask, eps_low=0.2, eps_high=0.28)
+    np.testing.assert_allclose(loss, (-0.5 - 1.28 + 1.5 + 0.8) / 4, atol=1e-6)
+    np.testing.assert_allclose([m["clip_frac_low"], m["clip_frac_high"]], [0.25, 0.25], atol=1e-6)
+    grad = jax.grad(lambda lp: gl.policy_loss(lp, jnp.zeros((2, 2)), adv, mask)[0])(logp)
+    # d(-r A)/d logp = -r A / 4 on the unclipped tokens.
+    np.testing.assert_allclose(grad, [[-0.5 / 4, 0.0], [1.5 / 4, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_with_shared_denominators_sum_to_the_minibatch_loss(mode):
+    # Gradient accumulation in the trainer: each micro-batch divides by the minibatch's token / sequence
+    # count, so the micro losses (and gradients) add up to the minibatch's.
+    values = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0], [6.0, 0.0, 0.0], [7.0, 8.0, 9.0]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    whole = gl.aggregate(values, mask, mode)
+    shared = dict(num_tokens=mask.sum(), num_seqs=4, norm_length=3)
+    parts = gl.aggregate(values[:2], mask[:2], mode, **shared) + gl.aggregate(values[2:], mask[2:], mode, **shared)
+    np.testing.assert_allclose(parts, whole, rtol=1e-6)
+    hand = {"token-mean": 45 / 9, "seq-mean-token-mean": (2 + 4.5 + 6 + 8) / 4,
+            "seq-mean-token-sum-norm": 45 / (4 * 3)}[mode]
+    np.testing.assert_allclose(whole, hand, rtol=1e-6)

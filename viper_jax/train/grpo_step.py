@@ -245,12 +245,17 @@ class GRPOLearner:
         micros = [mi for mb in inputs for mi in mb]
         live = [float(mi["resp_mask"].sum()) > 0 for mi in micros]
         # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
+        diffs = []
         if s.recompute_old_logprobs or s.kl_coef > 0:
             for mi, ok in zip(micros, live):
                 if not ok:
                     continue
                 if s.recompute_old_logprobs:
-                    mi["old_logp"] = np.asarray(fns.logprobs(self.state.params, mi)) * mi["resp_mask"]
+                    fresh = np.asarray(fns.logprobs(self.state.params, mi)) * mi["resp_mask"]
+                    # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
+                    # mean the update does not see what the sampler saw (positions, images, dtype).
+                    diffs.append(float(np.abs(fresh - mi["old_logp"]).max()))
+                    mi["old_logp"] = fresh
                 if s.kl_coef > 0:
                     mi["ref_logp"] = np.asarray(fns.logprobs(self.ref_params, mi))
         sums: dict[str, Any] = {}
@@ -283,6 +288,8 @@ class GRPOLearner:
                                                               "approx_kl_old", "entropy") if k in sums}
         if "kl" in sums:
             out["update/kl"] = float(sums["kl"]) / count
+        if diffs:
+            out["rollout/logprob_diff_max"] = max(diffs)
         updates = len(grad_norms)
         out.update({"update/loss": float(sums.get("loss", 0.0)) / max(updates, 1),
                     "update/pg_loss": float(sums.get("pg_loss", 0.0)) / max(updates, 1),

@@ -1,0 +1,119 @@
+"""The GRPO update against the rollout it learns from, and the trainer learning a toy task on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from grpo_tiny import compilation_cache, tiny_config
+from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf
+from viper_jax.tiny import write_tiny_model, write_tiny_records
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    write_tiny_records(root / "data", per_task=8)
+    with compilation_cache(root / "jax_cache"):
+        yield root
+
+
+def test_update_forward_reproduces_rollout_logprobs(root):
+    """The training forward (prompt embedded once per group, vision tower included, positions built
+    from the prompt's) gives the log-probs the sampler drew with, and its positions are get_rope_index's
+    over prompt + response. Chunked lm_head = unchunked. (Two-image prompts: test_grpo_e2e.py checks
+    the same through the trainer's `rollout/logprob_diff_max`.) Shapes are the trainer's in the next
+    test, so the rollout programs compile once for both."""
+    from transformers import AutoTokenizer
+
+    from viper_jax.data import make_pipeline
+    from viper_jax.rollout.engine import RolloutConfig, generate
+    from viper_jax.rollout.sampling import SamplingConfig
+    from viper_jax.train.grpo_batch import (RolloutBatch, full_positions, prompt_positions, response_mask,
+                                            update_inputs)
+    from viper_jax.train.grpo_step import policy_forward
+    from viper_jax.train.train_io import stage_data_config
+
+    path = root / "model"
+    write_tiny_model(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = load_hf(path)
+    config = tiny_config(root / "unused", root / "data")
+    batch = next(make_pipeline(stage_data_config(config, "caption_refine", 0), tok))
+    g, n, temp = config.rl.group_size, config.rollout.max_new_tokens, config.rollout.temperature
+    buckets = tuple(config.data.length_buckets)
+    cfg = RolloutConfig(max_new_tokens=n, prompt_buckets=buckets, max_cache_len=buckets[-1] + n,
+                        eos_token_ids=tuple(int(tok.convert_tokens_to_ids(t)) for t in config.rollout.eos_tokens),
+                        pad_token_id=int(tok.pad_token_id), group_size=g, sampling=SamplingConfig(temperature=temp))
+    pix = batch["pixel_values"][:int(batch["num_patches"])]
+    ro = generate(model, batch["input_ids"], batch["attention_mask"], jax.random.key(3), cfg, pixel_values=pix,
+                  image_grid_thw=batch["image_grid_thw"])
+    mask = response_mask(ro.lengths, n)
+    rb = RolloutBatch(batch["input_ids"], batch["attention_mask"], pix, batch["image_grid_thw"],
+                      batch["images_per_sample"], ro.tokens, mask, np.zeros(len(mask), np.float32), ro.logprobs, g)
+
+    full_ids = np.concatenate([np.repeat(batch["input_ids"], g, 0), ro.tokens], 1)
+    full_mask = np.concatenate([np.repeat(batch["attention_mask"], g, 0), mask.astype(np.int32)], 1)
+    per_prompt = np.split(batch["image_grid_thw"], np.cumsum(batch["images_per_sample"])[:-1])
+    grids = np.concatenate([grid for grid in per_prompt for _ in range(g)])
+    expected, _ = get_rope_index(full_ids, full_mask, grids, None, None, model.config)
+    ours = full_positions(prompt_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                                          model.config), n, g)
+    valid = full_mask.astype(bool)
+    np.testing.assert_array_equal(ours[:, valid], expected[:, valid])
+
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    mi = update_inputs(rb, 1, 3, model.config)  # prompts 1 and 2: pixel rows and positions sliced per prompt
+    rows = slice(g, 3 * g)
+    fwd = jax.jit(lambda p, mi, chunk: policy_forward(nnx.merge(graphdef, p), mi, g, temp, chunk), static_argnums=2)
+    logp, ent = fwd(params, mi, 0)
+    np.testing.assert_allclose(np.asarray(logp) * mask[rows], ro.logprobs[rows] * mask[rows], atol=2e-5)
+    logp_c, ent_c = fwd(params, mi, 5)  # 16 positions in chunks of 5: the last one padded
+    np.testing.assert_allclose(np.asarray(logp_c), np.asarray(logp), atol=1e-5)  # other matmul shapes: ~1 ulp
+    np.testing.assert_allclose(np.asarray(ent_c), np.asarray(ent), atol=1e-5)
+    assert np.all(np.asarray(ent) > 0)
+
+    # Gradient accumulation: two micro-batches of one prompt sharing the minibatch's denominators sum to
+    # the gradient of the two-prompt minibatch.
+    from viper_jax.sharding import make_mesh, param_shardings
+    from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
+    from viper_jax.train.optim import make_optimizer
+    from viper_jax.train_state import train_state_shardings
+
+    mesh = make_mesh((1, 1, 1))
+    optimizer, _ = make_optimizer(config.optim, 10)
+    shardings = train_state_shardings(optimizer, params, param_shardings(model, mesh))
+    fns = UpdateFns(graphdef, optimizer, shardings, GRPOSettings.from_config(config.rl, temp), mesh)
+    rb.advantages = np.random.default_rng(0).normal(size=len(mask)).astype(np.float32)
+    denoms = {"tokens": np.float32(mask[:2 * g].sum()), "seqs": np.float32(2 * g)}
+    whole, _ = fns.accumulate(params, fns.zeros(params), update_inputs(rb, 0, 2, model.config), denoms)
+    acc = fns.zeros(params)
+    for a in (0, 1):
+        acc, _ = fns.accumulate(params, acc, update_inputs(rb, a, a + 1, model.config), denoms)
+    for x, y in zip(jax.tree.leaves(acc), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-4)
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(whole)) > 1e-4
+
+
+def test_it_learns_a_toy_reward(root):
+    """Tiny random-init policy, reward = fraction of lower-case letters (about 0.1 at random): the mean
+    reward of the last steps is far above that of the first ones (fixed seed)."""
+    from viper_jax.train.trainer import train
+
+    steps = 12
+    config = tiny_config(root / "learn", root / "data", [
+        "--config.stage_order=('caption_refine',)", f"--config.stages.caption_refine.steps={steps}",
+        "--config.stages.caption_refine.reward=toy_letters", "--config.optim.learning_rate=3e-2",
+        "--config.checkpoint.every_steps=100"])
+    train(config)
+    rows = [json.loads(line) for line in (root / "learn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    rewards = np.asarray([r["reward/mean"] for r in rows])
+    first, last = rewards[:3].mean(), rewards[-3:].mean()
+    assert first < 0.25 and last > first + 0.3, rewards.round(3).tolist()
+    assert all(r["update/skipped_nonfinite"] == 0 and r["update/updates"] == 2 for r in rows)
