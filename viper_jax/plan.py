@@ -464,7 +464,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
 
     def rows_sharding(rows: int, what: str, axis: int = 0, ndim: int = 1) -> NamedSharding:
         if rows % batch_parts:
-            notes.append(f"{what}: {rows} rows do not divide over {'x'.join(batch_axes)}={batch_parts}; the inputs "
+            notes.append(f"{what}: {rows} do not divide over {'x'.join(batch_axes)}={batch_parts}; the inputs "
                          f"are replicated and activations padded to {math.ceil(rows / batch_parts)} rows per device")
             return replicated
         spec = [None] * ndim
