@@ -1,0 +1,127 @@
+"""Seconds per GRPO step and its split (rollout / reward / update) on the ~30M-parameter benchmark model.
+
+8 prompts (one 112x112 image + 48 text tokens each) x group 4, 64 new tokens (end tokens disabled, so
+every step generates exactly 8 x 4 x 64 tokens), temperature 1; the real ViPER reward (all-MiniLM-L6-v2)
+on the responses mapped to printable text; one AdamW update per step over all 32 responses. The step is
+`GRPOLearner.step`, the code `viper train` runs. The first step (compilation) is reported separately.
+Update MFU: analytic FLOPs (bench_common.train_flops, vision once per prompt) / update seconds, against
+a matmul measured in the same run on CPU, against the device's peak given with --peak_tflops otherwise.
+
+Usage: python scripts/bench_grpo.py [--prompts 8 --group 4 --new 64 --steps 3 --minibatches 1 --dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_common import (PAD, bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
+                          matmul_flops_per_second, train_flops)
+from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
+from viper_jax.rl.reward import ViperReward  # noqa: E402
+from viper_jax.rollout.engine import RolloutConfig  # noqa: E402
+from viper_jax.rollout.sampling import SamplingConfig  # noqa: E402
+from viper_jax.sharding import make_mesh, param_shardings  # noqa: E402
+from viper_jax.train.config import base_config  # noqa: E402
+from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns  # noqa: E402
+from viper_jax.train.optim import make_optimizer  # noqa: E402
+from viper_jax.train_state import init_train_state, train_state_shardings  # noqa: E402
+
+BUCKET = 128
+PHASES = ("time/rollout_s", "time/reward_s", "time/update_s", "time/step_s")
+
+
+def prompt_batch(prompts: int, text_tokens: int, seed: int) -> dict:
+    """image_batch from bench_common, left-padded to the bucket, plus what the data pipeline adds."""
+    b = image_batch(prompts, text_tokens, seed=seed)
+    ids, mask = b["input_ids"].astype(np.int32), b["attention_mask"].astype(np.int32)
+    pad = BUCKET - ids.shape[1]
+    return dict(input_ids=np.pad(ids, ((0, 0), (pad, 0)), constant_values=PAD), attention_mask=np.pad(mask, ((0, 0), (pad, 0))),
+                pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"].astype(np.int32),
+                num_patches=np.asarray(len(b["pixel_values"])), images_per_sample=np.ones(prompts, np.int32),
+                truth=[("The ellipse is red.", "A tree stands on the left.")] * prompts,
+                id=[f"bench-{seed}-{i}" for i in range(prompts)])
+
+
+def decode(tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """The benchmark vocabulary has no tokenizer: map ids onto printable ASCII, a few spaces and periods."""
+    table = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz .  ,ABCDEFGH", np.uint8)
+    return [table[row[:n] % len(table)].tobytes().decode() for row, n in zip(tokens, lengths)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--text_tokens", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--minibatches", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (accelerators)")
+    args = ap.parse_args()
+
+    _, path = build_models()
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = load_hf(path, dtype=dtype, param_dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    config = base_config()
+    config.rl.group_size, config.rl.prompts_per_step, config.rl.num_minibatches = args.group, args.prompts, args.minibatches
+    mesh = make_mesh((1, -1, 1))
+    optimizer, schedule = make_optimizer(config.optim, 1000)
+    shardings = train_state_shardings(optimizer, nnx.to_pure_dict(state), param_shardings(model, mesh))
+    train_state = init_train_state(nnx.to_pure_dict(state), optimizer, shardings)
+    del model, state
+    settings = GRPOSettings.from_config(config.rl, 1.0)
+    rollout = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(BUCKET,), max_cache_len=BUCKET + args.new,
+                            eos_token_ids=(), pad_token_id=PAD, group_size=args.group,
+                            sampling=SamplingConfig(temperature=1.0))
+    learner = GRPOLearner(graphdef, train_state, UpdateFns(graphdef, optimizer, shardings, settings, mesh), settings,
+                          rollout, decode, schedule, nnx.merge(graphdef, train_state.params).config)
+    reward = ViperReward()
+
+    t = time.perf_counter()
+    first = learner.step(prompt_batch(args.prompts, args.text_tokens, 0), jax.random.key(0), reward)
+    first_s = time.perf_counter() - t
+    runs = [learner.step(prompt_batch(args.prompts, args.text_tokens, s), jax.random.key(s), reward)
+            for s in range(1, args.steps + 1)]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+    rows = args.prompts * args.group
+    # Every response is trained on once per step, whatever the minibatch split; vision runs once per prompt.
+    flops = train_flops(bench_config_dict(), rows, BUCKET + args.new, 64 // args.group)
+    n_params = sum(x.size for x in jax.tree.leaves(learner.state.params))
+    print(f"machine: {describe_machine()}")
+    print(f"workload: {args.prompts} prompts x group {args.group}, {args.new} new tokens, prompt bucket {BUCKET} "
+          f"(one 112x112 image), {args.minibatches} update(s) per step, compute {args.dtype}, "
+          f"{n_params / 1e6:.1f}M params")
+    print(f"first step (compiles): {first_s:.1f} s (rollout {first['time/rollout_s']:.1f}, update {first['time/update_s']:.1f})")
+    print(f"{'steady step, mean of ' + str(args.steps):28s}{'seconds':>10s}{'share':>8s}")
+    for k in PHASES:
+        share = mean[k] / mean["time/step_s"] * 100
+        print(f"  {k.split('/')[1][:-2]:26s}{mean[k]:>10.2f}{share:>7.0f}%")
+    print(f"rollout: {mean['throughput/rollout_tokens_per_s']:.0f} generated tokens/s "
+          f"({rows * args.new} tokens, KV cache {runs[-1]['rollout/kv_cache_mib']:.1f} MiB)")
+    achieved = flops / mean["time/update_s"]
+    if jax.devices()[0].platform == "cpu":
+        mm, _ = matmul_flops_per_second()
+        print(f"update: {mean['throughput/update_tokens_per_s']:.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s "
+              f"(analytic) = {achieved / mm:.0%} of a 2048^3 fp32 matmul measured now ({mm / 1e9:.0f} GFLOP/s)")
+    else:
+        mfu = f", MFU {achieved / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else " (pass --peak_tflops for MFU)"
+        print(f"update: {mean['throughput/update_tokens_per_s']:.0f} tokens/s, {achieved / 1e12:.2f} TFLOP/s{mfu}")
+    print(f"reward mean {mean['reward/mean']:.3f}, grad norm {mean['update/grad_norm']:.3g} (random text rarely scores "
+          f"under the ViPER reward; the update computes the same whatever the advantages)")
+
+
+if __name__ == "__main__":
+    main()
