@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -42,7 +43,8 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     write_tiny_model(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     model = load_hf(path)
-    config = tiny_config(root / "unused", root / "data")
+    # lr 3e-2 as in the next test: the optimizer program compiled here is the one it runs.
+    config = tiny_config(root / "unused", root / "data", ["--config.optim.learning_rate=3e-2"])
     batch = next(make_pipeline(stage_data_config(config, "caption_refine", 0), tok))
     g, n, temp = config.rl.group_size, config.rollout.max_new_tokens, config.rollout.temperature
     buckets = tuple(config.data.length_buckets)
@@ -98,6 +100,35 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     for x, y in zip(jax.tree.leaves(acc), jax.tree.leaves(whole)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-4)
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(whole)) > 1e-4
+
+    # A non-finite loss or gradient leaves the state as it was and is counted; a finite one applies.
+    from viper_jax.train_state import init_train_state
+
+    state = init_train_state(params, optimizer, shardings, donate=False)
+    before = jax.device_get(state.params)
+    poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), whole)
+    for grads, loss in ((whole, jnp.float32(jnp.nan)), (poisoned, jnp.float32(1.0))):
+        state, stats = fns.apply(state, grads, loss)
+        assert bool(stats["skipped"])
+        assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state.params), before))
+    for _ in range(2):  # warmup from lr 0: the first applied update leaves the weights as they are
+        state, stats = fns.apply(state, whole, jnp.float32(1.0))
+        assert not bool(stats["skipped"])
+    assert (int(state.step), int(state.skipped)) == (2, 2)
+    assert not jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state.params), before))
+
+
+def test_zero_spread_groups_are_masked_out():
+    from viper_jax.train.grpo_step import GRPOSettings, advantages_and_mask
+
+    rewards = np.asarray([0.5, 0.5, 0.2, 0.8], np.float32)  # group 0 all equal, group 1 spread
+    lengths = np.asarray([2, 3, 1, 3])
+    adv, mask, zero = advantages_and_mask(rewards, lengths, 3, GRPOSettings(group_size=2, drop_zero_spread=True))
+    np.testing.assert_array_equal(zero, [True, True, False, False])
+    np.testing.assert_array_equal(mask, [[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
+    np.testing.assert_allclose(adv, [0, 0, -0.3 / (0.3 * np.sqrt(2) + 1e-6), 0.3 / (0.3 * np.sqrt(2) + 1e-6)], rtol=1e-5)
+    _, kept, _ = advantages_and_mask(rewards, lengths, 3, GRPOSettings(group_size=2))
+    np.testing.assert_array_equal(kept[:2], [[1, 1, 0], [1, 1, 1]])
 
 
 def test_it_learns_a_toy_reward(root):

@@ -156,6 +156,17 @@ class UpdateFns:
 
 # ------------------------------------------------------------------------------------------------ the step
 
+def advantages_and_mask(rewards: np.ndarray, lengths: np.ndarray, max_new_tokens: int, s: GRPOSettings
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(advantages [R], loss mask [R, N], zero-spread flags [R]): with drop_zero_spread the mask of a
+    group whose rewards are all equal is 0 (it also leaves the loss denominators)."""
+    r = jnp.asarray(rewards, jnp.float32)
+    adv = np.asarray(grpo_loss.group_advantages(r, s.group_size, scale=s.advantage_scale, eps=s.advantage_eps))
+    zero = np.asarray(grpo_loss.zero_spread_groups(r, s.group_size))
+    keep = ~zero if s.drop_zero_spread else np.ones_like(zero)
+    return adv.astype(np.float32), response_mask(lengths, max_new_tokens) * keep[:, None], zero
+
+
 def _mean_std(x: np.ndarray) -> tuple[float, float]:
     return (float(np.mean(x)), float(np.std(x))) if len(x) else (0.0, 0.0)
 
@@ -194,17 +205,12 @@ class GRPOLearner:
         t2 = time.perf_counter()
 
         g = s.group_size
-        adv = np.asarray(grpo_loss.group_advantages(jnp.asarray(rewards), g, scale=s.advantage_scale,
-                                                    eps=s.advantage_eps))
-        zero = np.asarray(grpo_loss.zero_spread_groups(jnp.asarray(rewards), g))
-        keep = ~zero if s.drop_zero_spread else np.ones_like(zero)
-        n = ro.tokens.shape[1]
-        mask = response_mask(ro.lengths, n) * keep[:, None]
+        adv, mask, zero = advantages_and_mask(rewards, ro.lengths, ro.tokens.shape[1], s)
         rb = RolloutBatch(prompt_ids=np.asarray(batch["input_ids"], np.int32),
                           prompt_mask=np.asarray(batch["attention_mask"], np.int32), pixel_values=pixels,
                           image_grid_thw=np.asarray(grid, np.int32) if has_images else None,
                           images_per_prompt=np.asarray(batch.get("images_per_sample", np.zeros(len(batch["input_ids"]))), np.int64),
-                          tokens=ro.tokens, resp_mask=mask, advantages=adv.astype(np.float32),
+                          tokens=ro.tokens, resp_mask=mask, advantages=adv,
                           old_logp=np.asarray(ro.logprobs, np.float32) * mask, group_size=g)
         upd = self._update(rb)
         t3 = time.perf_counter()
