@@ -9,12 +9,13 @@ an error, not a silently ignored setting).
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
+
+from viper_common import config_overrides
 
 from viper_common.prompts import SYNTHESIS_PROMPTS
 
@@ -151,54 +152,9 @@ def load_config(path: str | None) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def _parse_value(old: Any, text: str) -> Any:
-    """Parses `text` as the type of the existing value, so `--config.t2i.steps=8` stays an int."""
-    if isinstance(old, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(old, int):
-        return int(text.replace("_", ""))
-    if isinstance(old, float):
-        return float(text)
-    if isinstance(old, str):
-        return text  # paths and prompts verbatim, never evaluated
-    return ast.literal_eval(text)
-
-
 def apply_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]) -> list[str]:
     """Applies `--config.a.b=value` / `--config.a.b value` flags; returns the arguments it did not use."""
-    rest: list[str] = []
-    i = 0
-    while i < len(flags):
-        flag = flags[i]
-        if not flag.startswith("--config."):
-            rest.append(flag)
-            i += 1
-            continue
-        if "=" in flag:
-            key, text = flag[len("--config."):].split("=", 1)
-        elif i + 1 < len(flags):
-            key, text = flag[len("--config."):], flags[i + 1]
-            i += 1
-        else:
-            raise ValueError(f"{flag} needs a value")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"unknown config field {key!r}")
-            node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise KeyError(f"unknown config field {key!r}")
-        try:
-            node[leaf] = _parse_value(node[leaf], text)
-        except (ValueError, SyntaxError, TypeError) as e:
-            raise ValueError(f"--config.{key}: {e}") from None
-        i += 1
-    return rest
+    return config_overrides.apply_overrides(config, flags, allow_other=True)
 
 
 def csv(text: str) -> tuple[str, ...]:

@@ -9,14 +9,13 @@ each stage has exactly the keys of `stage()`.
 
 from __future__ import annotations
 
-import ast
-import difflib
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
+from viper_common.config_overrides import ConfigError, apply_overrides, unknown_key  # noqa: F401 (re-exported)
 from viper_jax.data.config import get_data_config
 from viper_jax.rl.reward import get_reward_config
 
@@ -28,10 +27,6 @@ REMATS = ("none", "full", "dots")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 # Sections whose keys are free-form (checked elsewhere): prompt overrides by task, stages by name.
 OPEN_SECTIONS = ("data.prompts", "stages")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key."""
 
 
 def stage(task: str, data_globs: Sequence[str] = (), steps: int = 1, reward: str = "") -> ConfigDict:
@@ -135,12 +130,6 @@ def load_config(path: str | Path) -> ConfigDict:
     return config
 
 
-def _unknown(key: str, known: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(sorted(known))}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
 def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
     """Every key of `config` must exist in `schema` (default: base_config()); stages match `stage()`."""
     schema = base_config() if schema is None else schema
@@ -154,71 +143,11 @@ def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str
                     check_keys(st, stage(name), f"stages.{name}.")
             continue
         if key not in schema:
-            raise _unknown(path, list(schema.keys()))
+            raise unknown_key(path, list(schema.keys()))
         if isinstance(schema[key], ConfigDict):
             if not isinstance(value, ConfigDict):
                 raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
             check_keys(value, schema[key], f"{path}.")
-
-
-def _parse(old: Any, text: str, key: str) -> Any:
-    """`text` parsed as the type of the current value, so an int stays an int."""
-    if isinstance(old, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
-    try:
-        if isinstance(old, int):
-            return int(text)
-        if isinstance(old, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"--config.{key}: expected {type(old).__name__}, got {text!r}") from None
-    if isinstance(old, str):
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if isinstance(old, (tuple, list)):  # a bare glob or name: a one-element tuple
-            return (text,)
-        return text
-    if isinstance(old, (tuple, list)):
-        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    return value
-
-
-def apply_overrides(config: ConfigDict, flags: Sequence[str]) -> None:
-    """Applies `--config.a.b=value` (or `--config.a.b value`); anything else is refused by name."""
-    i = 0
-    flags = list(flags)
-    while i < len(flags):
-        flag = flags[i]
-        if not flag.startswith("--config."):
-            raise ConfigError(f"unrecognised argument {flag!r}; overrides look like --config.rl.group_size=8")
-        if "=" in flag:
-            key, text = flag[len("--config."):].split("=", 1)
-        elif i + 1 < len(flags):
-            key, text = flag[len("--config."):], flags[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"{flag} needs a value")
-        *parents, leaf = key.split(".")
-        node = config
-        for depth, part in enumerate(parents):
-            if not isinstance(node, ConfigDict) or part not in node:
-                raise _unknown(".".join(parents[:depth + 1]), list(node.keys()) if isinstance(node, ConfigDict) else [])
-            node = node[part]
-        if not isinstance(node, ConfigDict) or leaf not in node:
-            raise _unknown(key, list(node.keys()) if isinstance(node, ConfigDict) else [])
-        if isinstance(node[leaf], ConfigDict):
-            raise ConfigError(f"--config.{key} is a section; override its keys one by one")
-        try:
-            node[leaf] = _parse(node[leaf], text, key)
-        except TypeError as e:  # ConfigDict's own type check
-            raise ConfigError(f"--config.{key}: {e}") from None
-        i += 1
 
 
 # ------------------------------------------------------------------------------------------------ values
