@@ -6,6 +6,8 @@ would hide a missing bias or norm in the port.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -120,3 +122,14 @@ def hf_logits(model: Qwen2_5_VLForConditionalGeneration, inputs: dict[str, Any])
 
 def transformers_version_ok() -> bool:
     return transformers.__version__.startswith(TESTED_TRANSFORMERS)
+
+
+def safetensors_in(directory: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in an HF directory, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out

@@ -8,23 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_tiny import build_hf_model, build_inputs, hf_config, hf_logits
+from hf_tiny import build_hf_model, build_inputs, hf_config, hf_logits, safetensors_in
 from viper_jax import checkpoint
 from viper_jax.cli import main as viper
 from viper_jax.convert import load_model
 
 INPUTS = build_inputs([[2, ("image", (1, 4, 8)), 3]], seed=4)
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 @pytest.mark.parametrize("tie,dtype,shard_gb", [(False, "float32", 5.0), (True, "float32", 5.0),
@@ -42,7 +33,7 @@ def test_cli_round_trip_is_bit_exact(tmp_path, tie, dtype, shard_gb):
            "--tokenizer_dir", str(src), "--max_shard_gb", str(shard_gb)])
     out = tmp_path / "out"
 
-    a, b = _tensors(src), _tensors(out)
+    a, b = safetensors_in(src), safetensors_in(out)
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype == torch_dtype, name

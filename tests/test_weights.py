@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 jax = pytest.importorskip("jax")
@@ -22,22 +21,14 @@ from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from hf_tiny import (build_hf_model, build_inputs, flat_hub_config_dict, hf_config, hf_logits,  # noqa: E402
-                     tiny_config_dict)
+                     safetensors_in, tiny_config_dict)
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, load_hf, save_hf  # noqa: E402
 
 INPUTS = build_inputs([[2, ("image", (1, 4, 8)), 3]], seed=4)
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def _assert_bit_exact(a_dir: Path, b_dir: Path) -> None:
-    a, b = _tensors(a_dir), _tensors(b_dir)
+    a, b = safetensors_in(a_dir), safetensors_in(b_dir)
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
@@ -63,7 +54,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_dirs, tmp_path, ke
     _assert_bit_exact(src, out)
     assert json.loads((out / "config.json").read_text())["dtype"] == ("bfloat16" if key == "bf16" else "float32")
     if key == "tied":
-        assert "lm_head.weight" not in _tensors(out)
+        assert "lm_head.weight" not in safetensors_in(out)
     torch_dtype = torch.bfloat16 if key == "bf16" else torch.float32
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, attn_implementation="eager", dtype=torch_dtype)
     back = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager", dtype=torch_dtype)
@@ -130,7 +121,7 @@ def test_config_layouts():
 def _copy_with(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())
-    tensors = {k: v.clone() for k, v in _tensors(src).items()}
+    tensors = {k: v.clone() for k, v in safetensors_in(src).items()}
     edit(tensors)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
@@ -138,7 +129,7 @@ def _copy_with(src: Path, dst: Path, edit) -> Path:
 
 def test_pickle_checkpoint_is_refused(hf_dirs, tmp_path):
     (tmp_path / "config.json").write_text((hf_dirs["fp32"] / "config.json").read_text())
-    torch.save(_tensors(hf_dirs["fp32"]), tmp_path / "pytorch_model.bin")
+    torch.save(safetensors_in(hf_dirs["fp32"]), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin.*safetensors"):
         load_hf(tmp_path)
 
