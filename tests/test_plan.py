@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, TextConfig, VisionConfig, prepare_vision
 from viper_jax.models.qwen2_5_vl.rope_index import get_rope_index
@@ -191,6 +192,36 @@ def test_plan_bytes_shrink_as_fsdp_grows(tiny_plans):
         assert b[name].total < a[name].total, (name, a[name].total, b[name].total)
     # Parameters + gradient accumulator dominate the micro-step's arguments: about 4x smaller with fsdp=4.
     assert b["update micro-step"].argument < 0.5 * a["update micro-step"].argument
+
+
+@needs_libtpu
+def test_vision_segments_are_split_over_the_batch_axes():
+    """The vision tower's padded attention segments (gathered q/k/v, scores) follow the token sharding:
+    with fsdp=4 a chip's temporaries are well under a single chip's (unconstrained, XLA replicated the
+    gathered segments and each chip held more than one chip alone)."""
+    from viper_jax import plan as pl
+    from viper_jax.models.qwen2_5_vl.vision import VisionTower
+    from viper_jax.sharding import logical_to_spec, make_mesh, param_shardings, use_mesh
+
+    cfg = _cfg().vision
+    devices = pl.topology_devices("v5p:2x2x1")
+    vi = prepare_vision(np.asarray([[1, 32, 32]] * 4), cfg)  # 4 images: one full-attention segment per chip
+    abstract = nnx.eval_shape(lambda: VisionTower(cfg, remat="full", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    temps = {}
+    for sizes, devs in (((1, 1, 1), devices[:1]), ((1, 4, 1), devices)):
+        mesh = make_mesh(sizes, devs)
+        params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                              nnx.to_pure_dict(state), param_shardings(abstract, mesh))
+        pixels = jax.ShapeDtypeStruct((vi.patch_perm.shape[0], cfg.patch_dim), jnp.float32,
+                                      sharding=NamedSharding(mesh, logical_to_spec(("vision_tokens", None))))
+
+        def loss(p, x, mesh=mesh):
+            with use_mesh(mesh):
+                return jnp.sum(nnx.merge(graphdef, p)(x, vi) ** 2)
+
+        temps[sizes[1]] = jax.jit(jax.grad(loss)).lower(params, pixels).compile().memory_analysis().temp_size_in_bytes
+    assert temps[4] < 0.5 * temps[1], temps
 
 
 @needs_libtpu

@@ -105,12 +105,21 @@ def prepare_vision(grid_thw: Any, config: VisionConfig) -> VisionInputs:
                         win_slot=wslot, full_gather=fg, full_valid=fv, full_slot=fslot)
 
 
+# The gathered [S, L, H, d] segments: split over segments like the token sequence and over heads like the
+# qkv kernel. Without these, a gather's output carries no sharding and XLA replicates it: every chip then
+# scores every image (a 1280-token image's full-attention segment is [16, 5120, 5120] fp32, 1.7 GB).
+SEGMENTS = ("vision_tokens", None, "heads", None)
+HEADS = ("vision_tokens", "heads", None)
+
+
 def _segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, gather: jax.Array, valid: jax.Array,
                        slot: jax.Array, scale: float) -> jax.Array:
     """q/k/v [N, H, d] -> per-segment attention over the padded [S, L] layout -> [N, H, d]."""
     n, h, d = q.shape
-    out = attend(q[gather][:, :, :, None], k[gather], v[gather], valid[:, None, :], scale)  # [S, L, H, 1, d]
-    return out.reshape(-1, h, d)[slot]
+    q, k, v = (constrain(x[gather], SEGMENTS) for x in (q, k, v))
+    out = attend(q[:, :, :, None], k, v, valid[:, None, :], scale)  # [S, L, H, 1, d]
+    out = constrain(out.reshape(out.shape[0], -1, h, d), SEGMENTS)
+    return constrain(out.reshape(-1, h, d)[slot], HEADS)
 
 
 class VisionAttention(nnx.Module):
