@@ -61,6 +61,7 @@ def test_unknown_key_in_config_file_is_refused(tmp_path):
                                           ("--config.rl.num_minibatches=3", "rl.num_minibatches"),
                                           ("--config.rl.aggregation=sum", "rl.aggregation"),
                                           ("--config.rl.kl_estimator=k4", "rl.kl_estimator"),
+                                          ("--config.model.remat=everything", "model.remat.*offload"),
                                           ("--config.stage_order=('caption_refine','vop')", "stage 'vop'"),
                                           ("--config.stages.visual_ops.data_globs=()", "stages.visual_ops.data_globs")])
 def test_impossible_values_are_refused(tmp_path, flag, culprit):
@@ -68,6 +69,17 @@ def test_impossible_values_are_refused(tmp_path, flag, culprit):
     apply_overrides(c, [flag])
     with pytest.raises(ConfigError, match=culprit.replace("(", r"\(")):
         validate(c)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "offload"])
+def test_every_remat_policy_of_the_model_is_accepted(tmp_path, remat):
+    """The trainer takes every policy layers.remat_policy implements (their gradients agree: test_plan.py)."""
+    from viper_jax.models.qwen2_5_vl.layers import remat_policy
+
+    c = tiny_config(tmp_path, tmp_path)
+    apply_overrides(c, [f"--config.model.remat={remat}"])
+    validate(c)
+    remat_policy(c.model.remat)
 
 
 def test_stage_without_data_is_refused(tmp_path):

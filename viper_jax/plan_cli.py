@@ -25,13 +25,13 @@ def add_plan_args(sub: Any) -> None:
 
 def run_plan(args: Any) -> None:
     from viper_jax.plan import PlanError, format_report, model_config_for, plan  # sets libtpu env first
-    from viper_jax.train.config import ConfigError, apply_overrides, load_config
+    from viper_jax.train.config import REMATS, ConfigError, apply_overrides, load_config
 
     try:
         config = load_config(args.config)
         apply_overrides(config, getattr(args, "overrides", []))
-        if config.model.remat not in ("none", "full", "dots", "offload"):
-            raise ConfigError(f"config model.remat: must be one of none, full, dots, offload")
+        if config.model.remat not in REMATS:  # the one check of validate() a plan needs (no workdir, no data)
+            raise ConfigError(f"config model.remat: must be one of {REMATS}")
         report = plan(config, args.topology, model_config=model_config_for(config, args.model_config),
                       programs=[x.strip() for x in args.programs.split(",") if x.strip()], verbose=True,
                       prompt_len=args.prompt_len, response_len=args.response_len,

@@ -23,7 +23,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "full", "dots")
+# layers.remat_policy: offload keeps what dots keeps, in pinned host memory (frees HBM on TPU; on CPU a copy).
+REMATS = ("none", "full", "dots", "offload")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 # Sections whose keys are free-form (checked elsewhere): prompt overrides by task, stages by name.
 OPEN_SECTIONS = ("data.prompts", "stages")
