@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from viper_jax.rollout.sampling import SamplingConfig, filtered_logits, sample
+from viper_jax.rollout.sampling import SamplingConfig, draw, filtered_logits, sample
 
 PROBS = np.array([0.5, 0.2, 0.15, 0.1, 0.05], np.float32)
 LOGITS = jnp.log(jnp.asarray(PROBS))[None]
@@ -37,6 +37,18 @@ def test_top_p_frequencies_follow_the_renormalised_nucleus():
     tokens, _ = _draw(SamplingConfig(top_p=0.8))
     freq = np.bincount(tokens, minlength=5) / len(tokens)
     np.testing.assert_allclose(freq, np.r_[PROBS[:3] / PROBS[:3].sum(), 0, 0], atol=0.03)
+
+
+def test_inverse_cdf_draw_follows_the_distribution_across_blocks():
+    # 300 tokens = two full 128-token blocks and a partial one; mass in all three, zeros in between.
+    probs = np.zeros(300, np.float32)
+    probs[[3, 127, 128, 200, 299]] = [0.1, 0.25, 0.3, 0.15, 0.2]
+    logits = jnp.log(jnp.asarray(probs))[None]  # -inf where the probability is 0
+    keys = jax.random.split(jax.random.key(5), 20000)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: draw(logits, k)))(keys))[:, 0]
+    freq = np.bincount(tokens, minlength=300) / len(tokens)
+    assert set(np.unique(tokens)) == {3, 127, 128, 200, 299}  # zero-probability tokens never drawn
+    np.testing.assert_allclose(freq, probs, atol=0.012)  # binomial std <= 0.0033 at n=20000
 
 
 def test_top_k_one_equals_greedy():

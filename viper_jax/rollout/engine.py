@@ -89,7 +89,10 @@ def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: Rol
     g = cfg.group_size
     # The group shares one prefill: repeat every per-row tensor G times (rows of a group consecutive).
     last_logits = jnp.repeat(last_logits, g, axis=0)
-    cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
+    # One cache per layer and the layers unrolled (TextModel.layer_list): each step then reads every
+    # layer's weights and cache in place instead of slicing them out of the stacks.
+    layers = model.language_model.layer_list()
+    caches = [{name: jnp.repeat(cache[name][i], g, axis=0) for name in ("k", "v")} for i in range(len(layers))]
     mask = jnp.repeat(mask, g, axis=0)
     next_pos = jnp.repeat(next_pos, g, axis=0)
     rows, n = last_logits.shape[0], cfg.max_new_tokens
@@ -108,13 +111,13 @@ def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: Rol
         return (i < n) & ~jnp.all(done)
 
     def body(state):
-        i, cache, slot_mask, tokens, logprobs, done, lengths, rng = state
+        i, caches, slot_mask, tokens, logprobs, done, lengths, rng = state
         token = tokens[:, i - 1]
         slot = prompt_len + i - 1
         slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((rows, 1), slot_mask.dtype), (0, slot))
         pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, rows, 1))
         embeds = model.language_model.embed(token[:, None])
-        logits, cache = model.forward_with_cache(embeds, pos, slot_mask, cache, slot)
+        logits, caches = model.decode_with_layer_caches(layers, embeds, pos, slot_mask, caches, slot)
         rng, key = jax.random.split(rng)
         tok, lp = sample(logits[:, -1], key, cfg.sampling)
         tok = jnp.where(done, cfg.pad_token_id, tok)
@@ -123,9 +126,9 @@ def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: Rol
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos)
-        return i + 1, cache, slot_mask, tokens, logprobs, done, lengths, rng
+        return i + 1, caches, slot_mask, tokens, logprobs, done, lengths, rng
 
-    state = (jnp.int32(1), cache, slot_mask, tokens, logprobs, done, lengths, rng)
+    state = (jnp.int32(1), caches, slot_mask, tokens, logprobs, done, lengths, rng)
     _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     return tokens, logprobs, lengths
 

@@ -157,3 +157,12 @@ class Qwen2_5_VL(nnx.Module):
         (logits [B, T, V], cache). attention_mask is [B, max_len] over cache slots (see text.py)."""
         hidden, cache = self.language_model(inputs_embeds, position_ids, attention_mask, cache, cache_index)
         return self.logits_from_hidden(hidden), cache
+
+    def decode_with_layer_caches(self, layers: list, inputs_embeds: jax.Array, position_ids: jax.Array,
+                                 attention_mask: jax.Array, caches: list[Cache], cache_index: jax.Array | int
+                                 ) -> tuple[jax.Array, list[Cache]]:
+        """`forward_with_cache` unrolled over `language_model.layer_list()` with one cache per layer
+        (what the rollout's decode loop runs; see TextModel.decode)."""
+        hidden, caches = self.language_model.decode(layers, inputs_embeds, position_ids, attention_mask, caches,
+                                                    cache_index)
+        return self.logits_from_hidden(hidden), caches
