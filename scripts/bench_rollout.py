@@ -35,7 +35,7 @@ def main() -> None:
     hf, path = build_models("sdpa")
     ours = load_hf(path)
     batch = image_batch(args.prompts, args.text_tokens)
-    cfg = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(128, 256), max_cache_len=512,
+    cfg = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(96, 128, 256), max_cache_len=512,
                         eos_token_ids=(), pad_token_id=PAD, group_size=args.samples,
                         sampling=SamplingConfig(temperature=1.0))
     run = lambda seed: generate(ours, batch["input_ids"], batch["attention_mask"], jax.random.key(seed), cfg,

@@ -80,8 +80,9 @@ def _prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_input
     slots = t + cfg.max_new_tokens
     cache = model.init_cache(b, slots, cfg.cache_dtype)
     slot_mask = jnp.concatenate([mask, jnp.zeros((b, cfg.max_new_tokens), mask.dtype)], axis=1)
-    logits, cache = model.forward_with_cache(embeds, positions, slot_mask, cache, 0)
-    return logits[:, -1].astype(jnp.float32), cache
+    hidden, cache = model.language_model(embeds, positions, slot_mask, cache, 0)
+    # lm_head on the last position only: the other T - 1 rows of logits would be discarded.
+    return model.logits_from_hidden(hidden[:, -1]).astype(jnp.float32), cache
 
 
 @nnx.jit(static_argnames=("cfg", "prompt_len"))
