@@ -26,9 +26,10 @@ from flax import nnx
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
 from viper_jax.rl import grpo_loss
-from viper_jax.rollout.engine import RolloutConfig, generate
+from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.sharding import DEFAULT_RULES, use_mesh
-from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices, update_inputs
+from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
+from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
 from viper_jax.train_state import TrainState
 
 
@@ -176,27 +177,29 @@ class GRPOLearner:
 
     def __init__(self, graphdef: Any, state: TrainState, fns: UpdateFns, settings: GRPOSettings,
                  rollout: RolloutConfig, decode: Callable[[np.ndarray, np.ndarray], list[str]],
-                 schedule: optax.Schedule, model_config: Any, ref_params: Any = None):
+                 schedule: optax.Schedule, model_config: Any, ref_params: Any = None,
+                 placement: SingleProcess | MultiProcess | None = None):
         if settings.kl_coef > 0 and ref_params is None:
             raise ValueError("rl.kl_coef > 0 needs the reference parameters")
         self.graphdef, self.state, self.fns, self.s = graphdef, state, fns, settings
         self.rollout_cfg = rollout
         self.decode, self.schedule, self.ref_params = decode, schedule, ref_params
         self.model_config = model_config
+        # Where the batch lives: this host only, or split over JAX processes (grpo_multihost.py).
+        self.place = placement or SingleProcess()
 
     def policy(self) -> Qwen2_5_VL:
         """The current policy as a model sharing the state's parameter buffers (no copy)."""
         return nnx.merge(self.graphdef, self.state.params)
 
     def step(self, batch: dict[str, Any], rng: jax.Array, reward_fn: Callable[..., Any]) -> dict[str, Any]:
-        s, t0 = self.s, time.perf_counter()
+        s, t0, place = self.s, time.perf_counter(), self.place
         model = self.policy()
         grid = batch.get("image_grid_thw")
-        has_images = grid is not None and len(grid) > 0
-        pixels = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])] if has_images else None
+        local_images = grid is not None and len(grid) > 0
+        pixels = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])] if local_images else None
         with use_mesh(self.fns.mesh, self.fns.rules):
-            ro = generate(model, batch["input_ids"], batch["attention_mask"], rng, self.rollout_cfg,
-                          pixel_values=pixels, image_grid_thw=grid if has_images else None)
+            ro, prompt_ids, prompt_mask, has_images = place.rollout(model, batch, pixels, rng, self.rollout_cfg)
         del model
         t1 = time.perf_counter()
         responses = self.decode(ro.tokens, ro.lengths)
@@ -206,29 +209,37 @@ class GRPOLearner:
 
         g = s.group_size
         adv, mask, zero = advantages_and_mask(rewards, ro.lengths, ro.tokens.shape[1], s)
-        rb = RolloutBatch(prompt_ids=np.asarray(batch["input_ids"], np.int32),
-                          prompt_mask=np.asarray(batch["attention_mask"], np.int32), pixel_values=pixels,
-                          image_grid_thw=np.asarray(grid, np.int32) if has_images else None,
+        rb = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, pixel_values=pixels,
+                          image_grid_thw=np.asarray(grid if local_images else np.zeros((0, 3)), np.int32).reshape(-1, 3)
+                          if has_images else None,
                           images_per_prompt=np.asarray(batch.get("images_per_sample", np.zeros(len(batch["input_ids"]))), np.int64),
                           tokens=ro.tokens, resp_mask=mask, advantages=adv,
                           old_logp=np.asarray(ro.logprobs, np.float32) * mask, group_size=g)
         upd = self._update(rb)
         t3 = time.perf_counter()
 
-        lengths = ro.lengths.astype(np.float64)
-        ended = np.isin(ro.tokens[np.arange(len(lengths)), np.maximum(ro.lengths - 1, 0)],
+        ended = np.isin(ro.tokens[np.arange(len(ro.lengths)), np.maximum(ro.lengths - 1, 0)],
                         np.asarray(self.rollout_cfg.eos_token_ids or (-1,)))
-        prompt_tokens = int(np.asarray(batch["attention_mask"]).sum()) * g
+        parts = {name: np.asarray(v) for name, v in (out.as_dict().items() if hasattr(out, "as_dict") else ())
+                 if name != "reward"}
+        if hasattr(out, "format"):
+            parts["_format"] = np.asarray(out.format) > 0
+        # Per-sample values of the whole batch (every process's, in global order, when split).
+        rows = place.gather_rows({"reward": rewards, "length": ro.lengths, "ended": ended, "zero": zero, "adv": adv,
+                                  **{f"part/{k}": v for k, v in parts.items()}})
+        rewards, zero, adv = rows["reward"], rows["zero"], rows["adv"]
+        lengths = rows["length"].astype(np.float64)
+        prompt_tokens = int(place.sum(np.asarray([np.asarray(batch["attention_mask"]).sum()], np.int32))[0]) * g
         metrics: dict[str, Any] = {}
         metrics["reward/mean"], metrics["reward/std"] = _mean_std(rewards)
-        for name, values in out.as_dict().items() if hasattr(out, "as_dict") else ():
-            if name != "reward":
-                metrics[f"reward/{name}"] = float(np.mean(values))
-        if hasattr(out, "format"):
-            metrics["format_rate"] = float(np.mean(np.asarray(out.format) > 0))
+        for name in parts:
+            if name != "_format":
+                metrics[f"reward/{name}"] = float(np.mean(rows[f"part/{name}"]))
+        if "_format" in parts:
+            metrics["format_rate"] = float(np.mean(rows["part/_format"]))
         metrics.update({
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-            "response_length/truncated_rate": float(np.mean(~ended)),
+            "response_length/truncated_rate": float(np.mean(~rows["ended"])),
             "groups/zero_spread_rate": float(zero.reshape(-1, g)[:, 0].mean()),
             "advantage/abs_mean": float(np.abs(adv).mean()),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
@@ -241,49 +252,54 @@ class GRPOLearner:
 
     # -------------------------------------------------------------------------------------------- update
 
-    def _inputs(self, rb: RolloutBatch, ranges: list[list[tuple[int, int]]]) -> list[list[dict]]:
-        return [[update_inputs(rb, a, b, self.model_config) for a, b in mb] for mb in ranges]
-
     def _update(self, rb: RolloutBatch) -> dict[str, float]:
-        s, fns = self.s, self.fns
-        ranges = slices(rb.num_prompts, s.num_minibatches, s.micro_batch_prompts)
-        inputs = self._inputs(rb, ranges)
+        s, fns, place = self.s, self.fns, self.place
+        g = s.group_size
+        # micro_batch_prompts counts prompts over all processes; each process cuts its own share.
+        ranges = slices(rb.num_prompts, s.num_minibatches, s.micro_batch_prompts // place.count)
+        inputs = [[place.micro_inputs(rb, a, b, self.model_config) for a, b in mb] for mb in ranges]
+        flat = [r for mb in ranges for r in mb]
+        # Response tokens and sequences per micro-batch, summed over processes: every process then takes
+        # the same branches below (skips, updates), so the collectives inside the jitted calls line up.
+        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum())) for m in (rb.resp_mask[a * g:b * g] for a, b in flat)]
+        counts = place.sum(np.asarray(local, np.int32).reshape(len(flat), 2)).tolist()
         micros = [mi for mb in inputs for mi in mb]
-        live = [float(mi["resp_mask"].sum()) > 0 for mi in micros]
         # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
         diffs = []
         if s.recompute_old_logprobs or s.kl_coef > 0:
-            for mi, ok in zip(micros, live):
-                if not ok:
+            for (a, b), mi, (tokens, _) in zip(flat, micros, counts):
+                if tokens == 0:
                     continue
                 if s.recompute_old_logprobs:
-                    fresh = np.asarray(fns.logprobs(self.state.params, mi)) * mi["resp_mask"]
+                    fresh = place.to_host(fns.logprobs(self.state.params, mi)) * rb.resp_mask[a * g:b * g]
                     # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
                     # mean the update does not see what the sampler saw (positions, images, dtype).
-                    diffs.append(float(np.abs(fresh - mi["old_logp"]).max()))
-                    mi["old_logp"] = fresh
+                    diffs.append(float(np.abs(fresh - rb.old_logp[a * g:b * g]).max()))
+                    mi["old_logp"] = place.from_host(fresh)
                 if s.kl_coef > 0:
-                    mi["ref_logp"] = np.asarray(fns.logprobs(self.ref_params, mi))
+                    mi["ref_logp"] = place.from_host(place.to_host(fns.logprobs(self.ref_params, mi)))
         sums: dict[str, Any] = {}
         grad_norms, skipped, empty, lrs, processed = [], 0, 0, [], 0
+        first = np.cumsum([0] + [len(mb) for mb in inputs])
         for _ in range(s.ppo_epochs):
-            for mb in inputs:
-                tokens = sum(float(mi["resp_mask"].sum()) for mi in mb)
-                seqs = sum(float((mi["resp_mask"].sum(axis=1) > 0).sum()) for mi in mb)
+            for m, mb in enumerate(inputs):
+                mb_counts = counts[first[m]:first[m + 1]]
+                tokens = sum(float(c[0]) for c in mb_counts)
+                seqs = sum(float(c[1]) for c in mb_counts)
                 if tokens == 0:  # every group dropped: nothing to learn from, no optimizer update
                     empty += 1
                     continue
                 denoms = {"tokens": jnp.float32(tokens), "seqs": jnp.float32(seqs)}
                 acc, loss = None, jnp.float32(0)
-                for mi in mb:
-                    if float(mi["resp_mask"].sum()) == 0:
+                for (a, b), mi, c in zip(ranges[m], mb, mb_counts):
+                    if c[0] == 0:
                         continue
                     if acc is None:
                         acc = fns.zeros(self.state.params)
                     acc, part = fns.accumulate(self.state.params, acc, mi, denoms)
                     loss = loss + part["loss"]
                     sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
-                    processed += mi["tokens"].size + mi["prompt_mask"].sum() * s.group_size
+                    processed += int(rb.tokens[a * g:b * g].size + rb.prompt_mask[a:b].sum() * g)
                 lrs.append(float(self.schedule(int(self.state.step))))
                 self.state, st = fns.apply(self.state, acc, loss)
                 grad_norms.append(st["grad_norm"])
@@ -294,8 +310,10 @@ class GRPOLearner:
                                                               "approx_kl_old", "entropy") if k in sums}
         if "kl" in sums:
             out["update/kl"] = float(sums["kl"]) / count
-        if diffs:
-            out["rollout/logprob_diff_max"] = max(diffs)
+        if s.recompute_old_logprobs:  # the largest gap over every process's micro-batches
+            diff = place.max(max(diffs, default=0.0))
+            if diffs or place.count > 1:
+                out["rollout/logprob_diff_max"] = diff
         updates = len(grad_norms)
         out.update({"update/loss": float(sums.get("loss", 0.0)) / max(updates, 1),
                     "update/pg_loss": float(sums.get("pg_loss", 0.0)) / max(updates, 1),
@@ -303,5 +321,6 @@ class GRPOLearner:
                     "update/lr": float(np.mean(lrs)) if lrs else 0.0, "update/updates": updates,
                     "update/skipped_nonfinite": int(skipped), "update/skipped_empty": empty,
                     "update/total_skipped_nonfinite": int(self.state.skipped),
-                    "update/optimizer_steps": int(self.state.step), "processed_tokens": float(processed)})
+                    "update/optimizer_steps": int(self.state.step),
+                    "processed_tokens": float(place.sum(np.asarray([processed], np.int32))[0])})
         return out

@@ -25,10 +25,15 @@ class ModelMismatchError(ValueError):
 def resolve_model_path(config: ConfigDict, workdir: Path) -> Path:
     """model.path, after writing the tiny model there when model.tiny_init asks for it."""
     path = Path(config.model.path) if config.model.path else workdir / "tiny_model"
-    if config.model.tiny_init and not (path / "config.json").exists():
-        from viper_jax.tiny import write_tiny_model
+    if config.model.tiny_init:
+        if jax.process_index() == 0 and not (path / "config.json").exists():
+            from viper_jax.tiny import write_tiny_model
 
-        write_tiny_model(path, seed=int(config.model.tiny_seed))
+            write_tiny_model(path, seed=int(config.model.tiny_seed))
+        if jax.process_count() > 1:  # the other processes read it only once process 0 has written it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("viper tiny model written")
     if not path.exists():
         raise ConfigError(f"config model.path: {path} does not exist")
     return path
@@ -85,7 +90,8 @@ def check_same_model(ckpt_config: dict[str, Any], model_config: Any, directory: 
 def stage_data_config(config: ConfigDict, name: str, index: int) -> ConfigDict:
     data = ConfigDict(config.data.to_dict())
     data.shard_globs = tuple(config.stages[name].data_globs)
-    data.batch_size = int(config.rl.prompts_per_step)
+    # rl.prompts_per_step is the global batch: each process reads its share of it (its own records).
+    data.batch_size = int(config.rl.prompts_per_step) // jax.process_count()
     data.seed = int(config.data.seed) + index  # each stage its own permutation
     return data
 
@@ -152,3 +158,27 @@ def restore_train_state(ckpt: Any, step: int, optimizer: Any, abstract_params: A
                        params=items[checkpoint.PARAMS], opt_state=items[checkpoint.OPT_STATE],
                        skipped=jax.device_put(jnp.int32(meta["skipped"]), shardings.skipped))
     return state, meta, items[checkpoint.DATA_STATE]
+
+
+def gather_data_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The data iterator state to checkpoint. One process: its state, as always. Several: every
+    process reads its own records, so every process's state is saved, indexed by process (Orbax writes
+    JSON items from process 0 only, so each state must reach it: a small host allgather)."""
+    if jax.process_count() == 1:
+        return state
+    from viper_jax.multihost import allgather_json
+
+    return {"process_count": jax.process_count(), "processes": allgather_json(state)}
+
+
+def own_data_state(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """This process's data iterator state from a checkpoint's `data_state` (see gather_data_state)."""
+    if saved is None:
+        return None
+    n = jax.process_count()
+    written = len(saved["processes"]) if "processes" in saved else 1
+    if written != n:
+        # Process i reads records i, i+n, ... of the shards: positions do not carry over to another n.
+        raise ConfigError(f"the checkpoint's data positions were written by {written} process(es) and this run has "
+                          f"{n}: resume with {written}, or train on in a new workdir from the exported policy")
+    return saved["processes"][jax.process_index()] if "processes" in saved else saved

@@ -7,6 +7,11 @@ latest checkpoint: parameters, optimizer state, step, stage, skip counters and t
 are restored, and step s always samples with fold_in(key(seed), s), so a killed and resumed run
 reproduces an uninterrupted one exactly (on the same mesh and machine).
 
+Several JAX processes (multi-host, the same command on every host): each process reads its own
+records, a step's batch is the global array of every process's prompts (grpo_multihost.py), only
+process 0 logs, and each checkpoint keeps every process's data position (a resume needs the same
+process count).
+
 train_meta (JSON, in each checkpoint): step, stage_index, stage_name, stage_step (steps done in that
 stage), seed, rng (the key data of step `step`'s successor), skipped (non-finite updates).
 """
@@ -26,18 +31,20 @@ from ml_collections import ConfigDict
 
 from viper_jax import checkpoint, distributed
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+from viper_jax.multihost import ProcessBlocks, allgather_json
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
 from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
 from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
 from viper_jax.train.config import ConfigError, validate
+from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import (ModelMismatchError, check_same_model, check_stage_data, load_params,
-                                      make_stage_pipeline, read_model_config, resolve_model_path,
-                                      restore_train_state, stage_check)
+from viper_jax.train.train_io import (ModelMismatchError, check_same_model, check_stage_data, gather_data_state,
+                                      load_params, make_stage_pipeline, own_data_state, read_model_config,
+                                      resolve_model_path, restore_train_state, stage_check)
 from viper_jax.train_state import init_train_state, train_state_shardings
 
 logger = logging.getLogger(__name__)
@@ -65,15 +72,20 @@ def _write_config(workdir: Path, config: ConfigDict) -> None:
     path.write_text(json.dumps(new, indent=2) + "\n")
 
 
+def _batch_log(batch: dict[str, Any], pipeline: Any, placement: MultiProcess | None) -> tuple[list[str], int, int]:
+    """(record ids of the global batch in its order, records seen, records skipped): with several
+    processes, every process's, through one small allgather, so process 0 logs the whole step."""
+    mine = {"ids": [str(i) for i in batch["id"]], "seen": pipeline.stats.seen, "skipped": pipeline.stats.num_skipped}
+    every = [mine] if placement is None else placement.blocks.in_order(allgather_json(mine))
+    return [i for e in every for i in e["ids"]], sum(e["seen"] for e in every), sum(e["skipped"] for e in every)
+
+
 def train(config: ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) the configured stages; returns the last step's metrics plus `step`."""
     validate(config)
     check_stage_data(config)
     distributed.initialize_from_config(config.distributed)
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"{jax.process_count()} processes: the rollout engine takes host NumPy batches and fetches results "
-            "to one host, so multi-host GRPO is not supported yet; use one process per machine")
+    distributed.quiet_non_main_logging()
     main = distributed.is_main_process()
     workdir = Path(config.workdir).absolute()
     if main:
@@ -94,6 +106,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
     mesh = mesh_from_config(config.mesh)
     rules = rules_from_config(config.sharding_rules)
     p_sh = param_shardings(abstract, mesh, rules)
+    placement = None
+    if jax.process_count() > 1:  # every process keeps its own prompts; refused here if the mesh cannot do that
+        blocks = ProcessBlocks.of(mesh, rules)
+        check_split(config.rl, blocks)
+        placement = MultiProcess(blocks)
 
     stage_ends = _stage_ends(config)
     total_steps = stage_ends[-1]
@@ -111,6 +128,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     else:
         check_same_model(ckpt.restore_json(latest), model_cfg, ckpt.directory, latest, model_path)
         state, meta, data_state = restore_train_state(ckpt, latest, optimizer, abstract_params, shardings)
+        data_state = own_data_state(data_state)
         if meta["stage_index"] >= len(config.stage_order) or \
                 config.stage_order[meta["stage_index"]] != meta["stage_name"]:
             raise ConfigError(f"checkpoint step {latest} is in stage {meta['stage_name']!r} (#{meta['stage_index']}), "
@@ -132,7 +150,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
     learner = GRPOLearner(graphdef, state, UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules),
-                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params)
+                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, placement)
 
     # ---------------------------------------------------------------------------------------- stages
     step = int(meta["step"])
@@ -160,11 +178,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
                     stage_check(name, stage.task, batch)
                     metrics = learner.step(batch, jax.random.fold_in(base_key, step), reward_fn)
                     step += 1
-                    metrics.update({"stage_index": index, "data/seen": pipeline.stats.seen,
-                                    "data/skipped": pipeline.stats.num_skipped})
+                    ids, seen, skipped = _batch_log(batch, pipeline, placement)
+                    metrics.update({"stage_index": index, "data/seen": seen, "data/skipped": skipped})
                     extra = {"stage": name, "stage_step": stage_step}
                     if config.logging.record_ids:
-                        extra["record_ids"] = [str(i) for i in batch["id"]]
+                        extra["record_ids"] = ids
                     log.write(step, metrics, extra)
                     if step % config.checkpoint.every_steps == 0 or stage_step == stage.steps:
                         meta = {"step": step, "stage_index": index, "stage_name": name, "stage_step": stage_step,
@@ -172,7 +190,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
                                 "skipped": int(learner.state.skipped),
                                 "rng": np.asarray(jax.random.key_data(jax.random.fold_in(base_key, step))).tolist()}
                         ckpt.save(step, params=learner.state.params, opt_state=learner.state.opt_state,
-                                  model_config=model_cfg.to_hf_dict(), meta=meta, data_state=pipeline.get_state())
+                                  model_config=model_cfg.to_hf_dict(), meta=meta,
+                                  data_state=gather_data_state(pipeline.get_state()))
             finally:
                 pipeline.close()
             if main:
