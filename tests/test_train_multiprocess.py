@@ -245,7 +245,7 @@ def test_one_process_blocks_and_the_refusals():
     check_split(rl, two)
 
 
-@pytest.mark.slow  # about 3 minutes here: three `viper train` launches, two of them two processes
+@pytest.mark.slow  # 3 to 5 minutes here: three `viper train` launches, two of them two processes
 def test_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     multi_data, ref_data = tmp_path / "data_multi", tmp_path / "data_ref"
     _write(multi_data, {task: list(range(PER_TASK)) for task in STEPS})
