@@ -12,6 +12,7 @@ from flax import nnx
 
 from grpo_tiny import compilation_cache, tiny_config
 from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf
+from viper_jax.models.qwen2_5_vl.rope_index import mm_token_types
 from viper_jax.tiny import write_tiny_model, write_tiny_records
 
 
@@ -62,7 +63,11 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     full_mask = np.concatenate([np.repeat(batch["attention_mask"], g, 0), mask.astype(np.int32)], 1)
     per_prompt = np.split(batch["image_grid_thw"], np.cumsum(batch["images_per_sample"])[:-1])
     grids = np.concatenate([grid for grid in per_prompt for _ in range(g)])
-    expected, _ = get_rope_index(full_ids, full_mask, grids, None, None, model.config)
+    # A sampled response can contain a placeholder id (the tiny model samples the whole vocabulary):
+    # it is text there, as the processor's mm_token_type_ids say; only the prompt's placeholders are images.
+    types = np.concatenate([np.repeat(mm_token_types(batch["input_ids"], model.config), g, 0),
+                            np.zeros_like(ro.tokens, np.int32)], 1)
+    expected, _ = get_rope_index(full_ids, full_mask, grids, None, None, model.config, types)
     ours = full_positions(prompt_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
                                           model.config), n, g)
     valid = full_mask.astype(bool)
