@@ -18,7 +18,7 @@ buffer assignment for that chip; it refuses programs larger than HBM), plus what
 an argument (the optimizer state while the update's micro-steps and the rollout run), against the
 chip's HBM.
 
-FLOPs are analytic (`model_flops` below, the matmuls and attention as this implementation runs them,
+FLOPs are analytic (`plan_model.py`, the matmuls and attention as this implementation runs them,
 e.g. attention over all T keys, padded vision segments); XLA's `cost_analysis()` is printed beside them
 but counts a scanned (while-loop) layer body once, so it is far below the true count for a scanned model.
 Model FLOPs = 3 x forward for a training step; hardware FLOPs add the remat recompute. The time of a
@@ -29,18 +29,9 @@ row running to the limit), old-log-prob recomputation and the update; MFU = mode
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
-
-# Before jax/libtpu load: libtpu otherwise asks GCE metadata and warns about missing TPU variables, and
-# refuses to load while another process on the machine holds /tmp/libtpu_lockfile (no TPU is used here).
-for _k, _v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-               ("TF_CPP_MIN_LOG_LEVEL", "2"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(_k, _v)
 
 import jax
 import jax.numpy as jnp
@@ -48,311 +39,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-GiB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    name: str
-    hbm_bytes: int          # per chip
-    peak_bf16_flops: float  # per chip, dense bf16
-    hbm_bandwidth: float    # bytes/s per chip
-
-
-# Per-chip figures from the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e,
-# /v5p, /v6e), as listed there on 2025-2026; HBM sizes as the pages give them (GiB).
-CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec("TPU v4", 32 * GiB, 275e12, 1228e9),     # docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1228 GB/s
-    "v5e": ChipSpec("TPU v5e", 16 * GiB, 197e12, 819e9),    # docs/v5e: 16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s
-    "v5p": ChipSpec("TPU v5p", 95 * GiB, 459e12, 2765e9),   # docs/v5p: 95 GiB HBM2e, 459 TFLOP/s bf16, 2765 GB/s
-    "v6e": ChipSpec("TPU v6e", 32 * GiB, 918e12, 1640e9),   # docs/v6e: 32 GiB HBM, 918 TFLOP/s bf16, 1640 GB/s
-}
-# Names a topology may use for the same chip (`v5litepod-16` style).
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
-
-# Hub config.json values (shared/reference/qwen2_5_vl_grpo_diffusers.md A1), so the released models can be
-# planned without their weights or config file. Keyed by the model directory's name.
-HUB_CONFIGS: dict[str, dict[str, Any]] = {
-    "Qwen2.5-VL-7B-Instruct": dict(
-        model_type="qwen2_5_vl", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=128000,
-        vocab_size=152064, tie_word_embeddings=False,
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2)),
-    "Qwen2.5-VL-3B-Instruct": dict(
-        model_type="qwen2_5_vl", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-        num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=128000,
-        vocab_size=151936, tie_word_embeddings=True,
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2)),
-}
-
+# plan_chips first: it sets libtpu's environment before anything can load libtpu. The names below are the
+# public API of `viper_jax.plan`, wherever they live.
+from viper_jax.plan_chips import (CHIPS, HUB_CONFIGS, ChipSpec, GiB, PlanError, chip_spec, chips_in,  # noqa: F401
+                                  topology_devices)
+from viper_jax.plan_model import (Shapes, default_shapes, image_grid, model_config_for, remat_extra,  # noqa: F401
+                                  text_forward_flops, vision_forward_flops)
+from viper_jax.plan_report import PlanReport, ProgramReport, format_report  # noqa: F401
 
 # --programs names: groups, and the four compiled programs.
 PROGRAM_GROUPS = {"update": ("micro", "apply"), "rollout": ("prefill", "decode"),
                   "all": ("micro", "apply", "prefill", "decode")}
-
-
-class PlanError(ValueError):
-    """A plan that cannot be made (bad topology, shapes that do not divide, ...)."""
-
-
-# ------------------------------------------------------------------------------------------------ target
-
-def chip_spec(topology: str) -> ChipSpec:
-    kind = topology.split(":")[0].split("-")[0].lower()
-    kind = _ALIASES.get(kind, kind)
-    if kind not in CHIPS:
-        raise PlanError(f"topology {topology!r}: unknown chip {kind!r}; known: {sorted(CHIPS)}")
-    return CHIPS[kind]
-
-
-def topology_devices(topology: str) -> list[Any]:
-    """The abstract devices of a TPU slice, e.g. "v5p:4x4x4" (64 chips = v5p-128: v5p-N counts TensorCores,
-    2 per chip) or "v5e:4x4" (v5e-16). Needs libtpu."""
-    try:
-        from jax.experimental import topologies
-
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # noqa: BLE001  (libtpu missing, or an unknown name)
-        raise PlanError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}); it needs libtpu "
-                        f"(pip install 'viper-jax[tpu]') and a name like v5e:4x4, v5p:4x4x4, v6e:4x4") from None
-    return list(topo.devices)
-
-
-def chips_in(topology: str, num_devices: int) -> int:
-    dims = topology.split(":", 1)[1] if ":" in topology else ""
-    try:
-        return math.prod(int(x) for x in dims.split("x"))
-    except ValueError:
-        return num_devices
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-def model_config_for(config: Any, model_config: str | None = None):
-    """The Qwen2.5-VL config to plan: an explicit config.json (or HF directory), model.path's config.json
-    when it exists, the hub values for a released model's directory name, or the tiny CPU model."""
-    import json
-
-    from viper_jax.models.qwen2_5_vl import Qwen2_5_VLConfig
-
-    if model_config:
-        p = Path(model_config)
-        p = p / "config.json" if p.is_dir() else p
-        return Qwen2_5_VLConfig.from_hf_dict(json.loads(p.read_text()))
-    path = Path(config.model.path) if config.model.path else None
-    if path is not None and (path / "config.json").is_file():
-        return Qwen2_5_VLConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-    if path is not None and path.name in HUB_CONFIGS:
-        return Qwen2_5_VLConfig.from_hf_dict(HUB_CONFIGS[path.name])
-    if config.model.tiny_init:
-        from viper_common.tiny_tokenizer import build_tiny_tokenizer
-        from viper_jax.tiny import tiny_model_config
-
-        return tiny_model_config(build_tiny_tokenizer())
-    raise PlanError(f"no model config: model.path {config.model.path!r} has no config.json and is not one of "
-                    f"{sorted(HUB_CONFIGS)}; pass --model_config PATH/config.json")
-
-
-def image_grid(tokens: int) -> tuple[int, int, int]:
-    """(t, h, w) patches of one image with `tokens` merged tokens (h, w even, as near square as possible)."""
-    a = max(d for d in range(1, int(math.isqrt(tokens)) + 1) if tokens % d == 0)
-    return (1, 2 * a, 2 * (tokens // a))
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-    """The static shapes one GRPO step compiles for."""
-
-    prompt_len: int         # Tp: the prompt bucket (left-padded)
-    response_len: int       # N: rollout.max_new_tokens
-    images_per_prompt: int
-    image_tokens: int       # merged tokens per image (patches = 4x)
-    rollout_prompts: int    # B: prompts per rollout (rl.prompts_per_step)
-    micro_prompts: int      # b: prompts per forward/backward
-    group_size: int         # G
-
-    @property
-    def patches_per_prompt(self) -> int:
-        return self.images_per_prompt * math.prod(image_grid(self.image_tokens)) if self.image_tokens else 0
-
-
-def default_shapes(config: Any, **override: int | None) -> Shapes:
-    rl = config.rl
-    per_minibatch = rl.prompts_per_step // rl.num_minibatches
-    prompt_len = override.get("prompt_len") or max(config.data.length_buckets)
-    images = override.get("images_per_prompt")
-    images = 2 if images is None else images  # visual_ops: the original and the edited image
-    tokens = override.get("image_tokens")
-    if tokens is None:  # the largest image the processor makes, shrunk so the images fit the prompt
-        tokens = config.data.max_pixels // (28 * 28)
-        if images:
-            tokens = min(tokens, max(1, (prompt_len - 64) // images))
-    if images * tokens >= prompt_len:
-        raise PlanError(f"{images} images of {tokens} tokens do not fit a prompt of {prompt_len} tokens")
-    return Shapes(prompt_len=prompt_len, response_len=override.get("response_len") or config.rollout.max_new_tokens,
-                  images_per_prompt=images if tokens else 0, image_tokens=tokens if images else 0,
-                  rollout_prompts=override.get("rollout_prompts") or rl.prompts_per_step,
-                  micro_prompts=rl.micro_batch_prompts or per_minibatch, group_size=rl.group_size)
-
-
-# ------------------------------------------------------------------------------------------------ FLOPs
-
-def _text_layer_matmul_params(t: Any) -> int:
-    d, hd = t.hidden_size, t.head_dim
-    return d * t.num_attention_heads * hd * 2 + 2 * d * t.num_key_value_heads * hd + 3 * d * t.intermediate_size
-
-
-def text_forward_flops(t: Any, rows: int, length: int, keys: int, lm_tokens: int) -> float:
-    """Decoder forward: weight matmuls, attention over `keys` slots (all of them, as implemented: masked, not
-    skipped), and the lm_head over `lm_tokens` positions."""
-    per_layer = 2 * rows * length * _text_layer_matmul_params(t) + 4 * rows * length * keys * t.num_attention_heads * t.head_dim
-    return t.num_hidden_layers * per_layer + 2 * lm_tokens * t.hidden_size * t.vocab_size
-
-
-def vision_forward_flops(v: Any, vi: Any) -> float:
-    """Vision tower forward for the patches of `vi` (VisionInputs or their shapes), padded segments as run."""
-    if vi is None:
-        return 0.0
-    n = vi.patch_perm.shape[0]
-    d = v.hidden_size
-    sw, lw = vi.win_gather.shape
-    sf, lf = vi.full_gather.shape
-    n_full = len(v.fullatt_block_indexes)
-    blocks = v.depth * 2 * n * (4 * d * d + 3 * d * v.intermediate_size)
-    attn = (v.depth - n_full) * 4 * sw * lw * lw * d + n_full * 4 * sf * lf * lf * d
-    wide = d * v.spatial_merge_size**2
-    merger = 2 * (n // v.spatial_merge_size**2) * (wide * wide + wide * v.out_hidden_size)
-    return blocks + attn + merger + 2 * n * v.patch_dim * d
-
-
-def remat_extra(remat: str) -> float:
-    """Extra forward passes (hardware, not model, FLOPs) a training step pays for its remat policy:
-    full recomputes the layers' forward; dots/offload keep the weight matmuls and recompute the rest
-    (attention's batched einsums, elementwise): counted as 0.1 of a forward, a rough share."""
-    return {"none": 0.0, "full": 1.0, "dots": 0.1, "offload": 0.1}[remat]
-
-
-# ------------------------------------------------------------------------------------------------ reports
-
-@dataclasses.dataclass
-class ProgramReport:
-    name: str
-    per_step: float = 1.0     # how many times one GRPO step runs it
-    argument: int = 0
-    output: int = 0
-    alias: int = 0
-    temp: int = 0
-    code: int = 0
-    host_temp: int = 0        # offloaded activations (pinned host memory)
-    resident: int = 0         # live on the chip but not an argument (e.g. optimizer state)
-    xla_flops: float = 0.0    # cost_analysis, per chip, scanned bodies counted once
-    model_flops: float = 0.0  # analytic, whole program, all chips
-    hw_flops: float = 0.0     # analytic incl. remat recompute and batch padding, all chips
-    hbm_traffic: float = 0.0  # analytic lower bound, bytes per chip (memory-bound programs only)
-    seconds: float = 0.0      # roofline lower bound
-    compile_s: float = 0.0
-    error: str = ""
-
-    @property
-    def total(self) -> int:
-        """Peak bytes on one chip while the program runs: its buffers plus what stays resident."""
-        return self.argument + self.output - self.alias + self.temp + self.code + self.resident
-
-
-@dataclasses.dataclass
-class PlanReport:
-    topology: str
-    chip: ChipSpec
-    num_devices: int
-    chips: int
-    mesh: dict[str, int]
-    settings: dict[str, Any]
-    shapes: Shapes
-    programs: list[ProgramReport]
-    notes: list[str]
-
-    @property
-    def hbm_per_device(self) -> int:
-        return self.chip.hbm_bytes * self.chips // self.num_devices
-
-    @property
-    def peak_per_device(self) -> float:
-        return self.chip.peak_bf16_flops * self.chips / self.num_devices
-
-    @property
-    def fits(self) -> bool:
-        return all(not p.error and p.total <= self.hbm_per_device for p in self.programs)
-
-    @property
-    def step_seconds(self) -> float:
-        return sum(p.seconds * p.per_step for p in self.programs)
-
-    @property
-    def step_model_flops(self) -> float:
-        return sum(p.model_flops * p.per_step for p in self.programs)
-
-    @property
-    def mfu(self) -> float:
-        t = self.step_seconds
-        return self.step_model_flops / (t * self.peak_per_device * self.num_devices) if t else 0.0
-
-    def peak_bytes(self) -> int:
-        return max((p.total for p in self.programs if not p.error), default=0)
-
-    def problems(self) -> list[str]:
-        out = []
-        for p in self.programs:
-            if p.error:
-                out.append(f"{p.name}: {p.error}")
-            elif p.total > self.hbm_per_device:
-                out.append(f"{p.name} needs {_gib(p.total)} per chip, more than the {_gib(self.hbm_per_device)} "
-                           f"of HBM of a {self.chip.name} chip")
-        return out
-
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.2f} GiB"
-
-
-def _fl(x: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if x >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.3g} FLOP"
-
-
-def format_report(r: PlanReport) -> str:
-    s = r.shapes
-    lines = [f"viper plan: {r.topology} = {r.chips} x {r.chip.name} ({r.num_devices} devices), "
-             f"HBM {_gib(r.hbm_per_device)}/device, peak {r.peak_per_device / 1e12:.0f} TFLOP/s bf16/device",
-             f"  mesh {r.mesh}; " + ", ".join(f"{k}={v}" for k, v in r.settings.items()),
-             f"  shapes: rollout {s.rollout_prompts} prompts x G={s.group_size}, micro-batch {s.micro_prompts} prompts "
-             f"({s.micro_prompts * s.group_size} rows), prompt {s.prompt_len} + response {s.response_len} tokens, "
-             + (f"{s.images_per_prompt} image(s) x {s.image_tokens} tokens per prompt" if s.images_per_prompt
-                  else "text only")]
-    head = (f"  {'program':<22}{'x/step':>7}{'args':>11}{'outputs':>11}{'alias':>11}{'temps':>11}{'resident':>11}"
-            f"{'total':>11}{'/HBM':>6}  {'model FLOPs':>12}{'XLA FLOPs/chip':>16}{'est. time':>11}")
-    lines += ["  per chip (GiB):", head]
-    g = lambda x: f"{x / GiB:>11.2f}"
-    for p in r.programs:
-        if p.error:
-            lines.append(f"  {p.name:<22}{p.per_step:>7g}  DOES NOT COMPILE: {p.error}")
-            continue
-        lines.append(f"  {p.name:<22}{p.per_step:>7g}{g(p.argument)}{g(p.output)}{g(p.alias)}{g(p.temp)}{g(p.resident)}"
-                     f"{g(p.total)}{100 * p.total / r.hbm_per_device:>5.0f}%  {_fl(p.model_flops):>12}"
-                     f"{_fl(p.xla_flops):>16}{p.seconds * 1e3:>9.1f}ms")
-        if p.host_temp:
-            lines.append(f"  {'':<22}  + {_gib(p.host_temp)} of offloaded activations in host memory")
-    lines.append(f"  GRPO step: {_fl(r.step_model_flops)} model FLOPs, estimated >= {r.step_seconds:.1f} s "
-                 f"(roofline, no communication), MFU <= {100 * r.mfu:.1f}%; peak {_gib(r.peak_bytes())} per device")
-    lines += [f"  note: {n}" for n in r.notes]
-    problems = r.problems()
-    lines.append("  FITS" if not problems else "  DOES NOT FIT:\n" + "\n".join(f"    - {p}" for p in problems))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ compile
@@ -424,8 +121,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, prepare_vision
     from viper_jax.rollout.engine import RolloutConfig, _prefill
     from viper_jax.rollout.sampling import SamplingConfig, sample
-    from viper_jax.sharding import (batch_sharding, logical_to_spec, mesh_from_config, param_shardings,
-                                    rules_from_config, use_mesh)
+    from viper_jax.sharding import (batch_sharding, check_divisible, logical_to_spec, mesh_from_config,
+                                    param_shardings, rules_from_config, use_mesh)
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
     from viper_jax.train_state import TrainState, train_state_shardings
@@ -566,8 +263,6 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
                 return _prefill.fun(nnx.merge(graphdef, params), ids, mask, positions, pixel_values, vision_inputs, rcfg)
 
         shape_c = jax.eval_shape(lambda: abstract.init_cache(b, slots, cache_dtype))["k"].shape
-        from viper_jax.sharding import check_divisible
-
         try:
             check_divisible("kv cache", shape_c, cache_spec, mesh)
         except ValueError as e:
@@ -579,36 +274,43 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         if "prefill" in wanted:
             _compile(p, lambda: jax.jit(prefill, out_shardings=(p_rows if p_rows.spec else replicated,
                                                                 {"k": cache_sh, "v": cache_sh})).lower(*args), verbose)
-            # As implemented: logits for every prompt position, then the last one is kept.
-            p.model_flops = p.hw_flops = text_forward_flops(t, b, s.prompt_len, slots, b * s.prompt_len) + \
-                vision_forward_flops(v, vi)
+            # The lm_head runs on the last prompt position only (the first sampled token's logits).
+            p.model_flops = p.hw_flops = text_forward_flops(t, b, s.prompt_len, slots, b) + vision_forward_flops(v, vi)
             p.hw_flops *= padding(b)
             reports.append(p)
 
         d_rows = rows_sharding(rows, "rollout rows (prompts x G)")
         d_rows2 = NamedSharding(mesh, P(*d_rows.spec, None)) if d_rows.spec else replicated
 
-        def decode_step(params, cache, token, slot_mask, pos, slot, key_data):
+        def decode_step(params, caches, token, slot_mask, pos, slot, key_data):
+            # One iteration of the engine's `_decode` loop: the layers unrolled over one cache per layer
+            # (TextModel.layer_list / decode_with_layer_caches), then sampling.
             model = nnx.merge(graphdef, params)
             with use_mesh(mesh, rules):
+                layers = model.language_model.layer_list()
                 embeds = model.language_model.embed(token[:, None])
-                logits, cache = model.forward_with_cache(embeds, pos, slot_mask, cache, slot)
+                logits, caches = model.decode_with_layer_caches(layers, embeds, pos, slot_mask, caches, slot)
                 tok, lp = sample(logits[:, -1], jax.random.wrap_key_data(key_data), sampling)
-            return tok, lp, cache
+            return tok, lp, caches
 
-        dcache = _sds(jax.eval_shape(lambda: abstract.init_cache(rows, slots, cache_dtype))["k"].shape, cache_dtype,
-                      cache_sh)
+        dshape = jax.eval_shape(lambda: abstract.init_cache(rows, slots, cache_dtype))["k"].shape
         try:
-            check_divisible("decode kv cache", dcache.shape, cache_spec, mesh)
+            check_divisible("decode kv cache", dshape, cache_spec, mesh)
         except ValueError as e:
             raise PlanError(str(e)) from None
-        d = ProgramReport("rollout decode step", per_step=s.response_len - 1, resident=opt_bytes)
-        dargs = (master, {"k": dcache, "v": dcache}, _sds((rows,), jnp.int32, d_rows),
+        layer_sh = NamedSharding(mesh, P(*tuple(cache_spec)[1:]))  # the stacked layout without its layers axis
+        caches = [{"k": _sds(dshape[1:], cache_dtype, layer_sh), "v": _sds(dshape[1:], cache_dtype, layer_sh)}
+                  for _ in range(dshape[0])]
+        # `_decode` holds the prefill's cache (its argument) while the loop runs over the G-times repeated copies.
+        prefill_cache = 2 * _nbytes(_sds(shape_c, cache_dtype, cache_sh))
+        d = ProgramReport("rollout decode step", per_step=s.response_len - 1, resident=opt_bytes + prefill_cache)
+        dargs = (master, caches, _sds((rows,), jnp.int32, d_rows),
                  _sds((rows, slots), jnp.int32, d_rows2),
                  _sds((3, rows, 1), jnp.int32, NamedSharding(mesh, P(None, *d_rows.spec)) if d_rows.spec else replicated),
                  _sds((), jnp.int32, replicated), _sds((2,), jnp.uint32, replicated))
         if "decode" in wanted:
-            _compile(d, lambda: jax.jit(decode_step, out_shardings=(d_rows, d_rows, {"k": cache_sh, "v": cache_sh}),
+            out_caches = [{"k": layer_sh, "v": layer_sh}] * len(caches)
+            _compile(d, lambda: jax.jit(decode_step, out_shardings=(d_rows, d_rows, out_caches),
                                         donate_argnums=(1,)).lower(*dargs), verbose)
             d.model_flops = d.hw_flops = text_forward_flops(t, rows, 1, slots, rows)
             d.hw_flops *= padding(rows)
@@ -616,7 +318,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
             # the compute dtype, its fp32 shard, and its slice of the cache.
             gathered = sum(math.prod(x.shape) / _parts(sh, mesh, exclude=batch_axes)
                            for x, sh in zip(jax.tree.leaves(master), jax.tree.leaves(shardings.params)))
-            d.hbm_traffic = gathered * jnp.dtype(dtype).itemsize + _nbytes(master) + 2 * _nbytes(dcache)
+            d.hbm_traffic = gathered * jnp.dtype(dtype).itemsize + _nbytes(master) + _nbytes(caches)
             reports.append(d)
 
     peak = chip.peak_bf16_flops * chips / len(devices)
