@@ -7,9 +7,6 @@ remat tests run on the CPU backend in fp32.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -198,7 +195,8 @@ def test_plan_bytes_shrink_as_fsdp_grows(tiny_plans):
 def test_vision_segments_are_split_over_the_batch_axes():
     """The vision tower's padded attention segments (gathered q/k/v, scores) follow the token sharding:
     with fsdp=4 a chip's temporaries are well under a single chip's (unconstrained, XLA replicated the
-    gathered segments and each chip held more than one chip alone)."""
+    gathered segments and each chip held more than one chip alone). The forward (the rollout's prefill
+    runs it) is enough to show the layout and compiles in half the time of the gradient."""
     from viper_jax import plan as pl
     from viper_jax.models.qwen2_5_vl.vision import VisionTower
     from viper_jax.sharding import logical_to_spec, make_mesh, param_shardings, use_mesh
@@ -206,7 +204,7 @@ def test_vision_segments_are_split_over_the_batch_axes():
     cfg = _cfg().vision
     devices = pl.topology_devices("v5p:2x2x1")
     vi = prepare_vision(np.asarray([[1, 32, 32]] * 4), cfg)  # 4 images: one full-attention segment per chip
-    abstract = nnx.eval_shape(lambda: VisionTower(cfg, remat="full", rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     temps = {}
     for sizes, devs in (((1, 1, 1), devices[:1]), ((1, 4, 1), devices)):
@@ -216,11 +214,11 @@ def test_vision_segments_are_split_over_the_batch_axes():
         pixels = jax.ShapeDtypeStruct((vi.patch_perm.shape[0], cfg.patch_dim), jnp.float32,
                                       sharding=NamedSharding(mesh, logical_to_spec(("vision_tokens", None))))
 
-        def loss(p, x, mesh=mesh):
+        def forward(p, x, mesh=mesh):
             with use_mesh(mesh):
-                return jnp.sum(nnx.merge(graphdef, p)(x, vi) ** 2)
+                return nnx.merge(graphdef, p)(x, vi)
 
-        temps[sizes[1]] = jax.jit(jax.grad(loss)).lower(params, pixels).compile().memory_analysis().temp_size_in_bytes
+        temps[sizes[1]] = jax.jit(forward).lower(params, pixels).compile().memory_analysis().temp_size_in_bytes
     assert temps[4] < 0.5 * temps[1], temps
 
 
@@ -236,17 +234,19 @@ def test_offload_policy_compiles_for_tpu():
 
 
 @needs_libtpu
-def test_plan_refuses_a_config_that_does_not_fit():
-    """A rollout whose KV cache alone exceeds a v5e chip's 16 GiB: non-zero exit, the reason in the message."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "viper_jax", "plan", "--config", str(ROOT / "configs" / "tiny.py"),
-           "--topology", "v5e:2x2", "--programs", "decode", "--prompt_len", "8192", "--response_len", "8192",
-           "--images_per_prompt", "0", "--rollout_prompts", "4096", "--config.rl.group_size=4",
-           "--config.rl.prompts_per_step=4096"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert out.returncode == 1, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    assert "does not fit v5e:2x2" in out.stderr, out.stderr[-2000:]
-    assert "DOES NOT FIT" in out.stdout and "rollout decode step" in out.stdout, out.stdout[-2000:]
+def test_plan_refuses_a_config_that_does_not_fit(capsys):
+    """A rollout whose KV cache alone exceeds a v5e chip's 16 GiB: exit status 1, the reason in the message
+    (the command line in-process: a subprocess would pay jax's import and libtpu's start again)."""
+    from viper_jax.cli import main as viper
+
+    with pytest.raises(SystemExit) as exit_:
+        viper(["plan", "--config", str(ROOT / "configs" / "tiny.py"), "--topology", "v5e:2x2", "--programs", "decode",
+               "--prompt_len", "8192", "--response_len", "8192", "--images_per_prompt", "0", "--rollout_prompts",
+               "4096", "--config.rl.group_size=4", "--config.rl.prompts_per_step=4096"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 1, (exit_.value.code, out.out[-2000:], out.err[-2000:])
+    assert "does not fit v5e:2x2" in out.err, out.err[-2000:]
+    assert "DOES NOT FIT" in out.out and "rollout decode step" in out.out, out.out[-2000:]
 
 
 @needs_libtpu
