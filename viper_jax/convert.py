@@ -31,14 +31,15 @@ def hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "float32", ste
 
 
 def load_orbax(ckpt: str | Path, step: int | None = None, dtype: Any = jnp.float32, shardings: Any = None,
-               remat: str = "none") -> Qwen2_5_VL:
+               remat: str = "none", scan_layers: bool = True) -> Qwen2_5_VL:
     """Qwen2_5_VL from an Orbax checkpoint (converted or trained), parameters in their saved dtype.
 
     shardings: a pure-dict pytree of Shardings matching the parameters (restores straight onto a mesh).
     """
     cfg_dict, step = checkpoint.restore_model_config(ckpt, step)
     cfg = Qwen2_5_VLConfig.from_hf_dict(cfg_dict)
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers,
+                                                 rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = None
     if shardings is not None:

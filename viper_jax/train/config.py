@@ -46,6 +46,9 @@ def base_config() -> ConfigDict:
     c.model.tokenizer_path = ""  # default: model.path
     c.model.dtype = "float32"  # compute dtype; master weights and optimizer state are always fp32
     c.model.remat = "none"
+    # Layers under one lax.scan (compile time flat in depth: real models); False unrolls them, ~6% faster
+    # steps for small models on CPU, compile time linear in depth.
+    c.model.scan_layers = True
     # Write a random-init tiny Qwen2.5-VL (+ byte-level tokenizer) to model.path, or <workdir>/tiny_model
     # when model.path is empty, if no model is there yet (CPU demo and tests).
     c.model.tiny_init = False

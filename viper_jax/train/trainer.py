@@ -100,7 +100,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
     model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(model_path))
     dtype = DTYPES[config.model.dtype]
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
-                                                 remat=config.model.remat, rngs=nnx.Rngs(0)))
+                                                 remat=config.model.remat, scan_layers=config.model.scan_layers,
+                                                 rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     abstract_params = nnx.to_pure_dict(abstract_state)
     mesh = mesh_from_config(config.mesh)

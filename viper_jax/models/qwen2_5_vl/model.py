@@ -53,15 +53,18 @@ class Qwen2_5_VL(nnx.Module):
     """Parameters: `visual.*` (vision tower), `language_model.*` (decoder), `lm_head.kernel` unless tied.
 
     dtype is the compute dtype, param_dtype the storage dtype; norms, rotary tables and softmax run in
-    fp32 as HF does. remat ("none" | "full" | "dots") wraps the scanned layer bodies.
+    fp32 as HF does. remat ("none" | "full" | "dots" | "offload") wraps the layer bodies; scan_layers=False
+    runs the stacked layers as an unrolled loop (faster steps for small models, compile time grows with depth).
     """
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = True, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
-        self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                   scan=scan_layers, rngs=rngs)
+        self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                        scan=scan_layers, rngs=rngs)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False,

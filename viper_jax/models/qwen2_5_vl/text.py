@@ -91,12 +91,12 @@ class DecoderLayer(nnx.Module):
 
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = True, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, param_dtype, rngs)
         self.layers = stacked(cfg.num_hidden_layers,
                               lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype, self.remat, self.scan = cfg, dtype, remat, scan
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         # The lookup gathers whole rows: unshard the embed axis first (as FSDP does for any weight), so
@@ -160,7 +160,7 @@ class TextModel(nnx.Module):
                 x, _ = layer(x, cos, sin, mask)
                 return constrain(x, HIDDEN), None  # the scan carry: one layout between all layers
 
-            x, _ = scan_layers(self.layers, body, x, None, self.remat)
+            x, _ = scan_layers(self.layers, body, x, None, self.remat, self.scan)
         else:
             def body(layer, carry, index):  # the cache rides in the carry, updated in place
                 x, cache = carry
@@ -168,7 +168,7 @@ class TextModel(nnx.Module):
                 return (constrain(x, HIDDEN), cache), None
 
             (x, cache), _ = scan_layers(self.layers, body, (x, cache), jnp.arange(self.cfg.num_hidden_layers),
-                                        self.remat)
+                                        self.remat, self.scan)
         return constrain(self.norm(x), HIDDEN), cache
 
 

@@ -176,13 +176,13 @@ class PatchMerger(nnx.Module):
 
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = True, rngs: nnx.Rngs):
         # Conv3d with kernel == stride over rows already flattened in (C, T, P, P) order is a matmul.
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, (None, "embed"), bias=False,
                                   std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.blocks = stacked(cfg.depth, lambda r: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
         self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.cfg, self.dtype, self.remat, self.scan = cfg, dtype, remat, scan
 
     def rotary(self, pos_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """2D rotary tables [N, head_dim] in fp32: cat(h*inv, w*inv) twice, hd/4 frequencies each."""
@@ -203,5 +203,5 @@ class VisionTower(nnx.Module):
         def body(block, h, full):
             return constrain(block(h, cos, sin, full, vi), TOKENS), None
 
-        x, _ = scan_layers(self.blocks, body, x, is_full, self.remat)
+        x, _ = scan_layers(self.blocks, body, x, is_full, self.remat, self.scan)
         return constrain(constrain(self.merger(x), TOKENS)[vi.merge_unperm], TOKENS)

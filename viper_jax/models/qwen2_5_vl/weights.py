@@ -202,10 +202,10 @@ def _read(reader: _Reader, entry: _Entry, index: tuple[slice, ...] | None, dtype
 
 
 def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = None, shardings: Any = None,
-            remat: str = "none") -> Qwen2_5_VL:
+            remat: str = "none", scan_layers: bool = True) -> Qwen2_5_VL:
     """Qwen2_5_VL from an HF directory (config.json + safetensors), without random initialisation.
 
-    param_dtype defaults to dtype. shardings: None (default device), a pytree of `jax.sharding.Sharding`
+    param_dtype defaults to dtype. remat and scan_layers: as in `Qwen2_5_VL`. shardings: None (default device), a pytree of `jax.sharding.Sharding`
     matching `nnx.state(model)` (an nnx.State or its pure dict), or a callable
     `(path: tuple[str, ...], shape, logical_names) -> Sharding`; each device then reads only its slice.
     """
@@ -214,7 +214,7 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
     cfg = Qwen2_5_VLConfig.from_hf_dir(hf_dir if hf_dir.is_dir() else hf_dir.parent)
     param_dtype = np.dtype(param_dtype or dtype)
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                 rngs=nnx.Rngs(0)))
+                                                 scan_layers=scan_layers, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     names = nnx.to_pure_dict(nnx.get_partition_spec(state))
