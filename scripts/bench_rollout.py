@@ -2,7 +2,8 @@
 
 8 prompts with one 112x112 image each x 4 samples, 128 new tokens, sampling at temperature 1 with end
 tokens disabled so both sides generate exactly the same number of tokens. One run; prints the ratio.
-Usage: python scripts/bench_rollout.py [--prompts 8 --samples 4 --new 128]
+Also prints the decode matmul floor: the weight matmuls of one step alone at the same batch, the most any
+engine built on these matmuls could reach here. Usage: python scripts/bench_rollout.py [--prompts 8 --samples 4 --new 128]
 """
 
 from __future__ import annotations
@@ -22,6 +23,30 @@ from bench_common import PAD, build_models, describe_machine, image_batch  # noq
 from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
 from viper_jax.rollout.engine import RolloutConfig, generate  # noqa: E402
 from viper_jax.rollout.sampling import SamplingConfig  # noqa: E402
+
+
+def decode_matmul_floor(model, rows: int, repeats: int = 20) -> float:
+    """Seconds per decode step for its weight matmuls alone, in their data dependencies (q/k/v, then o;
+    gate/up, then down; every layer; lm_head), one jitted program at batch `rows`: no attention, norms,
+    sampling or cache writes. An engine built on these matmuls cannot take less per generated token."""
+    def step(h, layers, head):
+        for a, m in layers:
+            q, k, v = (h @ w.kernel[...] for w in (a.q_proj, a.k_proj, a.v_proj))
+            h = h + q @ a.o_proj.kernel[...] + 0.0 * (k.sum() + v.sum())  # keep k, v live
+            h = h + (h @ m.gate_proj.kernel[...] * (h @ m.up_proj.kernel[...])) @ m.down_proj.kernel[...]
+        return (h @ head).sum()
+
+    layers = [(layer.self_attn, layer.mlp) for layer in model.language_model.layer_list()]
+    head = (model.lm_head.kernel[...] if hasattr(model, "lm_head")
+            else model.language_model.embed_tokens.embedding[...].T)
+    h = 0.1 * jax.random.normal(jax.random.key(0), (rows, head.shape[0]))
+    run = jax.jit(lambda h: step(h, layers, head))
+    run(h).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = run(h)
+    out.block_until_ready()
+    return (time.perf_counter() - t) / repeats
 
 
 def main() -> None:
@@ -66,6 +91,11 @@ def main() -> None:
           f"   (first call incl. compile: {compile_s:.1f} s)")
     print(f"{'transformers generate':28s}{hf_generated:>10d}{hf_s:>10.2f}{hf_tps:>12.1f}")
     print(f"ratio (ours / transformers): {ours_tps / hf_tps:.2f}x")
+    rows = args.prompts * args.samples
+    floor_tps = rows / decode_matmul_floor(ours, rows)
+    print(f"decode matmul floor (a step's weight matmuls alone, {rows} rows, no prefill): {floor_tps:.1f} "
+          f"tokens/s = {floor_tps / hf_tps:.2f}x transformers; ours at {ours_tps / floor_tps:.0%} of it, "
+          f"transformers at {hf_tps / floor_tps:.0%}")
     print(f"KV cache: {result.kv_cache_bytes / 2**20:.1f} MiB for {len(result.lengths)} rows")
 
 
