@@ -20,6 +20,7 @@ def get_config(model_path: str = "/models/Qwen2.5-VL-7B-Instruct"):
     c.model.path = model_path
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.attention_query_chunk = 1024  # 5120-position rows: scores of 1024 queries at a time
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device of the host
     # Viper10K: 7K CSR + 3K VOP samples; ~1 epoch per stage at 128 prompts per step.
     c.stages.caption_refine = stage("caption_refine", ("data/viper/caption_refine-*/part-*.arrayrecord",), 55)

@@ -65,11 +65,11 @@ def _loss_and_params(cfg: Qwen2_5_VLConfig, remat: str, inputs):
     return loss, params
 
 
-def _text_loss_and_params(cfg: Qwen2_5_VLConfig, remat: str, batch: int, length: int):
+def _text_loss_and_params(cfg: Qwen2_5_VLConfig, remat: str, batch: int, length: int, query_chunk: int = 0):
     """The decoder alone (its scan is the one whose saved activations grow with the sequence)."""
     from viper_jax.models.qwen2_5_vl.text import TextModel
 
-    model = TextModel(cfg.text, remat=remat, rngs=nnx.Rngs(0))
+    model = TextModel(cfg.text, remat=remat, query_chunk=query_chunk, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     x = jax.random.normal(jax.random.key(2), (batch, length, cfg.text.hidden_size))
     pos = jnp.broadcast_to(jnp.arange(length)[None, None], (3, batch, length))
@@ -117,6 +117,22 @@ def test_remat_shrinks_temporaries():
     assert temps["full"] < temps["dots"] < temps["none"], temps
     # offload keeps what dots keeps, in host memory instead of device memory.
     assert temps["offload"] <= temps["dots"], (temps, host)
+
+
+def test_query_chunks_shrink_attention_temporaries():
+    """With full remat the backward of one layer holds its [B, H, T, T] fp32 scores (and their
+    gradient); attending 128 queries at a time holds an eighth of them. Same gradients."""
+    cfg = _cfg(layers=2)
+    temps, grads = {}, {}
+    for chunk in (0, 128):
+        loss, params = _text_loss_and_params(cfg, "full", batch=2, length=1024, query_chunk=chunk)
+        step = jax.jit(jax.grad(loss))
+        temps[chunk] = step.lower(params).compile().memory_analysis().temp_size_in_bytes
+        grads[chunk] = step(params)
+    scores = 2 * cfg.text.num_attention_heads * 1024 * 1024 * 4  # one layer's fp32 scores
+    assert temps[0] - temps[128] > scores, temps
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[128])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_remat_policy_is_refused():

@@ -143,7 +143,9 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         mesh = mesh_from_config(config.mesh, devices=devices)
         rules = rules_from_config(config.sharding_rules)
         abstract = nnx.eval_shape(lambda: Qwen2_5_VL(mcfg, dtype=dtype, param_dtype=jnp.float32, remat=remat,
-                                                     scan_layers=config.model.scan_layers, rngs=nnx.Rngs(0)))
+                                                     scan_layers=config.model.scan_layers,
+                                                     attention_query_chunk=config.model.attention_query_chunk,
+                                                     rngs=nnx.Rngs(0)))
         p_sh = param_shardings(abstract, mesh, rules)
     except (ValueError, KeyError) as e:
         raise PlanError(str(e)) from None

@@ -49,6 +49,9 @@ def base_config() -> ConfigDict:
     # Layers under one lax.scan (compile time flat in depth: real models); False unrolls them, ~6% faster
     # steps for small models on CPU, compile time linear in depth.
     c.model.scan_layers = True
+    # Decoder attention over this many queries at a time (0 = all): bounds the fp32 scores of long
+    # sequences (GRPO's prompt + response) to [heads, chunk, T] per row; same result, one more score pass.
+    c.model.attention_query_chunk = 0
     # Write a random-init tiny Qwen2.5-VL (+ byte-level tokenizer) to model.path, or <workdir>/tiny_model
     # when model.path is empty, if no model is there yet (CPU demo and tests).
     c.model.tiny_init = False
@@ -168,6 +171,7 @@ def validate(config: ConfigDict) -> None:
     _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
     _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
+    _require(config.model.attention_query_chunk >= 0, "model.attention_query_chunk", "must be >= 0 (0 = off)")
     rl = config.rl
     _require(rl.group_size >= 2, "rl.group_size", "must be at least 2 (GRPO compares responses in a group)")
     _require(rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be positive")

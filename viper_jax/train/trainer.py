@@ -101,6 +101,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     dtype = DTYPES[config.model.dtype]
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
                                                  remat=config.model.remat, scan_layers=config.model.scan_layers,
+                                                 attention_query_chunk=config.model.attention_query_chunk,
                                                  rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     abstract_params = nnx.to_pure_dict(abstract_state)

@@ -54,17 +54,19 @@ class Qwen2_5_VL(nnx.Module):
 
     dtype is the compute dtype, param_dtype the storage dtype; norms, rotary tables and softmax run in
     fp32 as HF does. remat ("none" | "full" | "dots" | "offload") wraps the layer bodies; scan_layers=False
-    runs the stacked layers as an unrolled loop (faster steps for small models, compile time grows with depth).
+    runs the stacked layers as an unrolled loop (faster steps for small models, compile time grows with depth);
+    attention_query_chunk > 0 bounds the decoder's attention scores to that many queries at a time
+    (long sequences: 5120 positions need it to fit a 7B GRPO micro-step on 32 GiB chips).
     """
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", scan_layers: bool = True, rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = True, attention_query_chunk: int = 0, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                    scan=scan_layers, rngs=rngs)
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                        scan=scan_layers, rngs=rngs)
+                                        scan=scan_layers, query_chunk=attention_query_chunk, rngs=rngs)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False,

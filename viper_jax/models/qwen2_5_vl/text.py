@@ -34,7 +34,7 @@ class Embed(nnx.Module):
 
 
 class TextAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0, rngs: nnx.Rngs):
         d, hd, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         kw = dict(std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, h * hd, ("embed", "heads"), bias=True, **kw)
@@ -42,6 +42,7 @@ class TextAttention(nnx.Module):
         self.v_proj = Linear(d, kv * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.query_chunk = query_chunk  # see layers.attend; decode steps (T = 1) never chunk
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0,
@@ -58,7 +59,7 @@ class TextAttention(nnx.Module):
         k = k * c + rotate_half(k) * s
         q = q.reshape(b, t, kvh, self.num_heads // kvh, hd)
         if cache is None:
-            out = attend(q, k, v, mask, hd**-0.5)
+            out = attend(q, k, v, mask, hd**-0.5, query_chunk=self.query_chunk)
         elif layer is None:  # this layer's own cache [B, KV, S, hd] (the unrolled decode)
             cache = {name: jax.lax.dynamic_update_slice(
                 cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), (0, 0, cache_index, 0))
@@ -70,14 +71,15 @@ class TextAttention(nnx.Module):
                 cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), start)
                 for name, new in (("k", k), ("v", v))}
             k_all, v_all = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in ("k", "v"))
-            out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, hd**-0.5, heads_first=True)
+            out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, hd**-0.5, heads_first=True,
+                         query_chunk=self.query_chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -91,10 +93,10 @@ class DecoderLayer(nnx.Module):
 
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", scan: bool = True, rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = True, query_chunk: int = 0, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, param_dtype, rngs)
-        self.layers = stacked(cfg.num_hidden_layers,
-                              lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+        self.layers = stacked(cfg.num_hidden_layers, lambda r: DecoderLayer(
+            cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.cfg, self.dtype, self.remat, self.scan = cfg, dtype, remat, scan
 
