@@ -46,7 +46,7 @@ def base_config() -> ConfigDict:
     c.model.tokenizer_path = ""  # default: model.path
     c.model.dtype = "float32"  # compute dtype; master weights and optimizer state are always fp32
     c.model.remat = "none"
-    # Layers under one lax.scan (compile time flat in depth: real models); False unrolls them, ~6% faster
+    # Layers under one lax.scan (compile time flat in depth: real models); False unrolls them, 0-6% faster
     # steps for small models on CPU, compile time linear in depth.
     c.model.scan_layers = True
     # Decoder attention over this many queries at a time (0 = all): bounds the fp32 scores of long

@@ -170,8 +170,8 @@ def scan_layers(layers: nnx.Module, body: Callable, carry: Any, xs: Any, remat: 
     scan=True: one `lax.scan`, so the compiled program holds one layer however deep the model is (the
     choice for real models on TPU/GPU). scan=False: a Python loop over per-layer parameter slices, as
     MaxText's `scan_layers=False`: compile time grows with depth, but each step skips the scan's
-    per-layer dynamic slices and its stacked residuals and gradients (6% of a CPU training step on the
-    benchmark model). The slices come from one `jnp.split`, whose gradient is one concatenate.
+    per-layer dynamic slices and its stacked residuals and gradients (0-6% of a CPU training step on the
+    benchmark model, two runs). The slices come from one `jnp.split`, whose gradient is one concatenate.
     """
     graphdef, state = nnx.split(layers)
     if not scan:
