@@ -222,6 +222,12 @@ def test_remat_gives_same_gradients(pair, reference_grads, remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)  # fp32 reassociation only
 
 
+def _grads(model, inputs: dict):
+    """Gradients of every parameter of a scalar of the logits (vision tower included)."""
+    graphdef, params = nnx.split(model)
+    return jax.grad(lambda p: nnx.merge(graphdef, p)(**_ours(inputs)).astype(jnp.float32).std())(params)
+
+
 def test_unrolled_layers_match_hf_and_the_scan(pair):
     """scan_layers=False (a Python loop over per-layer slices) computes the same model: logits within TOL
     of HF on two images with window padding, and gradients of every parameter (vision tower included)
@@ -231,13 +237,9 @@ def test_unrolled_layers_match_hf_and_the_scan(pair):
     inputs = build_inputs(CASES["two_images_window_pad"], seed=3)
     assert np.abs(np.asarray(unrolled(**_ours(inputs))) - hf_logits(hf, inputs)).max() <= TOL
 
-    def grads(model):
-        graphdef, params = nnx.split(model)
-        return jax.grad(lambda p: nnx.merge(graphdef, p)(**_ours(inputs)).astype(jnp.float32).std())(params)
-
     programs = [str(jax.make_jaxpr(lambda: m(**_ours(inputs)))()) for m in (scanned, unrolled)]
     assert [" scan[" in p for p in programs] == [True, False]  # the loop really is unrolled
-    ref, got = grads(scanned), grads(unrolled)
+    ref, got = _grads(scanned, inputs), _grads(unrolled, inputs)
     assert jax.tree.structure(ref) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -253,11 +255,7 @@ def test_query_chunked_attention_matches_hf_and_full_attention(pair):
     assert inputs["input_ids"].shape[1] % 7 != 0
     assert np.abs(np.asarray(chunked(**_ours(inputs))) - hf_logits(hf, inputs)).max() <= TOL
 
-    def grads(model):
-        graphdef, params = nnx.split(model)
-        return jax.grad(lambda p: nnx.merge(graphdef, p)(**_ours(inputs)).astype(jnp.float32).std())(params)
-
-    for a, b in zip(jax.tree.leaves(grads(full)), jax.tree.leaves(grads(chunked))):
+    for a, b in zip(jax.tree.leaves(_grads(full, inputs)), jax.tree.leaves(_grads(chunked, inputs))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
     from viper_jax.models.qwen2_5_vl.layers import attend

@@ -7,7 +7,6 @@ remat tests run on the CPU backend in fp32.
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -277,8 +276,7 @@ def test_plan_refuses_bad_inputs_clearly():
 
 
 @needs_libtpu
-@pytest.mark.skipif(not os.environ.get("VIPER_SLOW_PLANS"), reason="3-7 minutes on 2 CPU cores (the micro-step's "
-                    "TPU compile alone is 2-5); run with VIPER_SLOW_PLANS=1")
+@pytest.mark.slow  # 2-3 minutes here, most of it the micro-step's TPU compile
 def test_7b_plan_fits_v5p_128():
     """The 7B config with the data config's largest images (1280 tokens, 2 per prompt) on v5p-128, with the
     settings docs/plan.md gives: every program compiles and fits, with room to spare."""

@@ -123,6 +123,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     from viper_jax.rollout.sampling import SamplingConfig, sample
     from viper_jax.sharding import (batch_sharding, check_divisible, logical_to_spec, mesh_from_config,
                                     param_shardings, rules_from_config, use_mesh)
+    from viper_jax.train.config import model_options
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
     from viper_jax.train_state import TrainState, train_state_shardings
@@ -142,10 +143,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     try:
         mesh = mesh_from_config(config.mesh, devices=devices)
         rules = rules_from_config(config.sharding_rules)
-        abstract = nnx.eval_shape(lambda: Qwen2_5_VL(mcfg, dtype=dtype, param_dtype=jnp.float32, remat=remat,
-                                                     scan_layers=config.model.scan_layers,
-                                                     attention_query_chunk=config.model.attention_query_chunk,
-                                                     rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Qwen2_5_VL(mcfg, dtype=dtype, param_dtype=jnp.float32,
+                                                     **model_options(config), rngs=nnx.Rngs(0)))
         p_sh = param_shardings(abstract, mesh, rules)
     except (ValueError, KeyError) as e:
         raise PlanError(str(e)) from None

@@ -159,6 +159,12 @@ def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str
 
 # ------------------------------------------------------------------------------------------------ values
 
+def model_options(config: ConfigDict) -> dict[str, Any]:
+    """The `Qwen2_5_VL(...)` keyword arguments that `config.model` sets beside the dtypes (trainer, plan)."""
+    m = config.model
+    return dict(remat=m.remat, scan_layers=m.scan_layers, attention_query_chunk=m.attention_query_chunk)
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config {key}: {message}")

@@ -37,7 +37,7 @@ from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
 from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
 from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
-from viper_jax.train.config import ConfigError, validate
+from viper_jax.train.config import ConfigError, model_options, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
@@ -100,9 +100,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(model_path))
     dtype = DTYPES[config.model.dtype]
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
-                                                 remat=config.model.remat, scan_layers=config.model.scan_layers,
-                                                 attention_query_chunk=config.model.attention_query_chunk,
-                                                 rngs=nnx.Rngs(0)))
+                                                 **model_options(config), rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     abstract_params = nnx.to_pure_dict(abstract_state)
     mesh = mesh_from_config(config.mesh)
