@@ -1,8 +1,8 @@
 """Forward + backward tokens/s: the Flax model vs transformers (PyTorch eager and sdpa), same ~30M model.
 
 Batch 4, ~270 tokens per row with one 112x112 image, next-token cross-entropy, fp32, this machine's CPU.
-viper_jax runs twice: layers under lax.scan (the default, what real models use) and unrolled
-(`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
+viper_jax runs twice: layers under lax.scan (the default, what real models use) and unrolled over
+per-layer modules (`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
 fraction of a 2048^3 matmul measured in the same run. One run; prints the ratios.
 Usage: python scripts/bench_model.py [--steps 5]
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -34,12 +35,11 @@ def decode_matmul_floor(model, rows: int, repeats: int = 20) -> float:
             q, k, v = (h @ w.kernel[...] for w in (a.q_proj, a.k_proj, a.v_proj))
             h = h + q @ a.o_proj.kernel[...] + 0.0 * (k.sum() + v.sum())  # keep k, v live
             h = h + (h @ m.gate_proj.kernel[...] * (h @ m.up_proj.kernel[...])) @ m.down_proj.kernel[...]
-        return (h @ head).sum()
+        return jnp.einsum("rd,vd->rv", h, head).sum()  # head [V, D], as the model holds it
 
     layers = [(layer.self_attn, layer.mlp) for layer in model.language_model.layer_list()]
-    head = (model.lm_head.kernel[...] if hasattr(model, "lm_head")
-            else model.language_model.embed_tokens.embedding[...].T)
-    h = 0.1 * jax.random.normal(jax.random.key(0), (rows, head.shape[0]))
+    head = (model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.embedding)[...]
+    h = 0.1 * jax.random.normal(jax.random.key(0), (rows, head.shape[1]))
     run = jax.jit(lambda h: step(h, layers, head))
     run(h).block_until_ready()
     t = time.perf_counter()

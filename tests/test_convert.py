@@ -65,3 +65,29 @@ def test_missing_step_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"step 7 not in .*available: \[3\]"):
         viper(["convert", "orbax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
                "--step", "7"])
+
+
+def test_orbax_checkpoints_load_in_either_layer_layout(tmp_path):
+    """A stacked checkpoint loads into per-layer modules (scan_layers=False) and a per-layer one (what a
+    trainer with model.scan_layers=False saves) into either layout, with the same logits; it exports to
+    HF bit-exact."""
+    from flax import nnx
+    from viper_jax.convert import load_orbax
+    from viper_jax.models.qwen2_5_vl import load_hf
+
+    src = tmp_path / "hf"
+    build_hf_model(hf_config(), seed=6).save_pretrained(src)
+    viper(["convert", "hf-to-orbax", "--hf_dir", str(src), "--out", str(tmp_path / "stacked")])
+    per_layer = load_hf(src, scan_layers=False)
+    checkpoint.save_params(tmp_path / "per_layer", nnx.to_pure_dict(nnx.state(per_layer, nnx.Param)),
+                           per_layer.config.to_hf_dict())
+    ours = {k: v for k, v in INPUTS.items() if k != "mm_token_type_ids"}
+    want = {scan: np.asarray(load_hf(src, scan_layers=scan)(**ours)) for scan in (True, False)}
+    for ckpt in ("stacked", "per_layer"):
+        for scan in (True, False):
+            model = load_orbax(tmp_path / ckpt, scan_layers=scan)
+            assert (0 in nnx.to_pure_dict(nnx.state(model))["language_model"]["layers"]) == (not scan)
+            np.testing.assert_array_equal(np.asarray(model(**ours)), want[scan])  # the same weights
+    viper(["convert", "orbax-to-hf", "--ckpt", str(tmp_path / "per_layer"), "--out", str(tmp_path / "out")])
+    a, b = safetensors_in(src), safetensors_in(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -153,3 +153,25 @@ def test_it_learns_a_toy_reward(root):
     first, last = rewards[:3].mean(), rewards[-3:].mean()
     assert first < 0.25 and last > first + 0.3, rewards.round(3).tolist()
     assert all(r["update/skipped_nonfinite"] == 0 and r["update/updates"] == 2 for r in rows)
+
+
+def test_per_layer_modules_train_resume_and_export(root):
+    """model.scan_layers=False: the trainer loads the HF weights into per-layer modules, checkpoints them
+    as such, resumes, and exports an HF directory whose layers match the checkpoint's."""
+    from viper_jax.convert import load_orbax
+    from viper_jax.models.qwen2_5_vl import load_hf
+    from viper_jax.train.trainer import train
+
+    work = root / "per_layer"
+    args = ["--config.stage_order=('caption_refine',)", "--config.stages.caption_refine.reward=toy_letters",
+            "--config.model.scan_layers=False", "--config.checkpoint.every_steps=1",
+            f"--config.export.hf_dir={work / 'hf'}"]
+    train(tiny_config(work, root / "data", [*args, "--config.stages.caption_refine.steps=1"]))
+    train(tiny_config(work, root / "data", [*args, "--config.stages.caption_refine.steps=2"]))  # resumes at 1
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    trained = nnx.to_pure_dict(nnx.state(load_orbax(work / "checkpoints", scan_layers=False), nnx.Param))
+    assert sorted(trained["language_model"]["layers"]) == [0, 1]
+    exported = nnx.to_pure_dict(nnx.state(load_hf(work / "hf", scan_layers=False), nnx.Param))
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(exported)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

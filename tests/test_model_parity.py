@@ -13,6 +13,7 @@ from flax import nnx  # noqa: E402
 
 from hf_tiny import (build_hf_model, build_inputs, hf_config, hf_logits, to_torch,  # noqa: E402
                      transformers_version_ok, TESTED_TRANSFORMERS)
+from viper_jax.convert import relayout_params  # noqa: E402
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, get_rope_index, load_hf, prepare_vision  # noqa: E402
 
 TOL = 1e-4
@@ -175,7 +176,7 @@ def test_logical_axis_names_on_every_parameter(pair):
     assert tuple(lm["layers"]["self_attn"]["o_proj"]["kernel"]) == ("layers", "heads", "embed")
     assert tuple(lm["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
     assert tuple(lm["norm"]["scale"]) == ("norm",)
-    assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+    assert tuple(specs["lm_head"]["weight"]) == ("vocab", "embed")
     assert tuple(specs["visual"]["blocks"]["attn"]["qkv"]["kernel"]) == ("layers", "embed", None, "heads")
     assert shapes["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
 
@@ -229,17 +230,21 @@ def _grads(model, inputs: dict):
 
 
 def test_unrolled_layers_match_hf_and_the_scan(pair):
-    """scan_layers=False (a Python loop over per-layer slices) computes the same model: logits within TOL
+    """scan_layers=False (one module per layer, a Python loop) computes the same model: logits within TOL
     of HF on two images with window padding, and gradients of every parameter (vision tower included)
-    equal the scanned model's to fp32 reassociation."""
+    equal the scanned model's to fp32 reassociation, once restacked."""
     hf, scanned, path = pair
     unrolled = load_hf(path, scan_layers=False)
+    params = nnx.to_pure_dict(nnx.state(unrolled))
+    assert sorted(params["language_model"]["layers"]) == list(range(scanned.config.text.num_hidden_layers))
+    assert params["visual"]["blocks"][1]["attn"]["qkv"]["kernel"].ndim == 3  # [D, 3, D]: no layer axis
     inputs = build_inputs(CASES["two_images_window_pad"], seed=3)
     assert np.abs(np.asarray(unrolled(**_ours(inputs))) - hf_logits(hf, inputs)).max() <= TOL
 
     programs = [str(jax.make_jaxpr(lambda: m(**_ours(inputs)))()) for m in (scanned, unrolled)]
     assert [" scan[" in p for p in programs] == [True, False]  # the loop really is unrolled
-    ref, got = _grads(scanned, inputs), _grads(unrolled, inputs)
+    ref = nnx.to_pure_dict(_grads(scanned, inputs))
+    got = relayout_params(nnx.to_pure_dict(_grads(unrolled, inputs)), stacked=True)
     assert jax.tree.structure(ref) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -164,7 +164,7 @@ def test_wrong_model_type_is_refused(hf_dirs, tmp_path):
 def test_save_rejects_foreign_state(hf_dirs, tmp_path):
     model = load_hf(hf_dirs["tied"])
     state = nnx.to_pure_dict(nnx.state(model))
-    state["lm_head"] = {"kernel": jnp.zeros((64, 1000))}  # the config says tied
+    state["lm_head"] = {"weight": jnp.zeros((1000, 64))}  # the config says tied
     with pytest.raises(ValueError, match="lm_head"):
         save_hf(state, model.config, tmp_path / "out")
 
@@ -206,3 +206,15 @@ def test_load_onto_a_mesh_reads_per_device_slices(hf_dirs):
     run = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(hf_dirs["fp32"])], env=env, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_per_layer_modules_round_trip_bit_exact(hf_dirs, tmp_path):
+    """scan_layers=False holds layers.<i> / blocks.<i> subtrees; they export like the stacked layout, and a
+    missing layer is named."""
+    model = load_hf(hf_dirs["fp32"], scan_layers=False)
+    _assert_bit_exact(hf_dirs["fp32"], save_hf(model, None, tmp_path / "out"))
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    del pure["language_model"]["layers"][1]["mlp"]["up_proj"]
+    with pytest.raises(ValueError, match=r"missing parameter language_model\.layers\.1\.mlp\.up_proj\.kernel "
+                                         r"\(HF model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        save_hf(pure, model.config, tmp_path / "bad")

@@ -70,6 +70,14 @@ def restore_params(directory: str | Path, target: Any = None, step: int | None =
         return restored[PARAMS]
 
 
+def saved_params_tree(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The params item's tree as saved (nested dicts with string keys, array metadata leaves), read
+    without loading any array."""
+    with _manager(directory, read_only=True) as mngr:
+        step = _resolve_step(mngr, directory, step)
+    return ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / str(step) / PARAMS).tree
+
+
 def _resolve_step(mngr: ocp.CheckpointManager, directory: str | Path, step: int | None) -> int:
     steps = mngr.all_steps()
     if not steps:

@@ -35,19 +35,49 @@ def load_orbax(ckpt: str | Path, step: int | None = None, dtype: Any = jnp.float
     """Qwen2_5_VL from an Orbax checkpoint (converted or trained), parameters in their saved dtype.
 
     shardings: a pure-dict pytree of Shardings matching the parameters (restores straight onto a mesh).
+    A checkpoint in the other layer layout (stacked vs `scan_layers=False`) is restored as saved and
+    then restacked or split, a one-off copy of the weights.
     """
     cfg_dict, step = checkpoint.restore_model_config(ckpt, step)
     cfg = Qwen2_5_VLConfig.from_hf_dict(cfg_dict)
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers,
                                                  rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
+    saved_stacked = not _per_layer(checkpoint.saved_params_tree(ckpt, step)["language_model"]["layers"])
     target = None
-    if shardings is not None:
+    if shardings is not None and saved_stacked == scan_layers:
         shapes = nnx.to_pure_dict(state)
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    params = checkpoint.restore_params(ckpt, target, step)
+    params = relayout_params(checkpoint.restore_params(ckpt, target, step), stacked=scan_layers)
+    if shardings is not None and target is None:
+        params = jax.device_put(params, shardings)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
+
+
+_LAYER_STACKS = (("language_model", "layers"), ("visual", "blocks"))
+
+
+def _per_layer(layers: dict) -> bool:
+    return any(str(k) == "0" for k in layers)
+
+
+def relayout_params(params: dict, stacked: bool) -> dict:
+    """Parameters (a pure dict) in the layer layout of a model built with `scan_layers=stacked`: each
+    layer's tensors stacked on a leading axis, or one subtree per layer under integer keys (Orbax
+    gives those back as strings)."""
+    out = dict(params)
+    for top, name in _LAYER_STACKS:
+        out[top] = dict(out[top])
+        layers = out[top][name]
+        if _per_layer(layers):
+            ordered = [layers[k] for k in sorted(layers, key=int)]
+            out[top][name] = (jax.tree.map(lambda *a: jnp.stack(a), *ordered) if stacked
+                              else dict(enumerate(ordered)))
+        elif not stacked:
+            n = jax.tree.leaves(layers)[0].shape[0]
+            out[top][name] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
+    return out
 
 
 def load_model(path: str | Path, dtype: Any = jnp.float32, step: int | None = None) -> Qwen2_5_VL:

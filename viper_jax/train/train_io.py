@@ -52,17 +52,17 @@ def read_model_config(path: Path) -> dict[str, Any]:
                           f"checkpoint directory") from None
 
 
-def load_params(path: Path, dtype: Any, shardings: Any, remat: str = "none") -> Any:
-    """The starting parameters as a pure dict placed with `shardings` (fp32 from HF; as saved from Orbax,
-    cast to fp32 by init_train_state)."""
+def load_params(path: Path, dtype: Any, shardings: Any, scan_layers: bool = True) -> Any:
+    """The starting parameters as a pure dict placed with `shardings`, in the layer layout of
+    `scan_layers` (fp32 from HF; as saved from Orbax, cast to fp32 by init_train_state)."""
     if (path / "config.json").exists():
         from viper_jax.models.qwen2_5_vl import load_hf
 
-        model = load_hf(path, dtype=dtype, param_dtype=jnp.float32, shardings=shardings, remat=remat)
+        model = load_hf(path, dtype=dtype, param_dtype=jnp.float32, shardings=shardings, scan_layers=scan_layers)
     else:
         from viper_jax.convert import load_orbax
 
-        model = load_orbax(path, dtype=dtype, shardings=shardings, remat=remat)
+        model = load_orbax(path, dtype=dtype, shardings=shardings, scan_layers=scan_layers)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

@@ -122,7 +122,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                                         keep_steps=stage_ends, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
     if latest is None:
-        state = init_train_state(load_params(model_path, dtype, p_sh, remat=config.model.remat), optimizer, shardings)
+        state = init_train_state(load_params(model_path, dtype, p_sh, config.model.scan_layers), optimizer, shardings)
         meta = {"step": 0, "stage_index": 0, "stage_name": config.stage_order[0], "stage_step": 0}
         data_state = None
     else:
@@ -135,7 +135,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                               f"but config.stage_order is {list(config.stage_order)}")
     ref_params = None
     if rl.kl_coef > 0:  # the frozen reference is the starting policy: reloaded, never checkpointed
-        ref_params = load_params(model_path, dtype, p_sh, remat=config.model.remat)
+        ref_params = load_params(model_path, dtype, p_sh, config.model.scan_layers)
 
     eos = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in config.rollout.eos_tokens)
     buckets = tuple(sorted(int(b) for b in config.data.length_buckets))

@@ -96,9 +96,9 @@ class TextModel(nnx.Module):
                  remat: str = "none", scan: bool = True, query_chunk: int = 0, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, param_dtype, rngs)
         self.layers = stacked(cfg.num_hidden_layers, lambda r: DecoderLayer(
-            cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=r), rngs)
+            cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=r), rngs, stack=scan)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.cfg, self.dtype, self.remat, self.scan = cfg, dtype, remat, scan
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         # The lookup gathers whole rows: unshard the embed axis first (as FSDP does for any weight), so
@@ -126,11 +126,14 @@ class TextModel(nnx.Module):
         return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
 
     def layer_list(self) -> list[DecoderLayer]:
-        """The stacked layers as L modules, each holding its slice of the parameters (sliced once, here).
+        """The layers as L modules: unstacked ones as they are, stacked ones each holding its slice of the
+        parameters (sliced once, here).
 
         The decode loop runs these unrolled, over one cache per layer: in a scan every step would
         dynamic-slice (copy) each layer's weights and cache out of the stacks, which took a third of a
         CPU decode step; unrolled, both are read in place."""
+        if isinstance(self.layers, nnx.List):
+            return list(self.layers)
         graphdef, state = nnx.split(self.layers)
         return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                 for i in range(self.cfg.num_hidden_layers)]
@@ -162,7 +165,7 @@ class TextModel(nnx.Module):
                 x, _ = layer(x, cos, sin, mask)
                 return constrain(x, HIDDEN), None  # the scan carry: one layout between all layers
 
-            x, _ = scan_layers(self.layers, body, x, None, self.remat, self.scan)
+            x, _ = scan_layers(self.layers, body, x, None, self.remat)
         else:
             def body(layer, carry, index):  # the cache rides in the carry, updated in place
                 x, cache = carry
@@ -170,7 +173,7 @@ class TextModel(nnx.Module):
                 return (constrain(x, HIDDEN), cache), None
 
             (x, cache), _ = scan_layers(self.layers, body, (x, cache), jnp.arange(self.cfg.num_hidden_layers),
-                                        self.remat, self.scan)
+                                        self.remat)
         return constrain(self.norm(x), HIDDEN), cache
 
 

@@ -143,7 +143,10 @@ class VisionAttention(nnx.Module):
         scale = self.head_dim**-0.5
         window = partial(_segment_attention, gather=vi.win_gather, valid=vi.win_valid, slot=vi.win_slot, scale=scale)
         full = partial(_segment_attention, gather=vi.full_gather, valid=vi.full_valid, slot=vi.full_slot, scale=scale)
-        out = jax.lax.cond(is_full, full, window, q, k, v)
+        if isinstance(is_full, (bool, np.bool_)):  # unrolled blocks: the block's kind is known when tracing
+            out = (full if is_full else window)(q, k, v)
+        else:
+            out = jax.lax.cond(is_full, full, window, q, k, v)
         return self.proj(out.reshape(n, -1))
 
 
@@ -180,9 +183,10 @@ class VisionTower(nnx.Module):
         # Conv3d with kernel == stride over rows already flattened in (C, T, P, P) order is a matmul.
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, (None, "embed"), bias=False,
                                   std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = stacked(cfg.depth, lambda r: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+        self.blocks = stacked(cfg.depth, lambda r: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs,
+                              stack=scan)
         self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.cfg, self.dtype, self.remat, self.scan = cfg, dtype, remat, scan
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
 
     def rotary(self, pos_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """2D rotary tables [N, head_dim] in fp32: cat(h*inv, w*inv) twice, hd/4 frequencies each."""
@@ -198,10 +202,10 @@ class VisionTower(nnx.Module):
         # Rows are permuted before the (row-wise) patch embedding, so no gradient flows through a gather.
         x = constrain(self.patch_embed(pixel_values[vi.patch_perm]), TOKENS)
         cos, sin = self.rotary(vi.pos_hw)
-        is_full = jnp.asarray(np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes))  # per scanned block
+        is_full = np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes)  # per block
 
         def body(block, h, full):
             return constrain(block(h, cos, sin, full, vi), TOKENS), None
 
-        x, _ = scan_layers(self.blocks, body, x, is_full, self.remat, self.scan)
+        x, _ = scan_layers(self.blocks, body, x, is_full, self.remat)
         return constrain(constrain(self.merger(x), TOKENS)[vi.merge_unperm], TOKENS)

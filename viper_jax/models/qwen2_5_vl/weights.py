@@ -9,7 +9,8 @@ JSON header, raw little-endian data) with `{"format": "pt"}` metadata, as transf
 
 Layout conversions (ours <- HF): Linear weight [out, in] -> kernel [in, out]; fused vision qkv
 [3D, D] -> [D, 3, D] and its bias [3D] -> [3, D]; Conv3d patch weight [D, C, T, P, P] -> [C*T*P*P, D];
-per-layer tensors are stacked on a leading layer axis.
+per-layer tensors are stacked on a leading layer axis, or (`scan_layers=False`) kept per layer under
+`layers.<i>` / `blocks.<i>`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,20 @@ def _entries(cfg: Qwen2_5_VLConfig) -> list[_Entry]:
             for hf, ours, k in layer]
     out.append(_Entry(("language_model", "norm", "scale"), "model.norm.weight", None, COPY))
     if not cfg.tie_word_embeddings:
-        out.append(_Entry(("lm_head", "kernel"), "lm_head.weight", None, LINEAR))
+        out.append(_Entry(("lm_head", "weight"), "lm_head.weight", None, COPY))
+    return out
+
+
+def _as_held(entries: list[_Entry], stacked: Callable[[_Entry], bool], key: Callable[[int], Any] = int
+              ) -> list[_Entry]:
+    """The entries as a model holds them: a stacked entry stays one; an unstacked one (`scan_layers=False`)
+    becomes one single-tensor entry per layer, at path (..., "layers", key(i), ...)."""
+    out = []
+    for e in entries:
+        if e.layers is None or stacked(e):
+            out.append(e)
+        else:
+            out += [_Entry((*e.path[:2], key(i), *e.path[2:]), e.hf.format(i=i), None, e.kind) for i in range(e.layers)]
     return out
 
 
@@ -207,7 +221,7 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
 
     param_dtype defaults to dtype. remat and scan_layers: as in `Qwen2_5_VL`. shardings: None (default device), a pytree of `jax.sharding.Sharding`
     matching `nnx.state(model)` (an nnx.State or its pure dict), or a callable
-    `(path: tuple[str, ...], shape, logical_names) -> Sharding`; each device then reads only its slice.
+    `(path: tuple of keys, shape, logical_names) -> Sharding`; each device then reads only its slice.
     """
     hf_dir = Path(hf_dir)
     files = _checkpoint_files(hf_dir)
@@ -223,7 +237,7 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
     reader = _Reader(files)
     entries = _entries(cfg)
     _check_names(reader, entries, cfg)
-    for entry in entries:
+    for entry in _as_held(entries, lambda e: 0 not in _lookup(pure, e.path[:2])):
         shape = _lookup(pure, entry.path).shape
         per_layer = shape if entry.layers is None else shape[1:]
         want = entry.kind.hf_shape(per_layer)
@@ -292,8 +306,9 @@ def save_hf(model_or_state: Any, config: Qwen2_5_VLConfig | dict | None, out_dir
     if config is None:
         raise ValueError("save_hf needs the config when given a state")
     cfg = config if isinstance(config, Qwen2_5_VLConfig) else Qwen2_5_VLConfig.from_hf_dict(config)
-    entries = _entries(cfg)
     flat = dict(_flatten(pure))
+    layer_roots = {p[:3] for p in flat}
+    entries = _as_held(_entries(cfg), lambda e: (*e.path[:2], "0") not in layer_roots, key=str)
     unexpected = set(flat) - {e.path for e in entries}
     if unexpected:
         raise ValueError(f"state has parameters the HF layout does not know: {sorted('.'.join(p) for p in unexpected)}")
