@@ -3,8 +3,9 @@
 Batch 4, ~270 tokens per row with one 112x112 image, next-token cross-entropy, fp32, this machine's CPU.
 viper_jax runs twice: layers under lax.scan (the default, what real models use) and unrolled over
 per-layer modules (`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
-fraction of a 2048^3 matmul measured in the same run. One run; prints the ratios.
-Usage: python scripts/bench_model.py [--steps 5]
+fraction of a 2048^3 matmul measured in the same run. One run, the contenders timed round-robin
+(median of --steps rounds); prints the ratios.
+Usage: python scripts/bench_model.py [--steps 9]
 """
 
 from __future__ import annotations
@@ -59,17 +60,23 @@ def _torch_step(model, batch):
     return run
 
 
-def _time(fn, steps: int) -> float:
-    fn()  # warm-up (and compile for JAX)
-    t = time.perf_counter()
-    for _ in range(steps):
+def _time_interleaved(fns: dict, steps: int) -> dict:
+    """Median seconds per step of each fn, timed round-robin (one step of each per round) so that a
+    drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed."""
+    for fn in fns.values():
         fn()
-    return (time.perf_counter() - t) / steps
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text_tokens", type=int, default=252)
     args = ap.parse_args()
@@ -86,10 +93,10 @@ def main() -> None:
     jax_step = _jax_step(ours, batch)
     grid = int(batch["image_grid_thw"][0, 1])
     flops = train_flops(bench_config_dict(), args.batch, batch["input_ids"].shape[1], grid * grid)
-    results = {"viper_jax (jit)": _time(jax_step, args.steps),
-               "viper_jax (jit, unrolled)": _time(_jax_step(ours_unrolled, batch), args.steps),
-               "transformers eager": _time(_torch_step(hf_eager, batch), args.steps),
-               "transformers sdpa": _time(_torch_step(hf_sdpa, batch), args.steps)}
+    results = _time_interleaved({"viper_jax (jit)": jax_step,
+                                 "viper_jax (jit, unrolled)": _jax_step(ours_unrolled, batch),
+                                 "transformers eager": _torch_step(hf_eager, batch),
+                                 "transformers sdpa": _torch_step(hf_sdpa, batch)}, args.steps)
     jax_mm, torch_mm = matmul_flops_per_second()
 
     print(f"machine: {describe_machine()}; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "

@@ -46,8 +46,9 @@ def base_config() -> ConfigDict:
     c.model.tokenizer_path = ""  # default: model.path
     c.model.dtype = "float32"  # compute dtype; master weights and optimizer state are always fp32
     c.model.remat = "none"
-    # Layers under one lax.scan (compile time flat in depth: real models); False unrolls them, 0-6% faster
-    # steps for small models on CPU, compile time linear in depth.
+    # Layers under one lax.scan (compile time flat in depth: real models); False holds one module per layer
+    # and unrolls them: faster steps for small models on CPU, compile time linear in depth. Checkpoints
+    # keep the layout they were trained in; load_orbax converts between the two.
     c.model.scan_layers = True
     # Decoder attention over this many queries at a time (0 = all): bounds the fp32 scores of long
     # sequences (GRPO's prompt + response) to [heads, chunk, T] per row; same result, one more score pass.
