@@ -131,7 +131,8 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, **kw)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_full: jax.Array, vi: VisionInputs) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_full: jax.Array | bool,
+                 vi: VisionInputs) -> jax.Array:
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
@@ -158,7 +159,8 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_full: jax.Array, vi: VisionInputs) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, is_full: jax.Array | bool,
+                 vi: VisionInputs) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, is_full, vi)
         return x + self.mlp(self.norm2(x))
 
