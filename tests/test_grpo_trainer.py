@@ -160,7 +160,7 @@ def test_per_layer_modules_train_resume_and_export(root):
     as such, resumes, and exports an HF directory whose layers match the checkpoint's."""
     from viper_jax.convert import load_orbax
     from viper_jax.models.qwen2_5_vl import load_hf
-    from viper_jax.train.trainer import train
+    from viper_jax.train.trainer import ConfigError, train
 
     work = root / "per_layer"
     args = ["--config.stage_order=('caption_refine',)", "--config.stages.caption_refine.reward=toy_letters",
@@ -175,3 +175,6 @@ def test_per_layer_modules_train_resume_and_export(root):
     exported = nnx.to_pure_dict(nnx.state(load_hf(work / "hf", scan_layers=False), nnx.Param))
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(exported)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    flipped = [a.replace("scan_layers=False", "scan_layers=True") for a in args]
+    with pytest.raises(ConfigError, match=r"holds its layers per layer .*model\.scan_layers=True"):
+        train(tiny_config(work, root / "data", [*flipped, "--config.stages.caption_refine.steps=3"]))

@@ -43,7 +43,7 @@ def load_orbax(ckpt: str | Path, step: int | None = None, dtype: Any = jnp.float
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers,
                                                  rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    saved_stacked = not _per_layer(checkpoint.saved_params_tree(ckpt, step)["language_model"]["layers"])
+    saved_stacked = saved_layers_stacked(ckpt, step)
     target = None
     if shardings is not None and saved_stacked == scan_layers:
         shapes = nnx.to_pure_dict(state)
@@ -60,6 +60,11 @@ _LAYER_STACKS = (("language_model", "layers"), ("visual", "blocks"))
 
 def _per_layer(layers: dict) -> bool:
     return any(str(k) == "0" for k in layers)
+
+
+def saved_layers_stacked(ckpt: str | Path, step: int | None = None) -> bool:
+    """Whether an Orbax checkpoint holds its layers stacked (scan_layers=True) or one subtree per layer."""
+    return not _per_layer(checkpoint.saved_params_tree(ckpt, step)["language_model"]["layers"])
 
 
 def relayout_params(params: dict, stacked: bool) -> dict:

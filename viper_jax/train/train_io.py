@@ -87,6 +87,17 @@ def check_same_model(ckpt_config: dict[str, Any], model_config: Any, directory: 
                                  f"model.path={model_path}: {shown}. Use a new workdir or the matching model.")
 
 
+def check_layer_layout(directory: Path, step: int, scan_layers: bool) -> None:
+    """Refuses to resume a checkpoint whose layers are in the other layout than model.scan_layers."""
+    from viper_jax.convert import saved_layers_stacked
+
+    if saved_layers_stacked(directory, step) != scan_layers:
+        held = "per layer (model.scan_layers=False)" if scan_layers else "stacked (model.scan_layers=True)"
+        raise ConfigError(f"checkpoint {directory}/{step} holds its layers {held}, but the config sets "
+                          f"model.scan_layers={scan_layers}: resume with the setting it was trained with "
+                          f"(load_orbax converts a checkpoint between the layouts for other uses)")
+
+
 def stage_data_config(config: ConfigDict, name: str, index: int) -> ConfigDict:
     data = ConfigDict(config.data.to_dict())
     data.shard_globs = tuple(config.stages[name].data_globs)

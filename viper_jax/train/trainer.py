@@ -42,9 +42,9 @@ from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import (ModelMismatchError, check_same_model, check_stage_data, gather_data_state,
-                                      load_params, make_stage_pipeline, own_data_state, read_model_config,
-                                      resolve_model_path, restore_train_state, stage_check)
+from viper_jax.train.train_io import (ModelMismatchError, check_layer_layout, check_same_model, check_stage_data,
+                                      gather_data_state, load_params, make_stage_pipeline, own_data_state,
+                                      read_model_config, resolve_model_path, restore_train_state, stage_check)
 from viper_jax.train_state import init_train_state, train_state_shardings
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
         data_state = None
     else:
         check_same_model(ckpt.restore_json(latest), model_cfg, ckpt.directory, latest, model_path)
+        check_layer_layout(ckpt.directory, latest, config.model.scan_layers)
         state, meta, data_state = restore_train_state(ckpt, latest, optimizer, abstract_params, shardings)
         data_state = own_data_state(data_state)
         if meta["stage_index"] >= len(config.stage_order) or \
