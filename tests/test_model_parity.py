@@ -13,8 +13,8 @@ from flax import nnx  # noqa: E402
 
 from hf_tiny import (build_hf_model, build_inputs, hf_config, hf_logits, to_torch,  # noqa: E402
                      transformers_version_ok, TESTED_TRANSFORMERS)
-from viper_jax.convert import relayout_params  # noqa: E402
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, get_rope_index, load_hf, prepare_vision  # noqa: E402
+from viper_jax.models.qwen2_5_vl import (Qwen2_5_VL, get_rope_index, load_hf, prepare_vision,  # noqa: E402
+                                         relayout_params)
 
 TOL = 1e-4
 VIDEO_SECONDS = np.array([0.75], np.float32)  # tokens_per_second 2 -> temporal step 1.5 (truncated: 0, 1, 3)

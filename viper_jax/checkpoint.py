@@ -72,9 +72,10 @@ def restore_params(directory: str | Path, target: Any = None, step: int | None =
 
 def saved_params_tree(directory: str | Path, step: int | None = None) -> dict[str, Any]:
     """The params item's tree as saved (nested dicts with string keys, array metadata leaves), read
-    without loading any array."""
-    with _manager(directory, read_only=True) as mngr:
-        step = _resolve_step(mngr, directory, step)
+    without loading any array. step: default the latest."""
+    if step is None:
+        with _manager(directory, read_only=True) as mngr:
+            step = _resolve_step(mngr, directory, step)
     return ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / str(step) / PARAMS).tree
 
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from viper_jax import checkpoint
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, load_hf, save_hf
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, load_hf, relayout_params, save_hf
+from viper_jax.models.qwen2_5_vl.weights import holds_per_layer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,34 +56,9 @@ def load_orbax(ckpt: str | Path, step: int | None = None, dtype: Any = jnp.float
     return nnx.merge(graphdef, state)
 
 
-_LAYER_STACKS = (("language_model", "layers"), ("visual", "blocks"))
-
-
-def _per_layer(layers: dict) -> bool:
-    return any(str(k) == "0" for k in layers)
-
-
 def saved_layers_stacked(ckpt: str | Path, step: int | None = None) -> bool:
     """Whether an Orbax checkpoint holds its layers stacked (scan_layers=True) or one subtree per layer."""
-    return not _per_layer(checkpoint.saved_params_tree(ckpt, step)["language_model"]["layers"])
-
-
-def relayout_params(params: dict, stacked: bool) -> dict:
-    """Parameters (a pure dict) in the layer layout of a model built with `scan_layers=stacked`: each
-    layer's tensors stacked on a leading axis, or one subtree per layer under integer keys (Orbax
-    gives those back as strings)."""
-    out = dict(params)
-    for top, name in _LAYER_STACKS:
-        out[top] = dict(out[top])
-        layers = out[top][name]
-        if _per_layer(layers):
-            ordered = [layers[k] for k in sorted(layers, key=int)]
-            out[top][name] = (jax.tree.map(lambda *a: jnp.stack(a), *ordered) if stacked
-                              else dict(enumerate(ordered)))
-        elif not stacked:
-            n = jax.tree.leaves(layers)[0].shape[0]
-            out[top][name] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
-    return out
+    return not holds_per_layer(checkpoint.saved_params_tree(ckpt, step)["language_model"]["layers"])
 
 
 def load_model(path: str | Path, dtype: Any = jnp.float32, step: int | None = None) -> Qwen2_5_VL:

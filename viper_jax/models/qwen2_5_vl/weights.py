@@ -103,13 +103,39 @@ def _entries(cfg: Qwen2_5_VLConfig) -> list[_Entry]:
     return out
 
 
-def _as_held(entries: list[_Entry], stacked: Callable[[_Entry], bool], key: Callable[[int], Any] = int
-              ) -> list[_Entry]:
-    """The entries as a model holds them: a stacked entry stays one; an unstacked one (`scan_layers=False`)
-    becomes one single-tensor entry per layer, at path (..., "layers", key(i), ...)."""
+LAYER_STACKS = (("language_model", "layers"), ("visual", "blocks"))
+
+
+def holds_per_layer(layers: Any) -> bool:
+    """Whether a layer container of a parameter tree (`language_model.layers`, `visual.blocks`) holds one
+    subtree per layer (`scan_layers=False`; keys 0..L-1, strings once flattened or restored by Orbax)
+    rather than stacked arrays."""
+    return hasattr(layers, "keys") and any(str(k) == "0" for k in layers)
+
+
+def relayout_params(params: dict, stacked: bool) -> dict:
+    """Parameters (a pure dict) in the layer layout of a model built with `scan_layers=stacked`: each
+    layer's tensors stacked on a leading axis, or one subtree per layer under integer keys."""
+    out = dict(params)
+    for top, name in LAYER_STACKS:
+        out[top] = dict(out[top])
+        layers = out[top][name]
+        if holds_per_layer(layers):
+            ordered = [layers[k] for k in sorted(layers, key=int)]
+            out[top][name] = (jax.tree.map(lambda *a: jnp.stack(a), *ordered) if stacked
+                              else dict(enumerate(ordered)))
+        elif not stacked:
+            n = jax.tree.leaves(layers)[0].shape[0]
+            out[top][name] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
+    return out
+
+
+def _as_held(entries: list[_Entry], tree: dict, key: Callable[[int], Any] = int) -> list[_Entry]:
+    """The entries as the parameter `tree` holds them: a stacked entry stays one; one whose layers the tree
+    holds per layer becomes one single-tensor entry per layer, at path (..., "layers", key(i), ...)."""
     out = []
     for e in entries:
-        if e.layers is None or stacked(e):
+        if e.layers is None or not holds_per_layer(tree.get(e.path[0], {}).get(e.path[1])):
             out.append(e)
         else:
             out += [_Entry((*e.path[:2], key(i), *e.path[2:]), e.hf.format(i=i), None, e.kind) for i in range(e.layers)]
@@ -237,7 +263,7 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
     reader = _Reader(files)
     entries = _entries(cfg)
     _check_names(reader, entries, cfg)
-    for entry in _as_held(entries, lambda e: 0 not in _lookup(pure, e.path[:2])):
+    for entry in _as_held(entries, pure):
         shape = _lookup(pure, entry.path).shape
         per_layer = shape if entry.layers is None else shape[1:]
         want = entry.kind.hf_shape(per_layer)
@@ -306,9 +332,8 @@ def save_hf(model_or_state: Any, config: Qwen2_5_VLConfig | dict | None, out_dir
     if config is None:
         raise ValueError("save_hf needs the config when given a state")
     cfg = config if isinstance(config, Qwen2_5_VLConfig) else Qwen2_5_VLConfig.from_hf_dict(config)
+    entries = _as_held(_entries(cfg), pure, key=str)
     flat = dict(_flatten(pure))
-    layer_roots = {p[:3] for p in flat}
-    entries = _as_held(_entries(cfg), lambda e: (*e.path[:2], "0") not in layer_roots, key=str)
     unexpected = set(flat) - {e.path for e in entries}
     if unexpected:
         raise ValueError(f"state has parameters the HF layout does not know: {sorted('.'.join(p) for p in unexpected)}")
