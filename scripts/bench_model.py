@@ -26,6 +26,7 @@ from flax import nnx  # noqa: E402
 from bench_common import (bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
                           matmul_flops_per_second, train_flops)
 from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf, prepare_vision  # noqa: E402
+from viper_jax.rl.grpo_loss import token_logprobs  # noqa: E402
 
 
 def _jax_step(model, batch):
@@ -35,11 +36,10 @@ def _jax_step(model, batch):
     vision = prepare_vision(batch["image_grid_thw"], model.config.vision)
     ids, pix = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"])
 
-    def loss_fn(params):
+    def loss_fn(params):  # the trainer's path: lm_head over the predicting positions, token_logprobs
         m = nnx.merge(graphdef, params)
-        logits = m(ids, pixel_values=pix, position_ids=positions, vision_inputs=vision)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+        hidden = m.hidden_states(ids, pixel_values=pix, position_ids=positions, vision_inputs=vision)
+        return -token_logprobs(m.logits_from_hidden(hidden[:, :-1]), ids[:, 1:]).mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     return lambda: jax.block_until_ready(step(params))
@@ -52,8 +52,9 @@ def _torch_step(model, batch):
     def run():
         model.zero_grad(set_to_none=True)
         model.model.rope_deltas = None
-        logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        hidden = model.model(**inputs).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
         return loss
 

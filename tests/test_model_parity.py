@@ -263,7 +263,7 @@ def test_query_chunked_attention_matches_hf_and_full_attention(pair):
     for a, b in zip(jax.tree.leaves(_grads(full, inputs)), jax.tree.leaves(_grads(chunked, inputs))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
-    from viper_jax.models.qwen2_5_vl.layers import attend
+    from viper_jax.models.qwen2_5_vl.attention import attend
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 11, 2, 3, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 2, 16, 8)), jnp.float32) for _ in range(2))  # [B, KV, S, d]

@@ -87,55 +87,6 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-           heads_first: bool = False, query_chunk: int = 0) -> jax.Array:
-    """Grouped attention without repeating K/V.
-
-    q [B, T, K, G, d] (query head j = k * G + g uses K/V head k, as HF's repeat_kv), k/v [B, S, K, d]
-    ([B, K, S, d] with heads_first, the KV-cache layout, which lets the batched matmuls read the cache
-    without a transpose), mask [B, T, S] or broadcastable (True = attend). Scores and softmax in fp32
-    as HF's eager path; a masked score is set to the fp32 minimum, which is what HF's additive mask
-    produces, so a fully masked row (a left-pad query) averages over all keys exactly as HF does.
-
-    query_chunk > 0 attends `query_chunk` queries at a time (`lax.map` over rematerialised chunks), so the
-    fp32 scores held at once, forward or backward, are [B, H, query_chunk, S] instead of [B, H, T, S]:
-    at 5120 positions and 28 heads that is 2.9 GB per row unchunked. Same result, one more score pass.
-    """
-    t = q.shape[1]
-    if query_chunk and t > query_chunk:
-        return _attend_chunked(q, k, v, mask, scale, heads_first, query_chunk)
-    kv = "bksd" if heads_first else "bskd"
-    logits = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if q.shape[1] == 1 and heads_first:
-        # One decode token: probs @ V is B*K tiny [G, S] x [S, d] products, which XLA:CPU runs as a
-        # batched dot at ~5 GFLOP/s (a quarter of a CPU decode step); a fused multiply + reduce over S
-        # is 2.3x faster for the whole attention and gives the same sums to fp32 rounding.
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3, dtype=jnp.float32)
-        return out.astype(v.dtype)[:, None]
-    return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
-
-
-def _attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-                    heads_first: bool, chunk: int) -> jax.Array:
-    b, t = q.shape[:2]
-    n = -(-t // chunk)
-    pad = n * chunk - t  # padded queries see no key; their rows are dropped below
-    if mask is None:
-        kv_len = k.shape[2] if heads_first else k.shape[1]
-        mask = jnp.ones((1, t, kv_len), bool)
-    mask = jnp.broadcast_to(mask, (mask.shape[0], t, mask.shape[-1]))
-    qs = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2))
-    ms = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
-    qs = qs.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, K, G, d]
-    ms = ms.reshape(ms.shape[0], n, chunk, ms.shape[-1]).swapaxes(0, 1)
-    one = jax.checkpoint(lambda args: attend(args[0], k, v, args[1], scale, heads_first), prevent_cse=False)
-    out = jax.lax.map(one, (qs, ms)).swapaxes(0, 1)  # [B, n, chunk, K, G, d]
-    return out.reshape(b, n * chunk, *out.shape[3:])[:, :t]
-
-
 def remat_policy(remat: str) -> Callable[[Callable], Callable]:
     """Wraps a scanned layer body for rematerialisation: none | full | dots (keep non-batched matmuls) |
     offload (the same matmul outputs, moved to pinned host memory between forward and backward)."""

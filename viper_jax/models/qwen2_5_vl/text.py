@@ -22,7 +22,8 @@ from flax import nnx
 
 from ...sharding import constrain
 from .config import TextConfig
-from .layers import GatedMLP, Linear, RMSNorm, attend, param, rotate_half, scan_layers, stacked
+from .attention import attend
+from .layers import GatedMLP, Linear, RMSNorm, param, rotate_half, scan_layers, stacked
 
 Cache = dict[str, jax.Array]
 HIDDEN = ("batch", "length", "embed")  # logical names of [B, T, D] activations (no-op without a mesh)
@@ -42,7 +43,7 @@ class TextAttention(nnx.Module):
         self.v_proj = Linear(d, kv * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.query_chunk = query_chunk  # see layers.attend; decode steps (T = 1) never chunk
+        self.query_chunk = query_chunk  # see attention.attend; decode steps (T = 1) never chunk
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0,

@@ -21,7 +21,8 @@ from flax import nnx
 
 from ...sharding import constrain
 from .config import VisionConfig
-from .layers import GatedMLP, Linear, RMSNorm, attend, param, rotate_half, scan_layers, stacked
+from .attention import attend
+from .layers import GatedMLP, Linear, RMSNorm, param, rotate_half, scan_layers, stacked
 
 
 @partial(jax.tree_util.register_dataclass,
