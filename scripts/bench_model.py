@@ -3,8 +3,8 @@
 Batch 4, ~270 tokens per row with one 112x112 image, next-token cross-entropy, fp32, this machine's CPU.
 viper_jax runs twice: layers under lax.scan (the default, what real models use) and unrolled over
 per-layer modules (`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
-fraction of a 2048^3 matmul measured in the same run. One run, the contenders timed round-robin
-(median of --steps rounds); prints the ratios.
+fraction of a 2048^3 matmul measured in the same run. One run, the contenders timed round-robin in a
+rotating order (median of --steps rounds); prints the ratios.
 Usage: python scripts/bench_model.py [--steps 9]
 """
 
@@ -63,14 +63,17 @@ def _torch_step(model, batch):
 
 def _time_interleaved(fns: dict, steps: int) -> dict:
     """Median seconds per step of each fn, timed round-robin (one step of each per round) so that a
-    drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed."""
+    drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed.
+    The order rotates every round, so that no contender always runs in the same place (a JAX step timed
+    right after a PyTorch step, after a JAX step, or after a 0.5 s pause measured the same: 1.51, 1.54, 1.52 s)."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
+    for r in range(steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
