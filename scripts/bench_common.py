@@ -62,7 +62,6 @@ def image_batch(batch: int, text_tokens: int, image_px: int = 112, seed: int = 0
 def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     """(JAX, torch) fp32 FLOP/s of an n^3 matmul, measured now (the machine is shared and noisy)."""
     import jax
-    import jax.numpy as jnp
     import torch
 
     a = jax.random.normal(jax.random.key(0), (n, n))
@@ -78,6 +77,23 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> tuple[float, flo
     for _ in range(repeats):
         b @ b
     return jax_rate, 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def time_interleaved(fns: dict, steps: int) -> dict:
+    """Median seconds per step of each fn, timed round-robin (one step of each per round) so that a
+    drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed.
+    The order rotates every round, so that no contender always runs in the same place (a JAX step timed
+    right after a PyTorch step, after a JAX step, or after a 0.5 s pause measured the same: 1.51, 1.54, 1.52 s)."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times = {name: [] for name in fns}
+    for r in range(steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def describe_machine() -> str:

@@ -7,7 +7,7 @@ each timed as
   - jax 2x: the same dot as two independent row halves in one program, which XLA's thunk executor runs
     concurrently, one per core,
   - torch: one matmul with torch's intra-op threads (MKL),
-round-robin in one run (median of --rounds). Same FLOPs in every column; GFLOP/s and the ratios printed,
+round-robin in a rotating order in one run (median of --rounds). Same FLOPs in every column; GFLOP/s and the ratios printed,
 then one training step's total (each shape times how often the step runs it).
 `--threads 1` pins the process to one core (before JAX starts) to compare the kernels without threading.
 Usage: python scripts/bench_matmul.py [--rounds 15] [--threads 1]
@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_common import bench_config_dict  # noqa: E402
+from bench_common import bench_config_dict, time_interleaved  # noqa: E402
 
 
 def shapes(rows: int) -> list[tuple[str, tuple[int, int, int], int]]:
@@ -62,19 +61,10 @@ def main() -> None:
     for name, (m, k, n), _ in cases:
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        fns[name] = {"jax": lambda ja=ja, jb=jb: one(ja, jb).block_until_ready(),
-                     "jax 2x": lambda ja=ja, jb=jb: halves(ja, jb).block_until_ready(),
-                     "torch": lambda ta=ta, tb=tb: ta @ tb}
-    times = {name: {c: [] for c in row} for name, row in fns.items()}
-    for name, row in fns.items():
-        for fn in row.values():
-            fn()  # compile / warm up
-    for _ in range(args.rounds):
-        for name, row in fns.items():
-            for contender, fn in row.items():
-                t = time.perf_counter()
-                fn()
-                times[name][contender].append(time.perf_counter() - t)
+        fns[name, "jax"] = lambda ja=ja, jb=jb: one(ja, jb).block_until_ready()
+        fns[name, "jax 2x"] = lambda ja=ja, jb=jb: halves(ja, jb).block_until_ready()
+        fns[name, "torch"] = lambda ta=ta, tb=tb: ta @ tb
+    medians = time_interleaved(fns, args.rounds)
 
     cores = len(os.sched_getaffinity(0))
     print(f"fp32 matmuls of the bench_model config at {args.rows} rows, {cores} cores, GFLOP/s (median of "
@@ -83,7 +73,7 @@ def main() -> None:
           f"{'2x/torch':>10s}")
     totals = {"jax": 0.0, "jax 2x": 0.0, "torch": 0.0}
     for name, (m, k, n), count in cases:
-        med = {c: float(np.median(ts)) for c, ts in times[name].items()}
+        med = {c: medians[name, c] for c in totals}
         for c in totals:
             totals[c] += count * med[c]
         rate = {c: 2 * m * k * n / s / 1e9 for c, s in med.items()}

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_common import (bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
-                          matmul_flops_per_second, train_flops)
+                          matmul_flops_per_second, time_interleaved, train_flops)
 from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf, prepare_vision  # noqa: E402
 from viper_jax.rl.grpo_loss import token_logprobs  # noqa: E402
 
@@ -61,23 +59,6 @@ def _torch_step(model, batch):
     return run
 
 
-def _time_interleaved(fns: dict, steps: int) -> dict:
-    """Median seconds per step of each fn, timed round-robin (one step of each per round) so that a
-    drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed.
-    The order rotates every round, so that no contender always runs in the same place (a JAX step timed
-    right after a PyTorch step, after a JAX step, or after a 0.5 s pause measured the same: 1.51, 1.54, 1.52 s)."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times = {name: [] for name in fns}
-    for r in range(steps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=9)
@@ -97,7 +78,7 @@ def main() -> None:
     jax_step = _jax_step(ours, batch)
     grid = int(batch["image_grid_thw"][0, 1])
     flops = train_flops(bench_config_dict(), args.batch, batch["input_ids"].shape[1], grid * grid)
-    results = _time_interleaved({"viper_jax (jit)": jax_step,
+    results = time_interleaved({"viper_jax (jit)": jax_step,
                                  "viper_jax (jit, unrolled)": _jax_step(ours_unrolled, batch),
                                  "transformers eager": _torch_step(hf_eager, batch),
                                  "transformers sdpa": _torch_step(hf_sdpa, batch)}, args.steps)
