@@ -4,6 +4,7 @@ and loaded into JAX through a real HF directory, so both sides compute with iden
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import time
 
@@ -79,27 +80,50 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> tuple[float, flo
     return jax_rate, 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
-def time_interleaved(fns: dict, steps: int) -> dict:
+def time_interleaved(fns: dict, steps: int, warm_each: bool = False, faults: dict | None = None) -> dict:
     """Median seconds per step of each fn, timed round-robin (one step of each per round) so that a
     drifting machine load hits every contender alike; the first call of each (JAX compiles) is untimed.
-    The order rotates every round, so that no contender always runs in the same place (a JAX step timed
-    right after a PyTorch step, after a JAX step, or after a 0.5 s pause measured the same: 1.51, 1.54, 1.52 s)."""
+    The order rotates every round, so that no contender always runs in the same place.
+
+    warm_each: run each fn once untimed right before its timed call, for fns of a few ms. PyTorch's
+    OpenMP workers spin-wait for a few ms after each parallel region and take a core from whatever runs
+    next: a 1080x512x1536 JAX matmul measured here took 11.8 ms right after a torch matmul, 9.8 ms 5 ms
+    later, 9.0 ms 20 ms later. A 1.4 s training step (bench_model.py) loses under 1% to it.
+    faults: if given, filled with each fn's median minor page faults per timed call (the process's, so
+    a library's background threads count too)."""
     for fn in fns.values():
         fn()
     names = list(fns)
     times = {name: [] for name in fns}
+    minflt = {name: [] for name in fns}
     for r in range(steps):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if warm_each:
+                fns[name]()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
+            minflt[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    if faults is not None:
+        faults.update({name: float(np.median(f)) for name, f in minflt.items()})
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def describe_machine() -> str:
+    """Device, cores, CPU model and the glibc malloc tunables in force (see the README on huge pages)."""
+    import platform
+
     import jax
 
-    return f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores"
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores ({model}), "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
 
 
 def train_flops(config: dict, batch: int, seq: int, patches_per_row: int) -> float:

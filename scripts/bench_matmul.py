@@ -7,7 +7,9 @@ each timed as
   - jax 2x: the same dot as two independent row halves in one program, which XLA's thunk executor runs
     concurrently, one per core,
   - torch: one matmul with torch's intra-op threads (MKL),
-round-robin in a rotating order in one run (median of --rounds). Same FLOPs in every column; GFLOP/s and the ratios printed,
+each timed call ~20 ms of the same matmul back to back after one untimed call (so both libraries'
+threads are awake and the other's have stopped spinning), round-robin in a rotating order in one run
+(median of --rounds). Same FLOPs in every column; GFLOP/s and the ratios printed,
 then one training step's total (each shape times how often the step runs it).
 `--threads 1` pins the process to one core (before JAX starts) to compare the kernels without threading.
 Usage: python scripts/bench_matmul.py [--rounds 15] [--threads 1]
@@ -57,14 +59,16 @@ def main() -> None:
     one = jax.jit(jnp.matmul)
     halves = jax.jit(lambda a, b: jnp.concatenate([a[: a.shape[0] // 2] @ b, a[a.shape[0] // 2:] @ b], 0))
     rng = np.random.default_rng(0)
-    cases, fns = shapes(args.rows), {}
+    cases, fns, reps = shapes(args.rows), {}, {}
     for name, (m, k, n), _ in cases:
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        fns[name, "jax"] = lambda ja=ja, jb=jb: one(ja, jb).block_until_ready()
-        fns[name, "jax 2x"] = lambda ja=ja, jb=jb: halves(ja, jb).block_until_ready()
-        fns[name, "torch"] = lambda ta=ta, tb=tb: ta @ tb
-    medians = time_interleaved(fns, args.rounds)
+        # Back to back, as in a training step: ~20 ms of work per timed call, each library's threads awake.
+        r = reps[name] = max(3, round(0.02 / (2 * m * k * n / 150e9)))
+        fns[name, "jax"] = lambda ja=ja, jb=jb, r=r: [one(ja, jb).block_until_ready() for _ in range(r)]
+        fns[name, "jax 2x"] = lambda ja=ja, jb=jb, r=r: [halves(ja, jb).block_until_ready() for _ in range(r)]
+        fns[name, "torch"] = lambda ta=ta, tb=tb, r=r: [ta @ tb for _ in range(r)]
+    medians = {key: sec / reps[key[0]] for key, sec in time_interleaved(fns, args.rounds, warm_each=True).items()}
 
     cores = len(os.sched_getaffinity(0))
     print(f"fp32 matmuls of the bench_model config at {args.rows} rows, {cores} cores, GFLOP/s (median of "

@@ -5,7 +5,7 @@ viper_jax runs twice: layers under lax.scan (the default, what real models use) 
 per-layer modules (`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
 fraction of a 2048^3 matmul measured in the same run. One run, the contenders timed round-robin in a
 rotating order (median of --steps rounds); prints the ratios.
-Usage: python scripts/bench_model.py [--steps 9]
+Usage: python scripts/bench_model.py [--steps 9] [--remat dots]
 """
 
 from __future__ import annotations
@@ -64,13 +64,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text_tokens", type=int, default=252)
+    ap.add_argument("--remat", default="none", help="viper_jax's remat policy: none | dots | full")
     args = ap.parse_args()
 
     batch = image_batch(args.batch, args.text_tokens)
     tokens = batch["input_ids"].size
     hf_eager, path = build_models("eager")
-    ours = load_hf(path)
-    ours_unrolled = load_hf(path, scan_layers=False)
+    ours = load_hf(path, remat=args.remat)
+    ours_unrolled = load_hf(path, scan_layers=False, remat=args.remat)
     hf_sdpa, _ = build_models("sdpa")
     hf_sdpa.load_state_dict(hf_eager.state_dict())
     hf_eager.train(), hf_sdpa.train()
@@ -78,17 +79,19 @@ def main() -> None:
     jax_step = _jax_step(ours, batch)
     grid = int(batch["image_grid_thw"][0, 1])
     flops = train_flops(bench_config_dict(), args.batch, batch["input_ids"].shape[1], grid * grid)
+    faults = {}
     results = time_interleaved({"viper_jax (jit)": jax_step,
                                  "viper_jax (jit, unrolled)": _jax_step(ours_unrolled, batch),
                                  "transformers eager": _torch_step(hf_eager, batch),
-                                 "transformers sdpa": _torch_step(hf_sdpa, batch)}, args.steps)
+                                 "transformers sdpa": _torch_step(hf_sdpa, batch)}, args.steps, faults=faults)
     jax_mm, torch_mm = matmul_flops_per_second()
 
     print(f"machine: {describe_machine()}; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
-          f"(one 112x112 image per row), fp32, forward + backward")
-    print(f"{'':26s}{'s/step':>10s}{'tokens/s':>12s}{'vs ours':>10s}")
+          f"(one 112x112 image per row), fp32, forward + backward, viper_jax remat={args.remat}")
+    print(f"{'':26s}{'s/step':>10s}{'tokens/s':>12s}{'vs ours':>10s}{'page faults/step':>18s}")
     for name, sec in results.items():
-        print(f"{name:26s}{sec:>10.3f}{tokens / sec:>12.0f}{results['viper_jax (jit)'] / sec:>9.2f}x")
+        print(f"{name:26s}{sec:>10.3f}{tokens / sec:>12.0f}{results['viper_jax (jit)'] / sec:>9.2f}x"
+              f"{faults[name]:>18.0f}")
     for ours_name in ("viper_jax (jit)", "viper_jax (jit, unrolled)"):
         for name in ("transformers eager", "transformers sdpa"):
             print(f"speed-up of {ours_name} over {name}: {results[name] / results[ours_name]:.2f}x")
