@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_common import PAD, build_models, describe_machine, image_batch  # noqa: E402
