@@ -110,6 +110,19 @@ def time_interleaved(fns: dict, steps: int, warm_each: bool = False, faults: dic
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def add_malloc_arg(ap) -> None:
+    ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                    help="keep: glibc keeps freed memory (viper_jax.host_memory); default: glibc as it is")
+
+
+def apply_malloc(mode: str) -> None:
+    """Before anything computes: `keep` makes glibc keep freed memory (exits if it cannot)."""
+    from viper_jax.host_memory import keep_freed_host_memory
+
+    if mode == "keep" and not keep_freed_host_memory():
+        raise SystemExit("--malloc keep: glibc refused the malloc options (see the log); use --malloc default")
+
+
 def describe_machine() -> str:
     """Device, cores, CPU model and the glibc malloc tunables in force (see the README on huge pages)."""
     import platform

@@ -7,6 +7,8 @@ on the responses mapped to printable text; one AdamW update per step over all 32
 Update MFU: analytic FLOPs (bench_common.train_flops, vision once per prompt) / update seconds, against
 a matmul measured in the same run on CPU, against the device's peak given with --peak_tflops otherwise.
 
+By default glibc keeps freed memory (viper_jax.host_memory; `--malloc default` to compare).
+
 Usage: python scripts/bench_grpo.py [--prompts 8 --group 4 --new 64 --steps 3 --minibatches 1 --dtype float32]
 """
 
@@ -24,8 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_common import (PAD, bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
-                          matmul_flops_per_second, train_flops)
+from bench_common import (PAD, add_malloc_arg, apply_malloc, bench_config_dict, build_models,  # noqa: E402
+                          describe_machine, image_batch, matmul_flops_per_second, train_flops)
 from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
 from viper_jax.rl.reward import ViperReward  # noqa: E402
 from viper_jax.rollout.engine import RolloutConfig  # noqa: E402
@@ -68,7 +70,9 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (accelerators)")
+    add_malloc_arg(ap)
     args = ap.parse_args()
+    apply_malloc(args.malloc)
 
     _, path = build_models()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -100,7 +104,7 @@ def main() -> None:
     # Every response is trained on once per step, whatever the minibatch split; vision runs once per prompt.
     flops = train_flops(bench_config_dict(), rows, BUCKET + args.new, 64 // args.group)
     n_params = sum(x.size for x in jax.tree.leaves(learner.state.params))
-    print(f"machine: {describe_machine()}")
+    print(f"machine: {describe_machine()}, malloc {args.malloc}")
     print(f"workload: {args.prompts} prompts x group {args.group}, {args.new} new tokens, prompt bucket {BUCKET} "
           f"(one 112x112 image), {args.minibatches} update(s) per step, compute {args.dtype}, "
           f"{n_params / 1e6:.1f}M params")

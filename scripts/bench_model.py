@@ -5,7 +5,11 @@ viper_jax runs twice: layers under lax.scan (the default, what real models use) 
 per-layer modules (`scan_layers=False`). Also prints the model's achieved FLOP/s (analytic FLOPs of the step) as a
 fraction of a 2048^3 matmul measured in the same run. One run, the contenders timed round-robin in a
 rotating order (median of --steps rounds); prints the ratios.
-Usage: python scripts/bench_model.py [--steps 9] [--remat dots]
+
+By default the process first makes glibc keep freed memory (viper_jax.host_memory), which spares
+XLA:CPU's per-step temporaries (and PyTorch's large tensors) from being mapped and faulted in again
+every step; `--malloc default` leaves glibc as it is, to see the difference.
+Usage: python scripts/bench_model.py [--steps 9] [--remat dots] [--malloc default]
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_common import (bench_config_dict, build_models, describe_machine, image_batch,  # noqa: E402
-                          matmul_flops_per_second, time_interleaved, train_flops)
+from bench_common import (add_malloc_arg, apply_malloc, bench_config_dict, build_models,  # noqa: E402
+                          describe_machine, image_batch, matmul_flops_per_second, time_interleaved, train_flops)
 from viper_jax.models.qwen2_5_vl import get_rope_index, load_hf, prepare_vision  # noqa: E402
 from viper_jax.rl.grpo_loss import token_logprobs  # noqa: E402
 
@@ -65,7 +69,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text_tokens", type=int, default=252)
     ap.add_argument("--remat", default="none", help="viper_jax's remat policy: none | dots | full")
+    add_malloc_arg(ap)
     args = ap.parse_args()
+    apply_malloc(args.malloc)
 
     batch = image_batch(args.batch, args.text_tokens)
     tokens = batch["input_ids"].size
@@ -87,7 +93,7 @@ def main() -> None:
     jax_mm, torch_mm = matmul_flops_per_second()
 
     print(f"machine: {describe_machine()}; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
-          f"(one 112x112 image per row), fp32, forward + backward, viper_jax remat={args.remat}")
+          f"(one 112x112 image per row), fp32, forward + backward, viper_jax remat={args.remat}, malloc {args.malloc}")
     print(f"{'':26s}{'s/step':>10s}{'tokens/s':>12s}{'vs ours':>10s}{'page faults/step':>18s}")
     for name, sec in results.items():
         print(f"{name:26s}{sec:>10.3f}{tokens / sec:>12.0f}{results['viper_jax (jit)'] / sec:>9.2f}x"

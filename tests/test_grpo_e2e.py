@@ -35,7 +35,7 @@ def run(tmp_path_factory):
         "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1", "--config.rl.kl_coef=0.01",
         "--config.rl.kl_estimator=k3", "--config.rl.entropy_coef=0.01", "--config.rl.recompute_old_logprobs=true",
         "--config.rl.micro_batch_prompts=1", "--config.rl.dual_clip=3.0", "--config.optim.schedule=cosine",
-        f"--config.export.hf_dir={root / 'final_hf'}"]
+        "--config.keep_freed_host_memory=true", f"--config.export.hf_dir={root / 'final_hf'}"]
     out = subprocess.run(train_command(root / "run", overrides), env=subprocess_env(root / "data", root / "jax_cache"),
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -46,6 +46,7 @@ def test_both_stages_checkpoints_and_metrics(run):
     root, output = run
     workdir = root / "run"
     assert "finished at step 4" in output and "stage caption_refine finished at step 2" in output
+    assert "keep_freed_host_memory: glibc" in output  # the malloc options took effect (test_host_memory.py)
     from viper_jax.checkpoint import TrainCheckpointer
 
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=1, keep_steps=(2, 4))

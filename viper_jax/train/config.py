@@ -39,6 +39,9 @@ def stage(task: str, data_globs: Sequence[str] = (), steps: int = 1, reward: str
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.workdir = ""  # checkpoints, metrics.jsonl, tensorboard/, config.json (required)
+    # `viper train` on the CPU backend: glibc keeps freed memory, so XLA's per-step temporaries are not
+    # mapped and page-faulted in again every step (viper_jax/host_memory.py; the process stays at its peak).
+    c.keep_freed_host_memory = False
     c.seed = 0  # the rollout RNG of step s is fold_in(key(seed), s): resumable without stored RNG streams
 
     c.model = ConfigDict()

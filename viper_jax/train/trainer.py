@@ -215,10 +215,17 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
     from viper_jax.train.config import apply_overrides, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A library imported before this may already have given the root logger a handler (basicConfig is
+    # then a no-op and the root stays at WARNING): our own INFO lines still go to that handler.
+    logging.getLogger("viper_jax").setLevel(logging.INFO)
     config = load_config(config_path)
     apply_overrides(config, overrides)
     if workdir:
         config.workdir = workdir
+    if config.keep_freed_host_memory:  # before JAX starts its CPU client: see host_memory.py
+        from viper_jax.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     result = train(config)
     if distributed.is_main_process():
         print(f"finished at step {result['step']}; workdir {Path(config.workdir).absolute()}")

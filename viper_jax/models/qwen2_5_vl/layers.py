@@ -91,9 +91,9 @@ def remat_policy(remat: str) -> Callable[[Callable], Callable]:
     """Wraps a scanned layer body for rematerialisation: none | full | dots (keep non-batched matmuls) |
     offload (the same matmul outputs, moved to pinned host memory between forward and backward).
 
-    On CPU, "dots" is also faster than "none" for a scanned model: recomputing the elementwise work
-    costs less than writing and re-reading its stacked activations (bench_model.py, separate runs:
-    1.47 vs 1.62 s per step, 72k vs 183k page faults)."""
+    On CPU, "dots" only pays when glibc returns XLA's per-step temporaries to the kernel: it shrinks
+    that block (72k vs 183k page faults, 1.47 vs 1.62 s per step in bench_model.py). With the memory
+    kept (host_memory.py) "none" is faster: 1.36 s vs 1.42 s."""
     if remat == "none":
         return lambda f: f
     if remat == "full":
