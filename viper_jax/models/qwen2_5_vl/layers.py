@@ -129,9 +129,9 @@ def scan_layers(layers: nnx.Module | nnx.List, body: Callable, carry: Any, xs: A
     Stacked: one `lax.scan`, so the compiled program holds one layer however deep the model is (the
     choice for real models on TPU/GPU). An `nnx.List`: a Python loop, as MaxText's `scan_layers=False`:
     compile time grows with depth, but a step neither slices each layer's weights out of the stacks
-    (a copy of every weight per step) nor concatenates their gradients back. CPU benchmark model
-    (`scripts/bench_model.py`): 1.53 s per training step vs 1.62 s scanned, which also maps more fresh
-    memory per step (its saved activations are stacked over layers: 183k page faults vs 140k).
+    (a copy of every weight per step) nor stacks its saved activations and gradients. CPU benchmark
+    model (`scripts/bench_model.py`): 1.25 s per training step vs 1.36 s scanned (1.58 vs 1.80 s when
+    glibc returns freed memory to the kernel: 140k vs 181k page faults, see host_memory.py).
     """
     if isinstance(layers, nnx.List):
         ys = []
