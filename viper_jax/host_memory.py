@@ -3,8 +3,8 @@
 XLA:CPU allocates an executable's temporaries as one block per call (560 MB for the ~30M-parameter
 training step of scripts/bench_model.py) and frees it when the call ends. glibc serves a block that
 large with mmap and frees it with munmap, so every call faults all its pages in again: 140k minor
-faults, 0.25-0.5 s of kernel time in a 1.5 s step on a 2-core EPYC. With mmap off, one arena and a
-trim threshold above any block, glibc keeps the freed block in its heap and the next call reuses it.
+faults, 0.25-0.5 s of kernel time in a 1.5 s step on a 2-core EPYC. With mmap off, one arena and
+trimming off, glibc keeps the freed block in its heap and the next call reuses it.
 
 The price: resident memory stays at its peak (tcmalloc behaves the same way). That is the right trade
 for a process that runs one training step after another on the CPU backend, and the wrong one on a
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-# mallopt takes an int; freed memory at the top of the heap beyond this goes back to the kernel.
-TRIM_THRESHOLD = 2**31 - 1
+# -1 turns trimming off (mallopt(3)): glibc stores it as SIZE_MAX. A positive int stops at 2 GiB, less
+# than the temporaries of a GRPO update over 32 responses, which would then go back every step.
+NO_TRIM = -1
 
 
 def keep_freed_host_memory() -> bool:
@@ -50,10 +51,9 @@ def keep_freed_host_memory() -> bool:
         log.warning("keep_freed_host_memory: %d Python threads already run; those that allocated keep "
                     "their own malloc arenas", threading.active_count())
     for name, option, value in (("M_ARENA_MAX", M_ARENA_MAX, 1), ("M_MMAP_MAX", M_MMAP_MAX, 0),
-                                ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+                                ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, NO_TRIM)):
         if libc.mallopt(option, value) != 1:
             log.warning("keep_freed_host_memory: glibc %s refused mallopt(%s, %d)", version, name, value)
             return False
-    log.info("keep_freed_host_memory: glibc %s keeps freed memory (no mmap, one arena, trim above %d MiB)",
-             version, TRIM_THRESHOLD >> 20)
+    log.info("keep_freed_host_memory: glibc %s keeps freed memory (no mmap, one arena, no trimming)", version)
     return True
