@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 import threading
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,14 @@ def keep_freed_host_memory() -> bool:
 
     Call it before JAX starts its CPU client (before the first computation): a thread that has
     already allocated keeps its own arena, whose large blocks glibc always maps and unmaps. Returns
-    False, with a log line saying why, when the C library is not glibc or refuses an option.
+    False, with a log line saying why, when JAX's backends already run (too late to help), the C
+    library is not glibc, or glibc refuses an option.
     """
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")
+    if xla_bridge is not None and xla_bridge.backends_are_initialized():
+        log.warning("keep_freed_host_memory: JAX's backends already run and their threads keep their own "
+                    "malloc arenas; call it before the first computation. malloc left as is")
+        return False
     libc_path = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(libc_path)
