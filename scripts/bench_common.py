@@ -120,7 +120,8 @@ def apply_malloc(mode: str) -> None:
     from viper_jax.host_memory import keep_freed_host_memory
 
     if mode == "keep" and not keep_freed_host_memory():
-        raise SystemExit("--malloc keep: glibc refused the malloc options (see the log); use --malloc default")
+        raise SystemExit("--malloc keep: the malloc options did not take effect (see the warning above); "
+                         "use --malloc default")
 
 
 def describe_machine() -> str:

@@ -93,7 +93,8 @@ def main() -> None:
     jax_mm, torch_mm = matmul_flops_per_second()
 
     print(f"machine: {describe_machine()}; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
-          f"(one 112x112 image per row), fp32, forward + backward, viper_jax remat={args.remat}, malloc {args.malloc}")
+          f"(one 112x112 image per row), fp32, forward + backward, viper_jax remat={args.remat}, "
+          f"malloc {args.malloc}")
     print(f"{'':26s}{'s/step':>10s}{'tokens/s':>12s}{'vs ours':>10s}{'page faults/step':>18s}")
     for name, sec in results.items():
         print(f"{name:26s}{sec:>10.3f}{tokens / sec:>12.0f}{results['viper_jax (jit)'] / sec:>9.2f}x"

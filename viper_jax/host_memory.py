@@ -9,8 +9,8 @@ trimming off, glibc keeps the freed block in its heap and the next call reuses i
 The price: resident memory stays at its peak (tcmalloc behaves the same way). That is the right trade
 for a process that runs one training step after another on the CPU backend, and the wrong one on a
 TPU/GPU host, where XLA's buffers live on the device and the host's large blocks are one-off
-(checkpoint copies) and should go back to the kernel. Hence opt-in: `keep_freed_host_memory` in the
-trainer config, set in the CPU configs.
+(checkpoint copies) and should go back to the kernel. Hence opt-in: `keep_freed_host_memory=true` in
+the trainer config (`viper train` applies it before JAX starts); the benchmarks in scripts/ turn it on.
 """
 
 from __future__ import annotations
