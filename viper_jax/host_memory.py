@@ -40,8 +40,10 @@ def keep_freed_host_memory() -> bool:
     False, with a log line saying why, when JAX's backends already run (too late to help), the C
     library is not glibc, or glibc refuses an option.
     """
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    if xla_bridge is not None and xla_bridge.backends_are_initialized():
+    # JAX's private module, looked up softly so that a rename cannot break `viper train`
+    # (tests/test_host_memory.py's "late" case fails instead).
+    initialized = getattr(sys.modules.get("jax._src.xla_bridge"), "backends_are_initialized", None)
+    if initialized is not None and initialized():
         log.warning("keep_freed_host_memory: JAX's backends already run and their threads keep their own "
                     "malloc arenas; call it before the first computation. malloc left as is")
         return False
