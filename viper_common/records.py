@@ -24,8 +24,12 @@ from typing import Any, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 MAGIC = b"VIPR"
-TASKS = ("caption_refine", "visual_ops")
+TASKS = ("caption_refine", "visual_ops")  # ViPER's two tasks (what synthesis writes, what GRPO trains on)
 IMAGES_PER_TASK = {"caption_refine": 1, "visual_ops": 2}
+# Plain supervised data (`viper sft`): 1 or 2 images, the user text in `prompt`, the response in `answer`.
+INSTRUCT = "instruct"
+ALL_TASKS = TASKS + (INSTRUCT,)
+IMAGE_COUNTS = {**{t: (n,) for t, n in IMAGES_PER_TASK.items()}, INSTRUCT: (1, 2)}
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".arrayrecord"
 
@@ -54,6 +58,9 @@ class ViperRecord:
       corrections) or "visual_ops" (images = [original, edited], truth = the edit operations).
     truth: ground-truth sentences, one correction / operation each.
     provenance: where it came from: {"source": path, "models": {...}, "seeds": {...}, ...}.
+    prompt, answer: task "instruct" only (required there, absent elsewhere): the user text without
+      vision tokens (the images come first in the user turn) and the full assistant response; its
+      truth may be empty.
     """
 
     id: str
@@ -63,6 +70,8 @@ class ViperRecord:
     caption: str | None = None
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    prompt: str | None = None
+    answer: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "images", tuple(self.images))
@@ -88,11 +97,12 @@ def validate(record: ViperRecord) -> None:
     if record.schema_version != SCHEMA_VERSION:
         raise RecordError("schema_version",
                           f"schema_version {record.schema_version}, this code reads {SCHEMA_VERSION}", rid)
-    if record.task not in TASKS:
-        raise RecordError("bad_field", f"task {record.task!r} is not one of {TASKS}", rid)
-    want = IMAGES_PER_TASK[record.task]
-    if len(record.images) != want:
-        raise RecordError("bad_field", f"task {record.task} needs {want} image(s), got {len(record.images)}", rid)
+    if record.task not in ALL_TASKS:
+        raise RecordError("bad_field", f"task {record.task!r} is not one of {ALL_TASKS}", rid)
+    want = IMAGE_COUNTS[record.task]
+    if len(record.images) not in want:
+        raise RecordError("bad_field", f"task {record.task} needs {' or '.join(map(str, want))} image(s), "
+                                       f"got {len(record.images)}", rid)
     for i, img in enumerate(record.images):
         if not isinstance(img, (bytes, bytearray)) or image_format(bytes(img)) is None:
             raise RecordError("bad_image", f"image {i} is not PNG/JPEG/WebP bytes", rid)
@@ -102,7 +112,19 @@ def validate(record: ViperRecord) -> None:
         raise RecordError("missing_field", "caption_refine record without a caption", rid)
     if not isinstance(record.provenance, dict):
         raise RecordError("bad_field", "provenance must be a JSON object", rid)
-    if not record.truth or not all(isinstance(s, str) and s.strip() for s in record.truth):
+    for name in ("prompt", "answer"):
+        value = getattr(record, name)
+        if record.task != INSTRUCT:
+            if value is not None:
+                raise RecordError("bad_field", f"field {name!r} belongs to task {INSTRUCT!r} only, not {record.task!r}",
+                                  rid)
+        elif value is None or (isinstance(value, str) and not value.strip()):
+            raise RecordError("missing_field", f"task {INSTRUCT} needs a non-empty {name!r}", rid)
+        elif not isinstance(value, str):
+            raise RecordError("bad_field", f"{name} must be a string, got {type(value).__name__}", rid)
+    if not all(isinstance(s, str) and s.strip() for s in record.truth):
+        raise RecordError("missing_field", "truth sentences must be non-empty strings", rid)
+    if not record.truth and record.task != INSTRUCT:
         raise RecordError("missing_field", "truth must be a non-empty list of non-empty sentences", rid)
 
 
@@ -116,6 +138,8 @@ def encode(record: ViperRecord) -> bytes:
         "provenance": record.provenance,
         "image_sizes": [len(b) for b in record.images],
     }
+    # Written only when set, so a ViPER record encodes to the same bytes as before instruct existed.
+    header.update({k: v for k, v in (("prompt", record.prompt), ("answer", record.answer)) if v is not None})
     head = json.dumps(header, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return b"".join([MAGIC, struct.pack("<I", len(head)), head, *record.images])
 
@@ -161,7 +185,8 @@ def decode(data: bytes) -> ViperRecord:
     try:
         return ViperRecord(id=rid, task=header["task"], images=tuple(images), truth=tuple(header["truth"]),
                            caption=header.get("caption"), provenance=header.get("provenance") or {},
-                           schema_version=header["schema_version"])
+                           schema_version=header["schema_version"], prompt=header.get("prompt"),
+                           answer=header.get("answer"))
     except TypeError as e:
         raise RecordError("bad_field", str(e), rid) from None
 
