@@ -1,0 +1,256 @@
+"""The base model's general-skill SFT data: what an instruct VLM can do before ViPER, in ShapeWorld.
+
+Kinds of example (scenes from the `base_train` seed range only):
+  describe  describe an image; the answer is a caption from `language.caption`
+  ask       open-ended questions about coarse facts (shape / colour of the object at a position, what is at
+            a position, how many objects, the background); the answer is a short sentence
+  compare   two images: "are these the same?" (identical, or two different scenes) and "what is different?"
+            for one coarse change (an object removed, added, recoloured, reshaped or moved)
+  choose    the answer formats of benchmarks on coarse facts: a multiple-choice question in VLMEvalKit's layout
+            answered with the option letter, and a yes/no question (optional: weight 0 turns it off)
+Every answer is `<think>...</think><answer>...</answer>`, the think a short statement of what is looked at.
+
+Not in here, on purpose: the benchmark's question templates (questions.py; a test checks), fine attributes
+as questions (shade, pattern, label, small objects are only in captions), and ViPER's two training tasks
+(correcting a caption, listing the edit operations between two images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from viper_common import records
+from viper_common.prompts import SYNTHESIS_PROMPTS
+from viper_common.shapeworld import language, render
+from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, Obj, Scene, sample_object, sample_scene
+from viper_common.shapeworld.splits import SEED_RANGES
+
+KINDS = ("describe", "ask", "compare", "choose")
+DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15}
+SHARD_SIZE = 2000
+# The synthesis side asks the base for a caption with SYNTHESIS_PROMPTS["caption"]: it is one of the variants.
+DESCRIBE_PROMPTS = ("Describe this image.", "What do you see in this picture?", "Give a description of the image.",
+                    "Describe every object in the image and where it is.", SYNTHESIS_PROMPTS["caption"])
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # = evaluation.tsv's
+YES_NO_INSTRUCTION = "Please answer yes or no."
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    kind: str
+    prompt: str               # the user text; the images come first in the user turn
+    answer: str               # the full response, <think>...</think><answer>...</answer>
+    images: tuple[bytes, ...]
+    seed: int
+
+    def to_record(self) -> records.ViperRecord:
+        return records.ViperRecord(id=self.id, task=records.INSTRUCT, images=self.images, truth=(),
+                                   prompt=self.prompt, answer=self.answer,
+                                   provenance={"source": "shapeworld.base_data", "kind": self.kind, "seed": self.seed})
+
+
+def respond(think: str, answer: str) -> str:
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _where(obj: Obj, rng: np.random.Generator) -> str:
+    return language.region_phrase(obj.cell, rng)
+
+
+def _name(obj: Obj) -> str:
+    """'a red circle': the coarse name of an object (hue and shape)."""
+    return f"{language.article(obj.hue)} {obj.hue} {obj.shape}"
+
+
+# ------------------------------------------------------------------------------------------------ describe
+
+def describe(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    return _pick(rng, DESCRIBE_PROMPTS), respond(
+        "I look at each object in turn: its size, colour, pattern, shape and position, and at the background.",
+        language.caption(scene, rng))
+
+
+# ----------------------------------------------------------------------------------------------------- ask
+
+def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    facet = _pick(rng, ("shape", "hue", "what_at", "count", "background"))
+    if facet == "count":
+        n = len(scene.objects)
+        word = language.NUMBER_WORDS[n]
+        return _pick(rng, ("Count the objects in this image.", "How many shapes can you see?")), respond(
+            "I count the objects one by one.", f"There {'is' if n == 1 else 'are'} {word} "
+                                               f"{'object' if n == 1 else 'objects'}.")
+    if facet == "background":
+        return _pick(rng, ("Name the colour of the background.", "Which colour is the background?")), respond(
+            "I look at the background.", f"The background is {scene.background}.")
+    cell = int(rng.integers(9))
+    where = language.region_phrase(cell, rng)
+    i = scene.object_at(cell)
+    think = f"I look {where}."
+    if facet == "what_at" or i is None:
+        prompt = _pick(rng, (f"What is {where}?", f"Tell me what is {where}."))
+        return prompt, respond(think, f"There is {_name(scene.objects[i])} {where}." if i is not None else
+                               f"There is nothing {where}.")
+    obj = scene.objects[i]
+    if facet == "shape":
+        prompt = _pick(rng, (f"Tell me the shape of the object {where}.", f"Which shape do you see {where}?"))
+        return prompt, respond(think, f"It is {language.article(obj.shape)} {obj.shape}.")
+    prompt = _pick(rng, (f"Tell me the colour of the object {where}.", f"Which colour does the object {where} have?"))
+    return prompt, respond(think, f"It is {obj.hue}.")
+
+
+# ------------------------------------------------------------------------------------------------- compare
+
+def coarse_change(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """One coarse change to a scene and a sentence that says what differs in the second image."""
+    objs = list(scene.objects)
+    free = [c for c in range(9) if scene.object_at(c) is None]
+    options = ["recolour", "reshape"] + (["remove"] if len(objs) > 1 else []) + (["add", "move"] if free else [])
+    op = _pick(rng, options)
+    if op == "add":
+        new = sample_object(rng, int(_pick(rng, free)))
+        return Scene(scene.background, (*objs, new)), \
+            f"The second image has {_name(new)} {_where(new, rng)} that the first image does not have."
+    i = int(rng.integers(len(objs)))
+    obj = objs[i]
+    if op == "remove":
+        return Scene(scene.background, tuple(objs[:i] + objs[i + 1:])), \
+            f"The {obj.hue} {obj.shape} {_where(obj, rng)} is missing from the second image."
+    if op == "move":
+        cell = int(_pick(rng, free))
+        moved = dataclasses.replace(obj, cell=cell)
+        return scene.replace_object(i, moved), \
+            f"The {obj.hue} {obj.shape} has moved from {_where(obj, rng)} to {_where(moved, rng)}."
+    if op == "recolour":
+        hue = _pick(rng, [h for h in HUES if h != obj.hue])
+        return scene.replace_object(i, dataclasses.replace(obj, hue=hue)), \
+            f"The {obj.shape} {_where(obj, rng)} is {obj.hue} in the first image and {hue} in the second."
+    shape = _pick(rng, [s for s in SHAPES if s != obj.shape])
+    return scene.replace_object(i, dataclasses.replace(obj, shape=shape)), \
+        f"The {obj.hue} {obj.shape} {_where(obj, rng)} has become {language.article(shape)} {shape}."
+
+
+def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int) -> tuple[str, str, tuple[bytes, bytes]]:
+    first = render.render_png(scene, seed, size)
+    mode = _pick(rng, ("same", "other_scene", "what_differs", "what_differs", "same_q_changed"))
+    think = "I compare the two images object by object."
+    if mode == "same":
+        return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
+            respond(think, "Yes, the two images are the same."), (first, first)
+    if mode == "other_scene":
+        other = sample_scene(rng)
+        return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
+            respond(think, "No, they show two different scenes."), (first, render.render_png(other, seed + 1, size))
+    edited, sentence = coarse_change(scene, rng)
+    second = render.render_png(edited, seed, size)
+    if mode == "same_q_changed":
+        return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
+            respond(think, f"No. {sentence}"), (first, second)
+    return _pick(rng, ("What is different between the two images?", "How does the second image differ from the first?")), \
+        respond(think, sentence), (first, second)
+
+
+# -------------------------------------------------------------------------------------------------- choose
+
+def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """Benchmark answer formats on coarse facts, in templates the benchmark does not use."""
+    if rng.random() < 0.4:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        where = language.region_phrase(obj.cell, rng)
+        shape = obj.shape if rng.random() < 0.5 else _pick(rng, [s for s in SHAPES if s != obj.shape])
+        yes = shape == obj.shape
+        return f"Is the object {where} {language.article(shape)} {shape}?\n{YES_NO_INSTRUCTION}", \
+            respond(f"I look {where}.", "Yes." if yes else "No.")
+    facet = _pick(rng, ("shape_here", "count", "background"))
+    if facet == "count":
+        n = len(scene.objects)
+        question, think = "What is the number of objects in the picture?", "I count the objects one by one."
+        correct, pool = str(n), [str(m) for m in range(1, 8) if m != n]
+    elif facet == "background":
+        question, think = "Pick the colour of the background.", "I look at the background."
+        correct, pool = scene.background, [b for b in BACKGROUNDS if b != scene.background]
+    else:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        where = language.region_phrase(obj.cell, rng)
+        question, think = f"Which shape do you see {where}?", f"I look {where}."
+        correct, pool = obj.shape, [s for s in SHAPES if s != obj.shape]
+    options = [pool[int(k)] for k in rng.permutation(len(pool))[:3]]
+    pos = int(rng.integers(4))
+    options.insert(pos, correct)
+    letters = "ABCD"
+    body = "\n".join(f"{letters[k]}. {t}" for k, t in enumerate(options))
+    return f"Question: {question}\nOptions:\n{body}\n{MCQ_INSTRUCTION}", respond(think, letters[pos])
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+def _draw_kind(rng: np.random.Generator, weights: dict[str, float] | None) -> str:
+    weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+    if set(weights) != set(KINDS) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(f"weights must be non-negative for exactly {KINDS}, got {weights}")
+    p = np.array([weights[k] for k in KINDS], dtype=float)
+    return KINDS[int(rng.choice(len(KINDS), p=p / p.sum()))]
+
+
+def example(index: int, size: int = 112, weights: dict[str, float] | None = None) -> Example:
+    """Example `index`, drawn from seed base_train.start + index (deterministic)."""
+    seed = SEED_RANGES["base_train"].start + index
+    if seed not in SEED_RANGES["base_train"]:
+        raise ValueError(f"example {index} leaves the base_train seed range")
+    rng = np.random.default_rng(seed)
+    kind = _draw_kind(rng, weights)
+    scene = sample_scene(rng)
+    if kind == "compare":
+        prompt, answer, images = compare(scene, rng, seed, size)
+    else:
+        prompt, answer = (describe if kind == "describe" else ask if kind == "ask" else choose)(scene, rng)
+        images = (render.render_png(scene, seed, size),)
+    return Example(f"base-{index:08d}", kind, prompt, answer, tuple(images), seed)
+
+
+def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None) -> Iterator[Example]:
+    for index in range(start, start + n):
+        yield example(index, size, weights)
+
+
+def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
+                    weights: dict[str, float] | None = None, log: Any = sys.stderr) -> Path:
+    """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`. Resumes: a shard
+    already on disk is complete (shards are written atomically) and is kept."""
+    if n < 1 or shard_size < 1:
+        raise ValueError(f"n and shard_size must be >= 1 (got {n}, {shard_size})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    num_shards = -(-n // shard_size)
+    shards, kinds = {}, {}
+    for s in range(num_shards):
+        name = f"base-{s:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}"
+        count = min(shard_size, n - s * shard_size)
+        if not (out / name).exists():
+            with records.ShardWriter(out / name) as writer:
+                for ex in examples(count, s * shard_size, size, weights):
+                    writer.write(ex.to_record())
+        shards[name] = count
+        print(f"  base data: shard {s + 1}/{num_shards} ({(s * shard_size) + count}/{n} examples)", file=log, flush=True)
+    for index in range(n):  # cheap to recount (the kind is the seed's first draw), also for resumed shards
+        kind = _draw_kind(np.random.default_rng(SEED_RANGES["base_train"].start + index), weights)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    records.write_manifest(out, shards, task=records.INSTRUCT, kinds=dict(sorted(kinds.items())), image_size=size,
+                           weights={**DEFAULT_WEIGHTS, **(weights or {})},
+                           seeds=[SEED_RANGES["base_train"].start, n])
+    return out
