@@ -30,6 +30,7 @@ from viper_common.shapeworld.scene import (HUES, JITTER, LABELLED_SIZES, LABELS,
                                            Obj, Scene, sample_object)
 
 OPS = ("attribute", "add", "remove", "replace", "move", "count", "text")
+OP_TYPES = OPS  # the same taxonomy as synthesis_torch.config.OP_TYPES
 ATTRIBUTES = {"hue": HUES, "shade": SHADES, "size": SIZES, "pattern": PATTERNS}
 _ATTRIBUTE_NAMES = {"hue": "colour", "shade": "shade", "size": "size", "pattern": "pattern"}
 _ATTRIBUTE_BY_NAME = {"colour": "hue", "color": "hue", "shade": "shade", "size": "size", "pattern": "pattern",
@@ -359,5 +360,5 @@ def random_edit(scene: Scene, rng: np.random.Generator, op_type: str | None = No
     raise EditError(f"unknown edit op {op!r}; known: {OPS}")
 
 
-__all__ = ["OPS", "ATTRIBUTES", "Edit", "EditError", "EditParseError", "apply_edit", "check", "instruction",
+__all__ = ["OPS", "OP_TYPES", "ATTRIBUTES", "Edit", "EditError", "EditParseError", "apply_edit", "check", "instruction",
            "matches", "parse_instruction", "random_edit", "refer", "resolve"]
