@@ -74,6 +74,20 @@ def _run_train(args: argparse.Namespace) -> None:
     run_cli(args.config, args.workdir, args.overrides)
 
 
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    sft = sub.add_parser("sft", help="supervised fine-tuning (answer-token loss) on ViPER or instruct records",
+                         description="Extra arguments --config.a.b=value override single config fields.")
+    sft.add_argument("--config", required=True, help="Python config file with get_config() (see configs/sft_tiny.py)")
+    sft.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (= --config.workdir)")
+    sft.set_defaults(accepts_config_overrides=True)
+
+
+def _run_sft(args: argparse.Namespace) -> None:
+    from viper_jax.sft.trainer import run_cli
+
+    run_cli(args.config, args.workdir, args.overrides)
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     from viper_jax.plan_cli import add_plan_args
 
@@ -113,7 +127,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
             "eval": (_add_eval, _run_eval), "train": (_add_train, _run_train),
             "plan": (_add_plan, _run_plan)}
-COMMANDS.update(loop=(_add_loop, _run_loop), demo=(_add_demo, _run_demo))
+COMMANDS.update(loop=(_add_loop, _run_loop), demo=(_add_demo, _run_demo), sft=(_add_sft, _run_sft))
 
 
 def main(argv: list[str] | None = None) -> None:

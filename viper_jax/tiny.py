@@ -44,10 +44,39 @@ def tiny_model_config(tokenizer: Any, *, hidden: int = 64, layers: int = 2, visi
 
 def write_tiny_model(out_dir: str | Path, seed: int = 0, **dims: int) -> Path:
     """Writes the tiny model and its tokenizer to `out_dir` (an HF directory) and returns it."""
-    out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
-    config = tiny_model_config(tokenizer, **dims)
-    model = Qwen2_5_VL(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    return write_random_model(out_dir, tiny_model_config(tokenizer, **dims), tokenizer, seed=seed)
+
+
+_SPECIAL_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+def write_random_model(out_dir: str | Path, config: dict[str, Any] | Qwen2_5_VLConfig, tokenizer: Any,
+                       seed: int = 0) -> Path:
+    """A random-init Qwen2.5-VL of any architecture as an HF directory (config.json, safetensors,
+    tokenizer files) that `viper sft` / `viper train` / transformers load.
+
+    config: an HF config.json dict (hub flat or transformers v5 nested layout) or a Qwen2_5_VLConfig.
+    tokenizer: a tokenizer directory or a loaded (fast) tokenizer; it must fit the config: every token
+    id below vocab_size and the vision/pad ids the tokenizer's own (ValueError naming the field if not).
+    Weights are the JAX model's init (normal(0, initializer_range), norms 1, biases 0) from `seed`.
+    """
+    if not hasattr(tokenizer, "convert_tokens_to_ids"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    cfg = config if isinstance(config, Qwen2_5_VLConfig) else Qwen2_5_VLConfig.from_hf_dict(config)
+    if len(tokenizer) > cfg.text.vocab_size:
+        raise ValueError(f"config text vocab_size {cfg.text.vocab_size} < the tokenizer's {len(tokenizer)} tokens")
+    for field, token in _SPECIAL_IDS.items():
+        want = tokenizer.convert_tokens_to_ids(token)
+        if getattr(cfg, field) != want:
+            raise ValueError(f"config {field} is {getattr(cfg, field)}, but the tokenizer's {token} is {want}")
+    if tokenizer.pad_token_id is not None and cfg.text.pad_token_id not in (None, tokenizer.pad_token_id):
+        raise ValueError(f"config pad_token_id is {cfg.text.pad_token_id}, the tokenizer's is {tokenizer.pad_token_id}")
+    out_dir = Path(out_dir)
+    model = Qwen2_5_VL(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     save_hf(model, None, out_dir)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
@@ -93,6 +122,30 @@ def write_tiny_records(out_dir: str | Path, per_task: int = 16, size: tuple[int,
         records.write_shard(shard, recs)
         shards[task] = shard
     return shards
+
+
+def write_tiny_instruct_records(out_dir: str | Path, count: int = 16, size: tuple[int, int] = (56, 56)) -> Path:
+    """Writes `count` instruct records (`viper sft`'s plain prompt/answer kind) to
+    OUT/instruct-00000-of-00001/part-00000.arrayrecord: one image whose ellipse is red or blue (by
+    parity), asked for its colour, or both images, asked which one changed colour. Returns the shard."""
+    from viper_common import records
+
+    recs = []
+    for i in range(count):
+        colour = "blue" if i % 2 else "red"
+        if i % 4 < 2:
+            recs.append(records.ViperRecord(
+                id=f"ins-{i:04d}", task=records.INSTRUCT, images=[_image(i, size, edit=bool(i % 2))], truth=[],
+                prompt="What colour is the ellipse?",
+                answer=f"<think>I look at the ellipse.</think><answer>The ellipse is {colour}.</answer>"))
+        else:
+            recs.append(records.ViperRecord(
+                id=f"ins-{i:04d}", task=records.INSTRUCT, images=[_image(i, size), _image(i, size, edit=True)],
+                truth=[], prompt="What changed from image 1 to image 2?",
+                answer="<think>I compare the ellipses.</think><answer>The ellipse turned blue.</answer>"))
+    shard = Path(out_dir) / "instruct-00000-of-00001" / f"part-00000{records.SHARD_SUFFIX}"
+    records.write_shard(shard, recs)
+    return shard
 
 
 if __name__ == "__main__":  # python -m viper_jax.tiny DIR: records for the tiny CPU config

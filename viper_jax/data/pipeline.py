@@ -173,8 +173,12 @@ def make_image_processor(config: Any) -> Any:
 
 
 def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = None,
-                  process_count: int | None = None, image_processor: Any = None) -> DataPipeline:
+                  process_count: int | None = None, image_processor: Any = None,
+                  processor_cls: type = RecordProcessor, collator_cls: type = Collator) -> DataPipeline:
     """Builds the pipeline from `get_data_config()`-shaped `config`.
+
+    processor_cls / collator_cls: what turns a record into an element and elements into a batch, built
+    with RecordProcessor's / Collator's arguments (`viper sft` passes subclasses that add the answer).
 
     process_index/process_count default to jax.process_index()/process_count(); process i reads records
     i, i+n, i+2n, ... of the concatenated shards (every record on exactly one process; with a record
@@ -193,10 +197,10 @@ def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = No
     overrides = config.prompts.to_dict() if hasattr(config.prompts, "to_dict") else dict(config.prompts or {})
     task_prompts = prompts_lib.merged(prompts_lib.TRAINING_PROMPTS, overrides)
     image_processor = image_processor or make_image_processor(config)
-    processor = RecordProcessor(tokenizer, image_processor, task_prompts, max_length=buckets[-1])
+    processor = processor_cls(tokenizer, image_processor, task_prompts, max_length=buckets[-1])
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token")
-    collator = Collator(length_buckets=buckets, pad_id=int(tokenizer.pad_token_id), image_id=processor.image_id,
+    collator = collator_cls(length_buckets=buckets, pad_id=int(tokenizer.pad_token_id), image_id=processor.image_id,
                         video_id=processor.video_id,
                         patch_buckets=tuple(sorted(int(b) for b in config.patch_buckets)))
 

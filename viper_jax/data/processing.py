@@ -163,27 +163,44 @@ class RecordProcessor:
         self.image_id, self.video_id = self.tokens.image, self.tokens.video
         self.vstart_id, self.vend_id = self.tokens.start, self.tokens.end
 
+    def prompt_text(self, record: records.ViperRecord) -> str:
+        """The user text: an instruct record's own prompt, else the task's training prompt."""
+        if record.task == records.INSTRUCT:
+            return record.prompt
+        return render_prompt(self.prompts[record.task], record)
+
     def prompt_ids(self, record: records.ViperRecord) -> np.ndarray:
         """Token ids of the chat prompt with ONE `<|image_pad|>` per image (not yet expanded)."""
-        return chat_prompt_ids(self.tokenizer, len(record.images), render_prompt(self.prompts[record.task], record))
+        return chat_prompt_ids(self.tokenizer, len(record.images), self.prompt_text(record))
 
-    def __call__(self, data: bytes) -> Example | Skipped:
+    def decode(self, data: bytes) -> records.ViperRecord | Skipped:
         try:
-            record = records.decode(bytes(data))
+            return records.decode(bytes(data))
         except records.RecordError as e:
             return Skipped(e.reason, e.record_id, str(e))
+
+    def prompt(self, record: records.ViperRecord) -> Prompt | Skipped:
+        """The record's model inputs (images + user turn + generation prompt), or why it cannot have them."""
         try:
             images = [_open_image(b) for b in record.images]
         except Exception as e:  # noqa: BLE001 - any failure decoding these bytes means a bad image
             return Skipped("bad_image", record.id, f"{type(e).__name__}: {e}")
         try:
-            text = render_prompt(self.prompts[record.task], record)
+            text = self.prompt_text(record)
         except Exception as e:  # noqa: BLE001 - e.g. a task without a prompt
             return Skipped("bad_prompt", record.id, f"cannot build the prompt: {type(e).__name__}: {e}")
         try:
-            prompt = build_prompt(self.tokenizer, self.image_processor, images, text, self.tokens)
+            return build_prompt(self.tokenizer, self.image_processor, images, text, self.tokens)
         except PromptError as e:
             return Skipped(e.reason, record.id, str(e))
+
+    def __call__(self, data: bytes) -> Example | Skipped:
+        record = self.decode(data)
+        if isinstance(record, Skipped):
+            return record
+        prompt = self.prompt(record)
+        if isinstance(prompt, Skipped):
+            return prompt
         if len(prompt.input_ids) > self.max_length:
             return Skipped("too_long", record.id,
                            f"prompt is {len(prompt.input_ids)} tokens, largest bucket {self.max_length}")

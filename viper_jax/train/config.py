@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ml_collections import ConfigDict
 
@@ -124,8 +124,9 @@ def base_config() -> ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def load_config(path: str | Path) -> ConfigDict:
-    """`get_config()` of a Python file, checked against the schema (unknown keys refused)."""
+def load_config(path: str | Path, check: Callable[[ConfigDict], None] | None = None) -> ConfigDict:
+    """`get_config()` of a Python file, checked against the schema (unknown keys refused).
+    check: the schema check (default: this trainer's check_keys; `viper sft` passes its own)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -137,16 +138,18 @@ def load_config(path: str | Path) -> ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config()")
     config = module.get_config()
-    check_keys(config)
+    (check or check_keys)(config)
     return config
 
 
-def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
-    """Every key of `config` must exist in `schema` (default: base_config()); stages match `stage()`."""
+def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "",
+               open_sections: Sequence[str] = OPEN_SECTIONS) -> None:
+    """Every key of `config` must exist in `schema` (default: base_config()); stages match `stage()`;
+    the keys of `open_sections` are not checked here."""
     schema = base_config() if schema is None else schema
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if path in OPEN_SECTIONS:
+        if path in open_sections:
             if path == "stages":
                 for name, st in value.items():
                     if not isinstance(st, ConfigDict):
@@ -158,7 +161,7 @@ def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str
         if isinstance(schema[key], ConfigDict):
             if not isinstance(value, ConfigDict):
                 raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
-            check_keys(value, schema[key], f"{path}.")
+            check_keys(value, schema[key], f"{path}.", open_sections)
 
 
 # ------------------------------------------------------------------------------------------------ values

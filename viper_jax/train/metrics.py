@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
@@ -29,8 +29,11 @@ def _scalar(value: Any) -> float | None:
 
 class MetricsLogger:
     def __init__(self, workdir: str | Path, *, start_step: int, total_steps: int, enabled: bool = True,
-                 tensorboard: bool = True, progress_bar: bool = True, console_every: int = 1):
+                 tensorboard: bool = True, progress_bar: bool = True, console_every: int = 1,
+                 desc: str = "grpo", console_keys: Sequence[str] = CONSOLE_KEYS, bar_key: str = "reward/mean"):
+        """desc names the progress bar; console_keys are shown on the console line, bar_key beside the bar."""
         self.enabled = enabled
+        self.console_keys, self.bar_key = tuple(console_keys), bar_key
         self.console_every = max(int(console_every), 1)
         self.jsonl = None
         self.tb = None
@@ -49,7 +52,7 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                         disable=not progress_bar)
 
     def write(self, step: int, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
@@ -63,12 +66,13 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.3f}", refresh=False)
+            self.bar.set_postfix({self.bar_key.split("/")[-1]: f"{scalars.get(self.bar_key, float('nan')):.3f}"},
+                                 refresh=False)
             if step % self.console_every == 0:
                 shown = " ".join(f"{k.split('/')[-1] if k.startswith('update/') else k}={scalars[k]:.4g}"
-                                 for k in CONSOLE_KEYS if k in scalars)
+                                 for k in self.console_keys if k in scalars)
                 stage = (extra or {}).get("stage", "")
-                self.bar.write(f"step {step} [{stage}] {shown}")
+                self.bar.write(f"step {step}{f' [{stage}]' if stage else ''} {shown}")
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -18,8 +18,64 @@ from viper_common import records
 from viper_jax.train.config import ConfigError
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 class ModelMismatchError(ValueError):
     """The workdir's checkpoint belongs to a different model than the configured one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+    """What a trainer (`viper train`, `viper sft`) knows of its model before any state exists."""
+
+    path: Path              # model.path resolved (HF directory or Orbax checkpoint)
+    tokenizer: Any
+    config: Any             # Qwen2_5_VLConfig
+    dtype: Any              # compute dtype
+    graphdef: Any
+    abstract_params: Any    # pure dict of ShapeDtypeStructs
+    mesh: Any
+    rules: Any
+    param_shardings: Any    # pure dict of NamedShardings
+
+
+def setup_model(config: ConfigDict, workdir: Path) -> ModelSetup:
+    """Tokenizer, architecture, mesh and parameter shardings from config.model / mesh / sharding_rules."""
+    from transformers import AutoTokenizer
+
+    from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+    from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
+    from viper_jax.train.config import model_options
+
+    path = resolve_model_path(config, workdir)
+    tokenizer = AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or path))
+    model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(path))
+    dtype = DTYPES[config.model.dtype]
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                 **model_options(config), rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    mesh = mesh_from_config(config.mesh)
+    rules = rules_from_config(config.sharding_rules)
+    return ModelSetup(path, tokenizer, model_cfg, dtype, graphdef, nnx.to_pure_dict(abstract_state), mesh, rules,
+                      param_shardings(abstract, mesh, rules))
+
+
+def init_or_restore(ckpt: Any, setup: ModelSetup, config: ConfigDict, optimizer: Any, shardings: Any
+                    ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """(TrainState, train_meta, this process's data state): from model.path when the workdir has no
+    checkpoint yet (meta and data state None), else from its latest checkpoint, after refusing one of
+    another model or layer layout."""
+    from viper_jax.train_state import init_train_state
+
+    latest = ckpt.latest_step()
+    if latest is None:
+        params = load_params(setup.path, setup.dtype, setup.param_shardings, config.model.scan_layers)
+        return init_train_state(params, optimizer, shardings), None, None
+    check_same_model(ckpt.restore_json(latest), setup.config, ckpt.directory, latest, setup.path)
+    check_layer_layout(ckpt.directory, latest, config.model.scan_layers)
+    state, meta, data_state = restore_train_state(ckpt, latest, optimizer, setup.abstract_params, shardings)
+    return state, meta, own_data_state(data_state)
 
 
 def resolve_model_path(config: ConfigDict, workdir: Path) -> Path:

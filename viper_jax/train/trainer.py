@@ -24,31 +24,25 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 
 from viper_jax import checkpoint, distributed
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from viper_jax.multihost import ProcessBlocks, allgather_json
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
-from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
 from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
-from viper_jax.train.config import ConfigError, model_options, validate
+from viper_jax.train.config import ConfigError, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import (ModelMismatchError, check_layer_layout, check_same_model, check_stage_data,
-                                      gather_data_state, load_params, make_stage_pipeline, own_data_state,
-                                      read_model_config, resolve_model_path, restore_train_state, stage_check)
-from viper_jax.train_state import init_train_state, train_state_shardings
+from viper_jax.train.train_io import (DTYPES, ModelMismatchError, check_stage_data, gather_data_state, init_or_restore,
+                                      load_params, make_stage_pipeline, setup_model, stage_check)
+from viper_jax.train_state import train_state_shardings
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = ["train", "ModelMismatchError", "ConfigError"]
 
@@ -61,7 +55,7 @@ def _stage_ends(config: ConfigDict) -> list[int]:
     return ends
 
 
-def _write_config(workdir: Path, config: ConfigDict) -> None:
+def write_config(workdir: Path, config: ConfigDict) -> None:
     path = workdir / "config.json"
     new = json.loads(config.to_json_best_effort())
     if path.exists():
@@ -90,22 +84,12 @@ def train(config: ConfigDict) -> dict[str, Any]:
     workdir = Path(config.workdir).absolute()
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_config(workdir, config)
+        write_config(workdir, config)
 
     # ---------------------------------------------------------------------------------------- model, state
-    model_path = resolve_model_path(config, workdir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_path))
-    model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(model_path))
-    dtype = DTYPES[config.model.dtype]
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
-                                                 **model_options(config), rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    mesh = mesh_from_config(config.mesh)
-    rules = rules_from_config(config.sharding_rules)
-    p_sh = param_shardings(abstract, mesh, rules)
+    setup = setup_model(config, workdir)
+    model_path, tokenizer, model_cfg, mesh, rules = setup.path, setup.tokenizer, setup.config, setup.mesh, setup.rules
+    dtype, p_sh = setup.dtype, setup.param_shardings
     placement = None
     if jax.process_count() > 1:  # every process keeps its own prompts; refused here if the mesh cannot do that
         blocks = ProcessBlocks.of(mesh, rules)
@@ -117,23 +101,17 @@ def train(config: ConfigDict) -> dict[str, Any]:
     rl = config.rl
     updates_per_step = rl.ppo_epochs * rl.num_minibatches
     optimizer, schedule = make_optimizer(config.optim, total_steps * updates_per_step)
-    shardings = train_state_shardings(optimizer, abstract_params, p_sh)
+    shardings = train_state_shardings(optimizer, setup.abstract_params, p_sh)
     ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                         keep_steps=stage_ends, async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
-    if latest is None:
-        state = init_train_state(load_params(model_path, dtype, p_sh, config.model.scan_layers), optimizer, shardings)
+    state, meta, data_state = init_or_restore(ckpt, setup, config, optimizer, shardings)
+    if meta is None:
         meta = {"step": 0, "stage_index": 0, "stage_name": config.stage_order[0], "stage_step": 0}
-        data_state = None
-    else:
-        check_same_model(ckpt.restore_json(latest), model_cfg, ckpt.directory, latest, model_path)
-        check_layer_layout(ckpt.directory, latest, config.model.scan_layers)
-        state, meta, data_state = restore_train_state(ckpt, latest, optimizer, abstract_params, shardings)
-        data_state = own_data_state(data_state)
-        if meta["stage_index"] >= len(config.stage_order) or \
-                config.stage_order[meta["stage_index"]] != meta["stage_name"]:
-            raise ConfigError(f"checkpoint step {latest} is in stage {meta['stage_name']!r} (#{meta['stage_index']}), "
-                              f"but config.stage_order is {list(config.stage_order)}")
+    elif meta["stage_index"] >= len(config.stage_order) or \
+            config.stage_order[meta["stage_index"]] != meta["stage_name"]:
+        raise ConfigError(f"checkpoint step {latest} is in stage {meta['stage_name']!r} (#{meta['stage_index']}), "
+                          f"but config.stage_order is {list(config.stage_order)}")
     ref_params = None
     if rl.kl_coef > 0:  # the frozen reference is the starting policy: reloaded, never checkpointed
         ref_params = load_params(model_path, dtype, p_sh, config.model.scan_layers)
@@ -150,7 +128,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     settings = GRPOSettings.from_config(rl, config.rollout.temperature)
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
-    learner = GRPOLearner(graphdef, state, UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules),
+    learner = GRPOLearner(setup.graphdef, state, UpdateFns(setup.graphdef, optimizer, shardings, settings, mesh, rules),
                           settings, rollout_cfg, decode, schedule, model_cfg, ref_params, placement)
 
     # ---------------------------------------------------------------------------------------- stages

@@ -1,0 +1,77 @@
+"""`viper sft` configuration: the schema with its defaults, loading and validation.
+
+A config file's `get_config()` returns `base_config()` with changes (configs/sft_tiny.py). Every key a
+file or a `--config.a.b=value` override sets must exist here: a typo is refused with the known keys.
+The model, mesh, optimizer, checkpoint and logging sections are `viper train`'s (train/config.py), so
+both trainers read a model and write checkpoints the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from viper_common.config_overrides import ConfigError, apply_overrides  # noqa: F401 (re-exported)
+from viper_jax.train import config as train_config
+
+
+def base_config() -> ConfigDict:
+    grpo = train_config.base_config()
+    c = ConfigDict()
+    c.workdir = ""  # checkpoints/, metrics.jsonl, tensorboard/, config.json (required)
+    c.seed = 0  # the data order (data.seed) is separate; the update itself uses no randomness
+    c.steps = 100  # optimizer updates, one per batch
+    # model.path: HF directory or Orbax checkpoint; model.tiny_init writes the tiny model there first.
+    c.model = grpo.model
+    c.mesh = grpo.mesh
+    c.sharding_rules = grpo.sharding_rules
+    # data.shard_globs: ArrayRecord shards of caption_refine, visual_ops and/or instruct records (mixed is
+    # fine); data.batch_size rows per step; data.num_epochs None repeats with a new shuffle per epoch.
+    # data.length_buckets bound prompt + answer; a longer record is a counted skip (too_long).
+    c.data = grpo.data
+    c.data.shard_globs = ()
+    c.sft = ConfigDict()
+    # A ViPER record's answer: <think>{think}</think><answer>{truth sentences joined by truth_joiner}</answer>.
+    c.sft.think = ""
+    c.sft.truth_joiner = "\n"  # one sentence per line: the reward's sentence splitter keeps them apart
+    c.sft.logit_chunk = 0  # positions per lm_head chunk (rematerialised); 0 = all at once
+    c.optim = grpo.optim
+    c.optim.learning_rate = 1e-5
+    c.checkpoint = grpo.checkpoint
+    c.logging = grpo.logging
+    c.export = grpo.export  # export.hf_dir: the final model as an HF directory
+    return c
+
+
+def check_keys(config: ConfigDict) -> None:
+    """Every key of `config` must exist in base_config(); data.prompts (task -> template) is free-form."""
+    train_config.check_keys(config, base_config(), open_sections=("data.prompts",))
+
+
+def load_config(path: str | Path) -> ConfigDict:
+    """`get_config()` of a Python file, checked against this schema (unknown keys refused)."""
+    return train_config.load_config(path, check=check_keys)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {message}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Values that would fail later (or silently do the wrong thing) are refused now, by key."""
+    check_keys(config)
+    _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
+    _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
+    _require(config.model.dtype in train_config.DTYPES, "model.dtype", f"must be one of {train_config.DTYPES}")
+    _require(config.model.remat in train_config.REMATS, "model.remat", f"must be one of {train_config.REMATS}")
+    _require(config.steps >= 1, "steps", "must be positive")
+    _require(len(config.data.shard_globs) > 0, "data.shard_globs", "is empty: no training data")
+    _require(config.data.batch_size >= 1, "data.batch_size", "must be positive")
+    _require(config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)")
+    _require(config.optim.schedule in train_config.SCHEDULES, "optim.schedule",
+             f"must be one of {train_config.SCHEDULES}")
+    _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+    _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
+             "every_steps and keep must be positive")

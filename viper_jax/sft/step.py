@@ -1,0 +1,69 @@
+"""The SFT update: answer-token cross-entropy, one jitted, sharded, donated step per batch.
+
+loss = sum over the batch's answer tokens of -log p(token | everything before it)
+       / number of answer tokens in the batch
+(a token mean over the whole batch, so every answer token weighs the same whatever its row's length;
+prompt, image-pad and padding positions have weight 0). The update is train_state.make_train_step's:
+gradient, global-norm clip + AdamW (train/optim.py), and a non-finite loss or gradient leaves the
+state untouched and counts one `skipped`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, prepare_vision
+from viper_jax.sharding import batch_sharding
+from viper_jax.train.grpo_batch import prompt_positions
+from viper_jax.train.grpo_step import response_logprobs
+from viper_jax.train_state import TrainState, make_train_step
+
+ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig) -> dict[str, Any]:
+    """Host-side: the pipeline's batch -> the jitted step's inputs (MRoPE positions over prompt +
+    answer exactly as get_rope_index gives them, the vision tower's index arrays, real pixel rows)."""
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    grid = np.asarray(batch["image_grid_thw"], np.int32).reshape(-1, 3)
+    if len(grid) == 0:  # every record kind has 1 or 2 images; a text-only batch would need another program
+        raise ValueError("an SFT batch without images")
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": np.asarray(batch["loss_mask"]),
+            "positions": prompt_positions(ids, mask, grid, config).astype(np.int32),
+            "pixel_values": np.asarray(batch["pixel_values"])[:int(batch["num_patches"])],
+            "vision_inputs": prepare_vision(grid, config.vision)}
+
+
+def answer_loss(model: Qwen2_5_VL, inputs: dict[str, Any], logit_chunk: int = 0) -> tuple[jax.Array, dict]:
+    """(mean answer-token NLL of the batch, {"answer_tokens": count}). Position t predicts token t+1."""
+    x = model.embed(inputs["input_ids"], inputs["pixel_values"], inputs["vision_inputs"])
+    hidden, _ = model.language_model(x, inputs["positions"], inputs["attention_mask"])
+    logp, _ = response_logprobs(model, hidden[:, :-1], inputs["input_ids"][:, 1:], 1.0, logit_chunk)
+    weight = inputs["loss_mask"][:, 1:].astype(jnp.float32)
+    count = weight.sum()
+    return -(logp * weight).sum() / jnp.maximum(count, 1.0), {"answer_tokens": count}
+
+
+def input_shardings(mesh: Any, rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Rows split over the batch mesh axes (positions: its row axis is the second); pixels and the
+    vision tower's index arrays replicated (they are per image, not per row)."""
+    rows = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    out = {k: rows for k in ROW_KEYS}
+    out.update(positions=NamedSharding(mesh, P(None, *rows.spec)), pixel_values=replicated, vision_inputs=replicated)
+    return out
+
+
+def make_sft_step(graphdef: Any, optimizer: optax.GradientTransformation, shardings: TrainState, mesh: Any,
+                  rules: Sequence[tuple[str, Any]], logit_chunk: int = 0
+                  ) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]:
+    """`step(state, model_inputs) -> (state, {loss, grad_norm, skipped, aux: {answer_tokens}})`."""
+    loss_fn = lambda params, inputs: answer_loss(nnx.merge(graphdef, params), inputs, logit_chunk)
+    return make_train_step(loss_fn, optimizer, shardings, input_shardings(mesh, rules), rules)
