@@ -124,10 +124,23 @@ def _run_demo(args: argparse.Namespace) -> None:
     run_demo_cli(args)
 
 
+def _add_world(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.world.cli import add_world_args  # light: the world loads when an action runs
+
+    add_world_args(sub)
+
+
+def _run_world(args: argparse.Namespace) -> None:
+    from viper_jax.world.cli import run_world
+
+    run_world(args)
+
+
 COMMANDS = {"convert": (_add_convert, _run_convert), "generate": (_add_generate, _run_generate),
             "eval": (_add_eval, _run_eval), "train": (_add_train, _run_train),
             "plan": (_add_plan, _run_plan)}
 COMMANDS.update(loop=(_add_loop, _run_loop), demo=(_add_demo, _run_demo), sft=(_add_sft, _run_sft))
+COMMANDS.update(world=(_add_world, _run_world))
 
 
 def main(argv: list[str] | None = None) -> None:

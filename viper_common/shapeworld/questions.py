@@ -313,28 +313,36 @@ def visible_key(scene: Scene) -> tuple:
                                           for o in scene.objects))
 
 
+def _edit_text(edit: Any, scene: Scene, rng: np.random.Generator) -> str:
+    """The edit's instruction without its '<type>: ' prefix (the type would give the answer away)."""
+    from viper_common.shapeworld import edits
+
+    return edits.instruction(edit, scene, rng).partition(": ")[2]
+
+
 def multi_image(scene: Scene, rng: np.random.Generator, slot: int) -> Question:
     from viper_common.shapeworld import edits
 
-    ops = list(edits.OP_TYPES)
-    op = str(rng.choice(ops))
-    edit = edits.random_edit(scene, rng, op)
-    if edit is None:
-        raise NoQuestion(f"no {op} edit for this scene")
-    edited = edits.apply_edit(scene, edit)
+    op = str(rng.choice(edits.OPS))
+    try:
+        edit = edits.random_edit(scene, rng, op)
+        edited = edits.apply_edit(scene, edit)  # no rng: what the instruction leaves open is fixed
+    except edits.EditError as e:
+        raise NoQuestion(str(e)) from None
     target = visible_key(edited)
     if target == visible_key(scene):
         raise NoQuestion("the edit changes nothing visible")
-    correct = edits.instruction(edit, scene, rng)
+    correct = _edit_text(edit, scene, rng)
     # Distractors: other edits of the same original (same type first), each changing the image differently.
-    distractors, seen_keys, seen_texts = [], {target}, {correct}
+    distractors, seen_keys, seen_texts = [], {target, visible_key(scene)}, {correct}
     for attempt in range(40):
-        other = edits.random_edit(scene, rng, op if attempt < 20 else str(rng.choice(ops)))
-        if other is None:
+        try:
+            other = edits.random_edit(scene, rng, op if attempt < 20 else str(rng.choice(edits.OPS)))
+            key = visible_key(edits.apply_edit(scene, other))
+        except edits.EditError:
             continue
-        key = visible_key(edits.apply_edit(scene, other))
-        text = edits.instruction(other, scene, rng)
-        if key in seen_keys or text in seen_texts or key == visible_key(scene):
+        text = _edit_text(other, scene, rng)
+        if key in seen_keys or text in seen_texts:
             continue
         seen_keys.add(key)
         seen_texts.add(text)

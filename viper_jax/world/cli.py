@@ -1,0 +1,112 @@
+"""`viper world`: ShapeWorld's held-out benchmark (`bench`) and the base model's data and tokenizer (`data`).
+
+  viper world bench --out DIR [--n_per_category N] [--val_per_category N] [--size PX]
+      DIR/shapeworld_test.tsv, DIR/shapeworld_val.tsv (score with `viper eval --tsv ...`), DIR/manifest.json
+  viper world data --out DIR --n N [--size PX] [--vocab_size V]
+      DIR/base_data/ (instruct records, resumable shards + manifest.json), DIR/tokenizer/ (HF tokenizer),
+      DIR/tokenizer_report.json (tokens per caption, world tokenizer vs byte tokenizer)
+
+`viper world base` (data + tokenizer + `viper sft` of a tiny Qwen2.5-VL) plugs in here as a third action:
+add its parser in `add_world_args` and its branch in `run_world`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CAPTIONS_MEASURED = 500
+
+
+def add_world_args(sub: argparse._SubParsersAction) -> None:
+    world = sub.add_parser("world", help="ShapeWorld: the held-out benchmark, the base model's data and tokenizer")
+    action = world.add_subparsers(dest="world_action", required=True)
+    bench = action.add_parser("bench", help="write the benchmark TSVs (test and val splits)")
+    bench.add_argument("--out", required=True, help="folder for the TSVs and manifest.json")
+    bench.add_argument("--n_per_category", type=int, default=None, help="test questions per category (default 175)")
+    bench.add_argument("--val_per_category", type=int, default=None, help="val questions per category (default 50)")
+    bench.add_argument("--size", type=int, default=112, help="image side in pixels")
+    data = action.add_parser("data", help="write the base model's SFT records and the world tokenizer")
+    data.add_argument("--out", required=True, help="folder for base_data/, tokenizer/ and tokenizer_report.json")
+    data.add_argument("--n", type=int, required=True, help="number of training examples")
+    data.add_argument("--size", type=int, default=112, help="image side in pixels")
+    data.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 1024)")
+    data.add_argument("--tokenizer_scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise SystemExit(f"viper world: {name} must be >= 1, got {value}")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from viper_common.shapeworld import bench
+
+    _positive("--n_per_category", args.n_per_category)
+    _positive("--val_per_category", args.val_per_category)
+    if args.size < 28:
+        raise SystemExit(f"viper world: --size must be >= 28 pixels (two 14 px patches), got {args.size}")
+    paths = {}
+    for split, n in (("test", args.n_per_category), ("val", args.val_per_category)):
+        start = time.perf_counter()
+        paths[split] = str(bench.write_benchmark(args.out, split, n, size=args.size))
+        print(f"wrote {paths[split]} in {time.perf_counter() - start:.1f} s")
+    manifest = json.loads((Path(args.out) / bench.MANIFEST_NAME).read_text())
+    for split, entry in sorted(manifest["splits"].items()):
+        cats = ", ".join(f"{c} {v['count']} (chance {100 * v['chance']:.0f}%)" for c, v in entry["categories"].items())
+        print(f"  {split}: {entry['num_questions']} questions: {cats}")
+    return paths
+
+
+def run_data(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from viper_common.shapeworld import base_data, language
+    from viper_common.shapeworld.scene import sample_scene
+    from viper_common.shapeworld.splits import SEED_RANGES
+    from viper_common.tiny_tokenizer import build_tiny_tokenizer
+    from viper_jax.world import tokenizer as world_tokenizer
+
+    _positive("--n", args.n)
+    _positive("--tokenizer_scenes", args.tokenizer_scenes)
+    out = Path(args.out)
+    start = time.perf_counter()
+    base_data.write_base_data(out / "base_data", args.n, size=args.size)
+    print(f"wrote {args.n} base examples to {out / 'base_data'} in {time.perf_counter() - start:.1f} s")
+    vocab = args.vocab_size or world_tokenizer.DEFAULT_VOCAB_SIZE
+    try:
+        tok = world_tokenizer.build_world_tokenizer(out / "tokenizer", world_tokenizer.world_texts(args.tokenizer_scenes),
+                                                    vocab)
+    except ValueError as e:
+        raise SystemExit(f"viper world: {e}") from None
+    # Measured on captions of scenes the tokenizer never saw (the synth range).
+    captions = []
+    for k in range(CAPTIONS_MEASURED):
+        rng = np.random.default_rng(SEED_RANGES["synth"].start + k)
+        captions.append(language.caption(sample_scene(rng), rng))
+    report = {"vocab_size": len(tok), "captions": len(captions),
+              "tokens_per_caption": world_tokenizer.tokens_per_text(tok, captions),
+              "bytes_per_caption": world_tokenizer.tokens_per_text(build_tiny_tokenizer(), captions)}
+    report["ratio"] = report["bytes_per_caption"] / report["tokens_per_caption"]
+    (out / "tokenizer_report.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'tokenizer'}: vocabulary {len(tok)}, {report['tokens_per_caption']:.1f} tokens per caption "
+          f"vs {report['bytes_per_caption']:.1f} with the byte tokenizer ({report['ratio']:.1f}x shorter)")
+    return report
+
+
+def run_world(args: argparse.Namespace) -> Any:
+    if args.world_action == "bench":
+        return run_bench(args)
+    if args.world_action == "data":
+        return run_data(args)
+    raise SystemExit(f"viper world: unknown action {args.world_action!r}")  # argparse's choices prevent this
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="viper")
+    add_world_args(parser.add_subparsers(dest="command", required=True))
+    sys.exit(run_world(parser.parse_args()) and 0)
