@@ -8,7 +8,10 @@ per chunk rather than once per image.
 Rejects (counted by reason in the job manifest): the input checks of `inputs.load_image` (unreadable,
 unsupported_format, too_small, too_large, bad_aspect), `empty_caption` (no usable caption text) and
 `no_corrections` (no critique sentence survived `parsing.parse_corrections`). Dropped sentences are
-counted separately (`dropped_by_reason`).
+counted separately (`dropped_by_reason`), and so are the flags a text-to-image model may report per image
+(`t2i_<flag>`, e.g. the ShapeWorld simulator's `t2i_no_objects`: it read no object from the caption and drew
+a background only). Such a sample is kept: a real text-to-image model would also draw something, and the
+pipeline cannot know better.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from PIL import Image
 
 from synthesis_torch import parsing
 from synthesis_torch.config import csv
-from synthesis_torch.diffusion import Reconstructor
+from synthesis_torch.diffusion import TextToImage, build_reconstructor
 from synthesis_torch.inputs import BadImage, ImageInput, Reject, derive_seed, list_images, load_image, select_shard
 from synthesis_torch.jobs import ChunkResult, Job, run_job
 from synthesis_torch.runtime import resolve_device, resolve_dtype, versions
@@ -47,16 +50,12 @@ def vlm_settings(config: Any) -> dict[str, Any]:
 class CaptionRefiner:
     """Holds the models of stage 1; `process` turns a chunk of image inputs into records and rejects."""
 
-    def __init__(self, config: Any, vlm: VLM | None = None, reconstructor: Reconstructor | None = None):
+    def __init__(self, config: Any, vlm: VLM | None = None, reconstructor: TextToImage | None = None):
         self.config = config
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         self.vlm = vlm or VLM.from_config(config, device, dtype)
-        t = config.t2i
-        self.recon = reconstructor or Reconstructor(
-            config.models.t2i, device=device, dtype=dtype, offload=t.offload, steps=t.steps,
-            true_cfg_scale=t.true_cfg_scale, negative_prompt=t.negative_prompt, area=t.area,
-            max_sequence_length=t.max_sequence_length, batch_size=t.batch_size)
+        self.recon = reconstructor or build_reconstructor(config, device, dtype)
         self.prompts = merged(SYNTHESIS_PROMPTS, config.prompts.to_dict())
         self.rules = sentence_rules(config)
 
@@ -97,13 +96,20 @@ class CaptionRefiner:
         sizes = [self.recon.size_for(im) for _, _, im, _ in kept]
         t2i_seeds = [derive_seed(cfg.seed, it.key, "t2i") for it, _, _, _ in kept]
         recons = self.recon.render([c for *_, c in kept], sizes, t2i_seeds)
+        # Optional per-image diagnostics of the t2i model (the ShapeWorld simulator says whether it could
+        # use the caption); counted in the manifest's dropped_by_reason under "t2i_<key>" when flagged.
+        reports = getattr(self.recon, "last_reports", None) or [None] * len(kept)
+        for report in reports:
+            for flag in (report or {}).get("flags", ()):
+                result.dropped[f"t2i_{flag}"] += 1
 
         # 3. The VLM compares original and reconstruction and lists the caption's errors and omissions.
         prompts = [([im, rec], self.prompts["critique"].format(caption=c)) for (_, _, im, c), rec in zip(kept, recons)]
         raw_critiques = self._generate(prompts, [it.key for it, *_ in kept], "critique",
                                        cfg.vlm.max_new_tokens_critique)
 
-        for (item, data, image, caption), size, seed, raw in zip(kept, sizes, t2i_seeds, raw_critiques):
+        for (item, data, image, caption), size, seed, raw, report in zip(kept, sizes, t2i_seeds, raw_critiques,
+                                                                          reports):
             corrections, dropped = parsing.parse_corrections(raw, self.rules, cfg.filter.max_corrections)
             result.dropped.update(dropped)
             if not corrections:
@@ -121,7 +127,8 @@ class CaptionRefiner:
                     "vlm_settings": vlm_settings(cfg), "t2i_settings": self.recon.settings(),
                     # Stage 2 reads this: the caption followed by its corrections.
                     "refined_description": parsing.refined_description(caption, corrections),
-                    "raw_critique": raw[:MAX_RAW_CHARS], "dropped": dict(dropped), "lenient": self.rules.lenient})
+                    "raw_critique": raw[:MAX_RAW_CHARS], "dropped": dict(dropped), "lenient": self.rules.lenient,
+                    **({"t2i_report": report} if report is not None else {})})
             result.records.append(rec)
             result.keys[rec.id] = item.key
         return result

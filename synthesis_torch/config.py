@@ -52,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Stage-1 reconstruction (text-to-image from the caption alone).
     c.t2i = ml_collections.ConfigDict()
+    c.t2i.name = "qwen_image"  # key in synthesis_torch.diffusion.RECONSTRUCTORS
+    c.t2i.plugin = ""  # module imported first, so that it can register_reconstructor() another model
     c.t2i.steps = 50
     c.t2i.true_cfg_scale = 4.0
     c.t2i.negative_prompt = " "  # Qwen-Image enables true CFG only with a negative prompt

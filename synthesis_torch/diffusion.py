@@ -1,11 +1,16 @@
 """diffusers pipelines loaded by path, placed on a device (or CPU-offloaded), and the stage-1 reconstructor
 (text-to-image from the caption alone, `QwenImagePipeline` by default).
+
+Reconstructors sit behind a small registry like editors.py's: `config.t2i.name` picks one (default
+"qwen_image"); a module named in `config.t2i.plugin` can `register_reconstructor` another. Built-ins that
+live in their own module (BUILTIN_MODULES, e.g. the ShapeWorld simulator) are imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -40,8 +45,45 @@ def output_size(width: int, height: int, area: int, multiple: int) -> tuple[int,
     return w, h
 
 
+class TextToImage(Protocol):
+    path: str  # recorded as the t2i model in every record
+
+    def settings(self) -> dict[str, Any]:
+        """Settings recorded in every record's provenance."""
+
+    def size_for(self, image: Image.Image) -> tuple[int, int]:
+        """(w, h) of the reconstruction of `image`."""
+
+    def render(self, captions: Sequence[str], sizes: Sequence[tuple[int, int]], seeds: Sequence[int]
+               ) -> list[Image.Image]:
+        """One RGB image per caption. A model may also set `last_reports` (one dict per image, diagnostics
+        that caption_refine copies into provenance)."""
+
+
+ReconstructorFactory = Callable[[Any, torch.device, torch.dtype], TextToImage]
+RECONSTRUCTORS: dict[str, ReconstructorFactory] = {}
+BUILTIN_MODULES = {"shapeworld": "synthesis_torch.shapeworld_sim"}
+
+
+def register_reconstructor(name: str, factory: ReconstructorFactory) -> None:
+    RECONSTRUCTORS[name] = factory
+
+
+def build_reconstructor(config: Any, device: torch.device, dtype: torch.dtype) -> TextToImage:
+    name = config.t2i.get("name", "qwen_image")
+    if config.t2i.get("plugin"):
+        importlib.import_module(config.t2i.plugin)  # registers third-party text-to-image models
+    if name not in RECONSTRUCTORS and name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[name])
+    if name not in RECONSTRUCTORS:
+        raise KeyError(f"unknown text-to-image model {name!r}; registered: {sorted(RECONSTRUCTORS)}")
+    return RECONSTRUCTORS[name](config, device, dtype)
+
+
 class Reconstructor:
     """Stage 1's text-to-image model: renders each caption at the original image's aspect ratio."""
+
+    name = "qwen_image"
 
     def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype, offload: str, steps: int,
                  true_cfg_scale: float, negative_prompt: str, area: int, max_sequence_length: int,
@@ -54,6 +96,13 @@ class Reconstructor:
         self.area, self.max_sequence_length, self.batch_size = area, max_sequence_length, batch_size
         # Latents are 2x2-packed after the VAE's downsampling, so sizes must be multiples of twice it.
         self.multiple = self.pipe.vae_scale_factor * 2
+
+    @classmethod
+    def from_config(cls, config: Any, device: torch.device, dtype: torch.dtype) -> "Reconstructor":
+        t = config.t2i
+        return cls(config.models.t2i, device=device, dtype=dtype, offload=t.offload, steps=t.steps,
+                   true_cfg_scale=t.true_cfg_scale, negative_prompt=t.negative_prompt, area=t.area,
+                   max_sequence_length=t.max_sequence_length, batch_size=t.batch_size)
 
     def settings(self) -> dict[str, Any]:
         return {"steps": self.steps, "true_cfg_scale": self.true_cfg_scale, "area": self.area,
@@ -88,3 +137,6 @@ class Reconstructor:
                 for i, image in zip(batch, images):
                     out[i] = image.convert("RGB")
         return out  # type: ignore[return-value]
+
+
+register_reconstructor(Reconstructor.name, Reconstructor.from_config)

@@ -35,11 +35,18 @@ class Editor(Protocol):
         """Model paths and settings, recorded in every record's provenance."""
 
     def edit(self, image: Image.Image, instruction: str, seed: int) -> Image.Image:
-        """The edited image (RGB)."""
+        """The edited image (RGB). May raise EditorError; may set `last_report` (a dict of diagnostics
+        about this call, which stage 2 copies into the operation's log)."""
+
+
+class EditorError(Exception):
+    """The editor cannot use this input (e.g. the ShapeWorld simulator got an image without its scene).
+    Stage 2 counts it as the reject "editor_error" instead of stopping the job; other errors still stop it."""
 
 
 EditorFactory = Callable[[Any, torch.device, torch.dtype], Editor]
 EDITORS: dict[str, EditorFactory] = {}
+BUILTIN_MODULES = {"shapeworld": "synthesis_torch.shapeworld_sim"}  # imported on first use
 
 
 def register_editor(name: str, factory: EditorFactory) -> None:
@@ -49,6 +56,8 @@ def register_editor(name: str, factory: EditorFactory) -> None:
 def build_editor(config: Any, device: torch.device, dtype: torch.dtype) -> Editor:
     if config.editor.get("plugin"):
         importlib.import_module(config.editor.plugin)  # registers third-party editors
+    if config.editor.name not in EDITORS and config.editor.name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[config.editor.name])
     if config.editor.name not in EDITORS:
         raise KeyError(f"unknown editor {config.editor.name!r}; registered: {sorted(EDITORS)}")
     return EDITORS[config.editor.name](config, device, dtype)

@@ -11,8 +11,8 @@ Editing modes (`editor.mode`):
 - "combined": one editor call with all instructions; only the final band check applies.
 Finally the original and the final image must differ within the band.
 
-Rejects: unreadable (stage-1 image bytes do not decode), no_entities, no_valid_ops, edit_no_change,
-edit_too_large.
+Rejects: unreadable (stage-1 image bytes do not decode), no_entities, no_valid_ops, editor_error (the
+editor raised EditorError: it cannot use this input), edit_no_change, edit_too_large.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from synthesis_torch import diffband, parsing
 from synthesis_torch.caption_refine import MAX_RAW_CHARS, sentence_rules, vlm_settings
 from synthesis_torch.config import csv
-from synthesis_torch.editors import Editor, build_editor
+from synthesis_torch.editors import Editor, EditorError, build_editor
 from synthesis_torch.entities import select_entities
 from synthesis_torch.inputs import RecordInput, Reject, derive_seed, list_record_inputs, read_records, select_shard
 from synthesis_torch.jobs import ChunkResult, Job, run_job
@@ -41,8 +41,14 @@ TASK = "visual_ops"
 
 
 def png_bytes(image: Image.Image) -> bytes:
+    # Text metadata the editor attached (the ShapeWorld simulator's scene) is kept, so edits chain and the
+    # world's diagnostics can read the result; the trainer decodes only the pixels.
+    text = PngImagePlugin.PngInfo()
+    for key, value in image.info.items():
+        if isinstance(key, str) and isinstance(value, str):
+            text.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless: the edit's fine details are the point of the sample
+    image.save(buf, format="PNG", pnginfo=text)  # lossless: the edit's fine details are the point of the sample
     return buf.getvalue()
 
 
@@ -74,16 +80,19 @@ class OpsSynthesizer:
             seed = derive_seed(cfg.seed, key, "edit")
             instruction = " ".join(op.sentence for op in ops)
             out = self.editor.edit(image, instruction, seed)
-            return out, [{"type": op.type, "instruction": op.instruction, "kept": True, "seed": seed}
-                         for op in ops], None
+            report = getattr(self.editor, "last_report", None)
+            return out, [{"type": op.type, "instruction": op.instruction, "kept": True, "seed": seed,
+                          **({"editor_report": report} if report is not None else {})} for op in ops], None
         current, log = image, []
         for k, op in enumerate(ops):
             seed = derive_seed(cfg.seed, key, f"edit{k}")
             out = self.editor.edit(current, op.instruction, seed)
+            report = getattr(self.editor, "last_report", None)
             diff, verdict = self._band(current, out)
             verdict = verdict if cfg.diff.per_op else None
             log.append({"type": op.type, "instruction": op.instruction, "seed": seed,
-                        "kept": verdict is None, "verdict": verdict, **diff.as_dict()})
+                        "kept": verdict is None, "verdict": verdict, **diff.as_dict(),
+                        **({"editor_report": report} if report is not None else {})})
             if verdict == "too_large":
                 return out, log, "edit_too_large"
             if verdict is None:
@@ -134,7 +143,11 @@ class OpsSynthesizer:
                 detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "empty output"
                 result.rejects.append(Reject(ref.key, source, "no_valid_ops", detail))
                 continue
-            edited, log, reason = self._apply(image, ops, ref.key)
+            try:
+                edited, log, reason = self._apply(image, ops, ref.key)
+            except EditorError as e:
+                result.rejects.append(Reject(ref.key, source, "editor_error", str(e)[:200]))
+                continue
             kept = [op for op, entry in zip(ops, log) if entry["kept"]]
             ignored = sum(entry.get("verdict") == "no_change" for entry in log)
             if ignored:

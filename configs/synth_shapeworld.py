@@ -1,0 +1,57 @@
+"""Synthesis in ShapeWorld on the CPU: the world's base VLM does every VLM step, the simulated text-to-image
+model and editor (synthesis_torch/shapeworld_sim.py) stand in for Qwen-Image and Qwen-Image-Edit.
+
+    viper-synth caption-refine --images IMAGES --out OUT --config configs/synth_shapeworld.py
+    viper-synth visual-ops --records OUT --out OUT --config configs/synth_shapeworld.py
+
+IMAGES holds ShapeWorld PNGs (viper_common.shapeworld.render.render_png: the scene rides in the metadata,
+which only the simulators read). The VLM is an HF directory from $VIPER_SHAPEWORLD_VLM (default
+/tmp/shapeworld/base_hf, what `viper world base` exports).
+"""
+
+import os
+
+from synthesis_torch.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.models.vlm = os.environ.get("VIPER_SHAPEWORLD_VLM", "/tmp/shapeworld/base_hf")
+    c.models.t2i = c.models.editor = "shapeworld"  # recorded as the model names; the simulators load nothing
+    c.t2i.name = c.editor.name = "shapeworld"
+    c.device, c.dtype = "cpu", "float32"
+    c.chunk_size = 16
+
+    # A tiny VLM and short world sentences: small batches of short generations. The images are 112 px, so
+    # the processor's own range (0 = keep the exported directory's setting) gives 16 visual tokens each.
+    c.vlm.batch_size = 8
+    c.vlm.max_new_tokens_caption = 160
+    c.vlm.max_new_tokens_critique = 128
+    c.vlm.max_new_tokens_edit = 96
+    c.vlm.min_pixels = c.vlm.max_pixels = 0
+    c.vlm.repetition_penalty = 1.0  # the base was trained without it; the world's sentences repeat words
+
+    c.inputs.min_side = 64  # ShapeWorld images are 112 px (the default 128 is for photos)
+
+    # Strict parsing. The world's sentences are short ("Remove the red star." has 4 words, "The circle is
+    # dark blue." 5), so the word minimums are 3; a one-object caption has about 8 words.
+    c.filter.lenient = False
+    c.filter.min_words = 3
+    c.filter.min_caption_words = 5
+    c.filter.max_chars = 200
+    c.ops.min_words = 3
+    c.ops.num_ops = 2
+
+    # The simulated editor: how often it fails, and how a failure looks (see shapeworld_sim.py).
+    c.editor.failure_rate = 0.15
+    c.editor.wrong_object_share = 0.5
+
+    # Difference band, measured on 700 random edits of 100 random scenes (the simulated editor re-renders
+    # untouched pixels exactly, so "no change" is exactly 0): changed_fraction with pixel_threshold 0.05
+    # was 0.0006 .. 0.066 for attribute edits, 0.0011 .. 0.0069 for label (text) edits, up to 0.25 for count
+    # edits. At the default threshold 0.1 a few visible edits read as 0 (light gray on silver differs by
+    # about 0.09 per channel), hence 0.05.
+    c.diff.pixel_threshold = 0.05
+    c.diff.min = 0.0004
+    c.diff.max = 0.5
+    return c
