@@ -306,10 +306,13 @@ def test_viper_world_cli(tmp_path, capsys):
         data = read_tsv(tmp_path / "b" / f"shapeworld_{split}.tsv")
         assert len(data.rows) == n and data.skipped == []
     viper(["world", "data", "--out", str(tmp_path / "d"), "--n", "10", "--size", "56", "--vocab_size", "500",
-           "--tokenizer_scenes", "60"])
-    assert records.read_manifest(tmp_path / "d" / "base_data")["num_records"] == 10
+           "--tokenizer_scenes", "60", "--weights", "choose=0,compare=0"])
+    manifest = records.read_manifest(tmp_path / "d" / "base_data")
+    assert manifest["num_records"] == 10 and set(manifest["kinds"]) <= {"describe", "ask"}
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "d" / "tokenizer"))) == 500
     report = json.loads((tmp_path / "d" / "tokenizer_report.json").read_text())
     assert report["ratio"] > 3
+    with pytest.raises(SystemExit, match="kinds are"):
+        viper(["world", "data", "--out", str(tmp_path / "y"), "--n", "3", "--weights", "chose=0"])
     with pytest.raises(SystemExit, match="--n_per_category must be >= 1"):
         viper(["world", "bench", "--out", str(tmp_path / "x"), "--n_per_category", "0"])

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from viper_common.shapeworld.language import PLURALS, article
 from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, LABELS, PATTERNS, SHAPES, Obj, Scene,
                                            sample_scene)
 
@@ -36,8 +37,6 @@ HUE_NEIGHBOURS = {"red": ("orange", "pink"), "orange": ("red", "yellow"), "yello
 # Letters that are easy to confuse at a few pixels, nearest first.
 LETTER_NEIGHBOURS = {"A": ("R", "H", "X"), "E": ("H", "K", "T"), "H": ("K", "M", "A"), "K": ("X", "R", "H"),
                      "M": ("H", "A", "K"), "R": ("A", "K", "E"), "T": ("E", "X", "K"), "X": ("K", "T", "A")}
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "diamond": "diamonds", "cross": "crosses"}
 POSITION_PHRASES = ("at the top left", "at the top", "at the top right", "on the left", "in the center",
                     "on the right", "at the bottom left", "at the bottom", "at the bottom right")
 # (row sign, column sign) of A relative to B -> the phrase completing "A is ___ B".
@@ -102,12 +101,8 @@ def describe(obj: Obj) -> dict[str, str]:
     return {"hue": obj.hue, "shape": obj.shape}
 
 
-def indefinite(phrase: str) -> str:
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
-
-
 def describe_text(value: dict[str, str]) -> str:
-    return indefinite(f"{value['hue']} {value['shape']}")
+    return f"{article(value['hue'])} {value['hue']} {value['shape']}"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -296,7 +291,7 @@ def hallucination(scene: Scene, rng: np.random.Generator, slot: int) -> Question
         pool = near or [(h, s) for h in HUES for s in SHAPES if (h, s) not in present]
         hue, shape = pool[int(rng.integers(len(pool)))]
         facet = "absent_near" if near else "absent"
-    text = f"Is there {indefinite(f'{hue} {shape}')} in the image?"
+    text = f"Is there {article(hue)} {hue} {shape} in the image?"
     return Question("hallucination", facet, text, (), "yes" if slot % 2 == 0 else "no", (),
                     {"op": "exists", "filter": {"hue": hue, "shape": shape}}, (scene,))
 

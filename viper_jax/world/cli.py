@@ -2,7 +2,7 @@
 
   viper world bench --out DIR [--n_per_category N] [--val_per_category N] [--size PX]
       DIR/shapeworld_test.tsv, DIR/shapeworld_val.tsv (score with `viper eval --tsv ...`), DIR/manifest.json
-  viper world data --out DIR --n N [--size PX] [--vocab_size V]
+  viper world data --out DIR --n N [--size PX] [--vocab_size V] [--weights describe=..,ask=..,compare=..,choose=..]
       DIR/base_data/ (instruct records, resumable shards + manifest.json), DIR/tokenizer/ (HF tokenizer),
       DIR/tokenizer_report.json (tokens per caption, world tokenizer vs byte tokenizer)
 
@@ -36,11 +36,31 @@ def add_world_args(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--size", type=int, default=112, help="image side in pixels")
     data.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 1024)")
     data.add_argument("--tokenizer_scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    data.add_argument("--weights", default=None,
+                      help="mix of example kinds, e.g. describe=0.4,ask=0.3,compare=0.3,choose=0 (unnamed kinds keep "
+                           "base_data.DEFAULT_WEIGHTS)")
 
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise SystemExit(f"viper world: {name} must be >= 1, got {value}")
+
+
+def _weights(text: str | None) -> dict[str, float] | None:
+    from viper_common.shapeworld.base_data import KINDS
+
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        try:
+            out[kind.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"viper world: --weights item {item!r} is not kind=number") from None
+        if kind.strip() not in KINDS or out[kind.strip()] < 0:
+            raise SystemExit(f"viper world: --weights item {item!r}: kinds are {KINDS}, weights >= 0")
+    return out
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,9 +93,10 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
 
     _positive("--n", args.n)
     _positive("--tokenizer_scenes", args.tokenizer_scenes)
+    weights = _weights(args.weights)
     out = Path(args.out)
     start = time.perf_counter()
-    base_data.write_base_data(out / "base_data", args.n, size=args.size)
+    base_data.write_base_data(out / "base_data", args.n, size=args.size, weights=weights)
     print(f"wrote {args.n} base examples to {out / 'base_data'} in {time.perf_counter() - start:.1f} s")
     vocab = args.vocab_size or world_tokenizer.DEFAULT_VOCAB_SIZE
     try:
