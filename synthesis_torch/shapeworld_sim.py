@@ -71,7 +71,8 @@ class ShapeWorldReconstructor:
         for text, (w, h), seed in zip(captions, sizes, seeds):
             partial = language.parse_caption(text)
             # Offsets are drawn anew for every object, as a t2i model never reproduces exact positions.
-            partial = Scene(partial.background, tuple(dataclasses.replace(o, dx=None, dy=None) for o in partial.objects))
+            partial = Scene(partial.background,
+                            tuple(dataclasses.replace(o, dx=None, dy=None) for o in partial.objects))
             scene = complete_scene(partial, np.random.default_rng([seed, 2]))
             out.append(render_at(scene, seed, w, h))
             self.last_reports.append({"objects_read": len(partial.objects), "objects_drawn": len(scene.objects),
@@ -137,7 +138,7 @@ class ShapeWorldEditor:
                               "only edit images rendered by viper_common.shapeworld (PNG with the scene)")
         rng = np.random.default_rng([seed, 3])
         # Combined mode joins several instructions into one text: each sentence is applied in turn.
-        pieces = [instruction] if len(_SENTENCES.split(instruction.strip())) == 1 else _SENTENCES.split(instruction.strip())
+        pieces = _SENTENCES.split(instruction.strip()) or [instruction]
         reports = []
         for piece in pieces:
             scene, report = self._one(scene, piece, rng)

@@ -157,7 +157,8 @@ _FRAMES: dict[str, tuple[str, ...]] = {
     "replace": (r"replace (?P<ref>.+?) with (?:an?|one) (?P<new>.+)", r"swap (?P<ref>.+?) for (?:an?|one) (?P<new>.+)",
                 r"(?:turn|change) (?P<ref>.+?) into (?:an?|one) (?P<new>.+)"),
     "move": (r"(?:move|shift|slide|drag) (?P<ref>.+) (?:over )?to (?P<dest>.+)",),
-    "attribute": (r"change the (?P<name>colou?r|shade|size|pattern|fill) of (?P<ref>.+?) to (?:be )?(?:an? )?(?P<v>\w+)",
+    "attribute": (r"change the (?P<name>colou?r|shade|size|pattern|fill) of (?P<ref>.+?) to (?:be )?(?:an? )?"
+                  r"(?P<v>\w+)",
                   r"(?:make|turn|paint|recolou?r) (?P<ref>.+) (?P<v>\w+)"),
 }
 _ORDER = ("text", "count", "add", "replace", "move", "attribute", "remove")
@@ -274,7 +275,8 @@ def apply_edit(scene: Scene, edit: Edit, rng: np.random.Generator | None = None)
     elif edit.op == "remove":
         del objs[edit.target]
     elif edit.op == "replace":
-        stated = {k: v for k, v in dataclasses.asdict(edit.obj).items() if v is not None and k not in ("cell", "dx", "dy")}
+        stated = {k: v for k, v in dataclasses.asdict(edit.obj).items()
+                  if v is not None and k not in ("cell", "dx", "dy")}
         objs[edit.target] = dataclasses.replace(target, **stated)
     elif edit.op == "move":
         if edit.cell not in _free_cells(scene):
@@ -291,8 +293,10 @@ def apply_edit(scene: Scene, edit: Edit, rng: np.random.Generator | None = None)
                 raise EditError(f"there are no {kind_phrase(edit.kind)} to copy")
             if n - len(same) > len(free):
                 raise EditError(f"no room for {n} {kind_phrase(edit.kind)}: {len(free)} free places")
-            cells = free[:n - len(same)] if rng is None else sorted(int(c) for c in rng.choice(free, n - len(same), replace=False))
-            objs += [dataclasses.replace(objs[same[0]], label="", cell=c, dx=_offset(rng), dy=_offset(rng)) for c in cells]
+            extra = n - len(same)
+            cells = free[:extra] if rng is None else sorted(int(c) for c in rng.choice(free, extra, replace=False))
+            objs += [dataclasses.replace(objs[same[0]], label="", cell=c, dx=_offset(rng), dy=_offset(rng))
+                     for c in cells]
         else:
             drop = set(same[n:])
             objs = [o for i, o in enumerate(objs) if i not in drop]

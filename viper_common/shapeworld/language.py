@@ -161,7 +161,8 @@ def parse_caption(text: str) -> Scene:
                 continue
             if obj.cell is not None and obj.cell in used:
                 obj = Obj(**{**obj.__dict__, "cell": None})
-            used.add(obj.cell) if obj.cell is not None else None
+            if obj.cell is not None:
+                used.add(obj.cell)
             objects.append(obj)
     return Scene(background=background, objects=tuple(objects))
 
@@ -229,8 +230,8 @@ def caption(scene: Scene, rng: np.random.Generator, background_prob: float = 0.7
     sentences = []
     n = len(scene.objects)
     if n and rng.random() < count_prob:
-        sentences.append("The image shows a single shape." if n == 1 else
-                         _pick(rng, (f"The image shows {NUMBER_WORDS[n]} shapes.", f"There are {NUMBER_WORDS[n]} objects.")))
+        many = (f"The image shows {NUMBER_WORDS[n]} shapes.", f"There are {NUMBER_WORDS[n]} objects.")
+        sentences.append("The image shows a single shape." if n == 1 else _pick(rng, many))
     for i in rng.permutation(n):
         obj = scene.objects[int(i)]
         desc = describe_object(obj, rng)

@@ -148,7 +148,10 @@ def _draw_object(canvas: Image.Image, obj: Obj, side_px: int, seed: int) -> None
     x0, y0 = int(round(cx - tile_side / 2)), int(round(cy - tile_side / 2))
     canvas.paste(fill, (x0, y0), mask)
     if obj.label:
-        under = canvas.getpixel((int(cx), int(cy))) if pattern == "outlined" else (rgb if pattern == "solid" else _tint(rgb))
+        if pattern == "outlined":  # hollow: the letter sits on the background
+            under = canvas.getpixel((int(cx), int(cy)))
+        else:
+            under = rgb if pattern == "solid" else _tint(rgb)
         ink = (15, 15, 15) if _luma(under) > 140 else (245, 245, 245)  # type: ignore[arg-type]
         draw = ImageDraw.Draw(canvas)
         dy = 0.12 * radius if obj.shape == "triangle" else 0.0  # the triangle's mass sits low
