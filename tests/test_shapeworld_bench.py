@@ -127,6 +127,22 @@ def test_fine_distractors_are_close_and_hallucinations_plausible():
     assert kinds == {"yes": 50, "no": 50}
 
 
+def test_option_structure_does_not_give_the_answer_away():
+    """Blind guesses from the options' text alone stay near chance: the option sharing the most hue/shape
+    with the others (coarse 'which object is at ...'), and any rank among the sorted counts."""
+    hits = total = 0
+    for _, _, q in bench.generate("test", "coarse", 600):
+        if q.facet == "object_at":
+            overlap = [sum(v["hue"] == w["hue"] or v["shape"] == w["shape"] for w in q.values if w is not v)
+                       for v in q.values]
+            hits += "ABCD"[max(range(4), key=lambda i: (overlap[i], -i))] == q.answer
+            total += 1
+    assert total > 100 and hits / total < 0.35, (hits, total)
+    ranks = collections.Counter(sorted(q.values).index(q.values["ABCD".index(q.answer)])
+                                for _, _, q in bench.generate("test", "counting", 200))
+    assert ranks == dict.fromkeys(range(4), 50)
+
+
 def test_answer_letters_balanced_and_default_split_sizes():
     for category in questions.CATEGORIES:
         answers = collections.Counter(q.answer for _, _, q in bench.generate("test", category, 40))

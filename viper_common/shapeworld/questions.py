@@ -154,11 +154,12 @@ def coarse(scene: Scene, rng: np.random.Generator, slot: int) -> Question:
     if facet == "object_at":
         text = f"Which object is {POSITION_PHRASES[obj.cell]}?"
         others = [describe(o) for o in scene.objects if (o.hue, o.shape) != (obj.hue, obj.shape)]
-        near = [{"hue": obj.hue, "shape": s} for s in SHAPES if s != obj.shape] + \
-               [{"hue": h, "shape": obj.shape} for h in HUES if h != obj.hue]
-        pool = [d for n, d in enumerate(others) if d not in others[:n]]
-        pool += [d for d in _pick(rng, near, NUM_OPTIONS) if d not in pool]
-        return _mcq("coarse", facet, text, describe(obj), pool[:NUM_OPTIONS + 1], describe_text,
+        # Distractors: objects elsewhere in the image, then random pairs. Not pairs sharing the answer's hue
+        # or shape: the answer would be the option that overlaps most with the others, guessable blind.
+        pool = _pick(rng, [d for n, d in enumerate(others) if d not in others[:n]], NUM_OPTIONS - 1)
+        pairs = [{"hue": h, "shape": s} for h in HUES for s in SHAPES]
+        pool += [d for d in _pick(rng, pairs, 2 * NUM_OPTIONS) if d not in pool and d != describe(obj)]
+        return _mcq("coarse", facet, text, describe(obj), pool[:NUM_OPTIONS - 1], describe_text,
                     {"op": "object_at", "cell": obj.cell}, scenes, rng, slot)
     attr = facet
     ref = refer(scene, i, rng, exclude=(attr,))
@@ -213,11 +214,6 @@ def fine(scene: Scene, rng: np.random.Generator, slot: int) -> Question:
 
 # ----------------------------------------------------------------------------------------------- counting
 
-def _count_distractors(rng: np.random.Generator, n: int, low: int) -> list[int]:
-    near = [m for m in (n - 2, n - 1, n + 1, n + 2, n + 3) if m >= low]
-    return sorted(near, key=lambda m: (abs(m - n), rng.random()))[:NUM_OPTIONS - 1]
-
-
 def counting(scene: Scene, rng: np.random.Generator, slot: int) -> Question:
     facet = str(rng.choice(["objects", "shape", "hue"]))
     if facet == "objects":
@@ -231,8 +227,16 @@ def counting(scene: Scene, rng: np.random.Generator, slot: int) -> Question:
             f"How many {value} objects are there in the image?"
         filt = {facet: value}
     n = sum(matches(o, filt) for o in scene.objects)
-    return _mcq("counting", facet, text, n, _count_distractors(rng, n, 1 if facet == "objects" else 0), str,
-                {"op": "count", "filter": filt}, (scene,), rng, slot)
+    # Options: four consecutive counts in ascending order, the answer at rank slot % 4. Distractors nearest
+    # to n would put the answer in the middle, and a window at a random place would put it mostly first
+    # (counts are small): both guessable blind. A scene whose count cannot sit at that rank is skipped.
+    rank = slot % NUM_OPTIONS
+    start = n - rank
+    if start < (1 if facet == "objects" else 0):
+        raise NoQuestion(f"count {n} cannot be option {LETTERS[rank]}")
+    values = tuple(range(start, start + NUM_OPTIONS))
+    return Question("counting", facet, text, tuple(map(str, values)), LETTERS[rank], values,
+                    {"op": "count", "filter": filt}, (scene,))
 
 
 # ------------------------------------------------------------------------------------------------ spatial
