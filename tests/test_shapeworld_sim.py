@@ -224,7 +224,6 @@ class ScriptedVLM:
 def test_both_stages_strict_with_scripted_vlm(world, tmp_path):
     cfg = load_config(CONFIG)
     cfg.chunk_size, cfg.ops.num_ops = 2, 1
-    cfg.ops.min_entity_score = 0  # the scripted descriptions are short; any noun phrase will do
     vlm = ScriptedVLM(cfg)
     stage1 = caption_refine.CaptionRefiner(cfg, vlm=vlm, reconstructor=ShapeWorldReconstructor())
     m1 = caption_refine.run(cfg, world["images"], tmp_path, refiner=stage1)
