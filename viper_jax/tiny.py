@@ -124,16 +124,18 @@ def write_tiny_records(out_dir: str | Path, per_task: int = 16, size: tuple[int,
     return shards
 
 
-def write_tiny_instruct_records(out_dir: str | Path, count: int = 16, size: tuple[int, int] = (56, 56)) -> Path:
+def write_tiny_instruct_records(out_dir: str | Path, count: int = 16, size: tuple[int, int] = (56, 56),
+                                two_images: bool = True) -> Path:
     """Writes `count` instruct records (`viper sft`'s plain prompt/answer kind) to
     OUT/instruct-00000-of-00001/part-00000.arrayrecord: one image whose ellipse is red or blue (by
-    parity), asked for its colour, or both images, asked which one changed colour. Returns the shard."""
+    parity), asked for its colour, or (records 2, 3 of every 4, with two_images) both images, asked
+    what changed. Returns the shard."""
     from viper_common import records
 
     recs = []
     for i in range(count):
         colour = "blue" if i % 2 else "red"
-        if i % 4 < 2:
+        if i % 4 < 2 or not two_images:
             recs.append(records.ViperRecord(
                 id=f"ins-{i:04d}", task=records.INSTRUCT, images=[_image(i, size, edit=bool(i % 2))], truth=[],
                 prompt="What colour is the ellipse?",
