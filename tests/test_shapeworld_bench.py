@@ -275,9 +275,17 @@ def test_base_data_shards_round_trip_and_resume(tmp_path):
     before = first.stat().st_mtime_ns, first.read_bytes()
     expected_last = last.read_bytes()
     last.unlink()  # as if killed before the last shard was renamed into place
+    (out / records.MANIFEST_NAME).unlink()
     base_data.write_base_data(tmp_path / "d", 30, size=56, shard_size=12)
     assert (first.stat().st_mtime_ns, first.read_bytes()) == before  # kept, not rewritten
     assert last.read_bytes() == expected_last
+    assert records.read_manifest(out) | {"created": None} == manifest | {"created": None}
+    with pytest.raises(ValueError, match="settings.json: this folder holds base data written with other settings"):
+        base_data.write_base_data(tmp_path / "d", 30, size=112, shard_size=12)
+    # Two worker processes write the same bytes as one.
+    par = base_data.write_base_data(tmp_path / "p", 30, size=56, shard_size=12, workers=2)
+    assert [(par / n).read_bytes() for n in sorted(manifest["shards"])] == \
+        [(out / n).read_bytes() for n in sorted(manifest["shards"])]
 
 
 # ------------------------------------------------------------------------------------------- tokenizer

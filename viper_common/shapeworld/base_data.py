@@ -18,8 +18,11 @@ as questions (shade, pattern, label, small objects are only in captions), and Vi
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +36,7 @@ from viper_common.shapeworld.splits import SEED_RANGES
 
 KINDS = ("describe", "ask", "compare", "choose")
 DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15}
-SHARD_SIZE = 2000
+SHARD_SIZE = 1000
 # The synthesis side asks the base for a caption with SYNTHESIS_PROMPTS["caption"]: it is one of the variants.
 DESCRIBE_PROMPTS = ("Describe this image.", "What do you see in this picture?", "Give a description of the image.",
                     "Describe every object in the image and where it is.", SYNTHESIS_PROMPTS["caption"])
@@ -228,29 +231,51 @@ def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] 
         yield example(index, size, weights)
 
 
+def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None) -> None:
+    with records.ShardWriter(path) as writer:
+        for ex in examples(count, start, size, weights):
+            writer.write(ex.to_record())
+
+
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
-                    weights: dict[str, float] | None = None, log: Any = sys.stderr) -> Path:
-    """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`. Resumes: a shard
-    already on disk is complete (shards are written atomically) and is kept."""
-    if n < 1 or shard_size < 1:
-        raise ValueError(f"n and shard_size must be >= 1 (got {n}, {shard_size})")
+                    weights: dict[str, float] | None = None, workers: int = 1, log: Any = sys.stderr) -> Path:
+    """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
+    `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
+    `settings.json` makes sure a resumed run has the same settings."""
+    if n < 1 or shard_size < 1 or workers < 1:
+        raise ValueError(f"n, shard_size and workers must be >= 1 (got {n}, {shard_size}, {workers})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"n": n, "size": size, "shard_size": shard_size, "weights": {**DEFAULT_WEIGHTS, **(weights or {})},
+                "seed_start": SEED_RANGES["base_train"].start}
+    _draw_kind(np.random.default_rng(0), weights)  # validates the weights before any work
+    settings_path = out / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{settings_path}: this folder holds base data written with other settings "
+                         f"({settings_path.read_text().strip()}); use a new folder")
+    settings_path.write_text(json.dumps(settings, sort_keys=True))
     num_shards = -(-n // shard_size)
-    shards, kinds = {}, {}
-    for s in range(num_shards):
-        name = f"base-{s:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}"
-        count = min(shard_size, n - s * shard_size)
-        if not (out / name).exists():
-            with records.ShardWriter(out / name) as writer:
-                for ex in examples(count, s * shard_size, size, weights):
-                    writer.write(ex.to_record())
-        shards[name] = count
-        print(f"  base data: shard {s + 1}/{num_shards} ({(s * shard_size) + count}/{n} examples)", file=log, flush=True)
+    shards = {f"base-{s:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}": min(shard_size, n - s * shard_size)
+              for s in range(num_shards)}
+    todo = [(k, name) for k, name in enumerate(shards) if not (out / name).exists()]
+    print(f"  base data: {num_shards - len(todo)}/{num_shards} shards already written", file=log, flush=True)
+    jobs = [(out / name, shards[name], k * shard_size, size, weights) for k, name in todo]
+    if workers == 1 or len(jobs) < 2:
+        done = (_write_shard(*job) for job in jobs)
+        pool = None
+    else:  # spawn: a fresh interpreter per worker, whatever the parent has loaded (JAX's threads do not fork)
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+        done = (f.result() for f in as_completed([pool.submit(_write_shard, *job) for job in jobs]))
+    try:
+        for finished, _ in enumerate(done, 1):
+            print(f"  base data: {num_shards - len(todo) + finished}/{num_shards} shards", file=log, flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    kinds: dict[str, int] = {}
     for index in range(n):  # cheap to recount (the kind is the seed's first draw), also for resumed shards
         kind = _draw_kind(np.random.default_rng(SEED_RANGES["base_train"].start + index), weights)
         kinds[kind] = kinds.get(kind, 0) + 1
     records.write_manifest(out, shards, task=records.INSTRUCT, kinds=dict(sorted(kinds.items())), image_size=size,
-                           weights={**DEFAULT_WEIGHTS, **(weights or {})},
-                           seeds=[SEED_RANGES["base_train"].start, n])
+                           weights=settings["weights"], seeds=[settings["seed_start"], n])
     return out

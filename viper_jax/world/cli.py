@@ -2,7 +2,8 @@
 
   viper world bench --out DIR [--n_per_category N] [--val_per_category N] [--size PX]
       DIR/shapeworld_test.tsv, DIR/shapeworld_val.tsv (score with `viper eval --tsv ...`), DIR/manifest.json
-  viper world data --out DIR --n N [--size PX] [--vocab_size V] [--weights describe=..,ask=..,compare=..,choose=..]
+  viper world data --out DIR --n N [--size PX] [--vocab_size V] [--workers W]
+      [--weights describe=..,ask=..,compare=..,choose=..]
       DIR/base_data/ (instruct records, resumable shards + manifest.json), DIR/tokenizer/ (HF tokenizer),
       DIR/tokenizer_report.json (tokens per caption, world tokenizer vs byte tokenizer)
 
@@ -36,6 +37,7 @@ def add_world_args(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--size", type=int, default=112, help="image side in pixels")
     data.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 1024)")
     data.add_argument("--tokenizer_scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    data.add_argument("--workers", type=int, default=1, help="processes writing shards (images are rendered on CPU)")
     data.add_argument("--weights", default=None,
                       help="mix of example kinds, e.g. describe=0.4,ask=0.3,compare=0.3,choose=0 (unnamed kinds keep "
                            "base_data.DEFAULT_WEIGHTS)")
@@ -96,7 +98,11 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
     weights = _weights(args.weights)
     out = Path(args.out)
     start = time.perf_counter()
-    base_data.write_base_data(out / "base_data", args.n, size=args.size, weights=weights)
+    _positive("--workers", args.workers)
+    try:
+        base_data.write_base_data(out / "base_data", args.n, size=args.size, weights=weights, workers=args.workers)
+    except ValueError as e:  # a folder written with other settings
+        raise SystemExit(f"viper world: {e}") from None
     print(f"wrote {args.n} base examples to {out / 'base_data'} in {time.perf_counter() - start:.1f} s")
     vocab = args.vocab_size or world_tokenizer.DEFAULT_VOCAB_SIZE
     try:
