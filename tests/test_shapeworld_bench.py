@@ -338,5 +338,10 @@ def test_viper_world_cli(tmp_path, capsys):
     assert report["ratio"] > 3
     with pytest.raises(SystemExit, match="kinds are"):
         viper(["world", "data", "--out", str(tmp_path / "y"), "--n", "3", "--weights", "chose=0"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write"):
+        viper(["world", "bench", "--out", str(tmp_path / "file"), "--n_per_category", "1"])
+    with pytest.raises(ValueError, match="benchmark split must be one of"):
+        bench.write_benchmark(tmp_path / "z", "base_train", 1)
     with pytest.raises(SystemExit, match="--n_per_category must be >= 1"):
         viper(["world", "bench", "--out", str(tmp_path / "x"), "--n_per_category", "0"])

@@ -70,7 +70,9 @@ def write_benchmark(out_dir: str | os.PathLike, split: str, n_per_category: int 
                     categories: tuple[str, ...] = questions.CATEGORIES, log: Any = sys.stderr) -> Path:
     """Writes `<out_dir>/shapeworld_<split>.tsv` (atomically) and the split's entry in `<out_dir>/manifest.json`;
     returns the TSV path."""
-    n = n_per_category if n_per_category is not None else DEFAULT_PER_CATEGORY.get(split, 50)
+    if split not in DEFAULT_PER_CATEGORY:  # training and synthesis seeds never make benchmark questions
+        raise ValueError(f"benchmark split must be one of {sorted(DEFAULT_PER_CATEGORY)}, got {split!r}")
+    n = n_per_category if n_per_category is not None else DEFAULT_PER_CATEGORY[split]
     if n < 1:
         raise ValueError(f"n_per_category must be >= 1, got {n}")
     out = Path(out_dir)

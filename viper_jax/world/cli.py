@@ -126,10 +126,13 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_world(args: argparse.Namespace) -> Any:
-    if args.world_action == "bench":
-        return run_bench(args)
-    if args.world_action == "data":
-        return run_data(args)
+    try:
+        if args.world_action == "bench":
+            return run_bench(args)
+        if args.world_action == "data":
+            return run_data(args)
+    except OSError as e:  # an --out that is a file, a full or read-only disk
+        raise SystemExit(f"viper world {args.world_action}: cannot write {args.out}: {e}") from None
     raise SystemExit(f"viper world: unknown action {args.world_action!r}")  # argparse's choices prevent this
 
 
