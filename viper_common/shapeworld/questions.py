@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from viper_common.shapeworld.language import PLURALS, article
-from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, LABELS, PATTERNS, SHAPES, Obj, Scene,
+from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, PATTERNS, SHAPES, Obj, Scene,
                                            sample_scene)
 
 CATEGORIES = ("coarse", "fine", "counting", "spatial", "multi_image", "hallucination")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,9 +133,3 @@ def run_world(args: argparse.Namespace) -> Any:
     except OSError as e:  # an --out that is a file, a full or read-only disk
         raise SystemExit(f"viper world {args.world_action}: cannot write {args.out}: {e}") from None
     raise SystemExit(f"viper world: unknown action {args.world_action!r}")  # argparse's choices prevent this
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="viper")
-    add_world_args(parser.add_subparsers(dest="command", required=True))
-    sys.exit(run_world(parser.parse_args()) and 0)
