@@ -1,15 +1,20 @@
 """Shared setup for the GRPO trainer tests (not a test module): tiny records, the tiny config with
-test-sized settings, a persistent JAX compilation cache, and the `viper train` subprocess command."""
+test-sized settings, a persistent JAX compilation cache, the `viper train` subprocess command, and the
+kill-and-compare pieces of the resume tests (also `viper sft`'s)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.py"
@@ -70,3 +75,47 @@ def compilation_cache(directory: Path) -> Iterator[None]:
         jax.config.update("jax_compilation_cache_dir", old_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
         cc.reset_cache()
+
+
+def committed(workdir: Path, step: int) -> bool:
+    """Whether checkpoint `step` of a trainer workdir is complete (Orbax writes this file last)."""
+    return (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
+
+
+def kill_after_checkpoint(command: Sequence[str], env: dict[str, str], workdir: Path, step: int,
+                          timeout: float = 300) -> None:
+    """Runs `command` and SIGKILLs it as soon as checkpoint `step` is committed, asserting that it was
+    still running then (so the kill lands mid-run, with later steps not yet checkpointed)."""
+    proc = subprocess.Popen(list(command), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not committed(workdir, step):
+            assert proc.poll() is None, f"the run ended before writing checkpoint {step}"
+            assert time.time() < deadline, f"no checkpoint {step} within {timeout} s"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def raw_checkpoint(workdir: Path, step: int, json_items: Sequence[str] = ("train_meta",)) -> dict:
+    """params, opt_state (NumPy leaves, as saved) and the named JSON items of a trainer checkpoint."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    args = {"params": ocp.args.StandardRestore(), "opt_state": ocp.args.StandardRestore(),
+            **{k: ocp.args.JsonRestore() for k in json_items}}
+    with ocp.CheckpointManager(workdir / "checkpoints", options=options) as m:
+        items = m.restore(step, args=ocp.args.Composite(**args))
+        return {k: jax.tree.map(np.asarray, items[k]) for k in args}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """params and opt_state of two raw checkpoints: the same leaves, dtypes, shapes and bytes."""
+    for name in ("params", "opt_state"):
+        leaves_a, leaves_b = jax.tree.leaves(a[name]), jax.tree.leaves(b[name])
+        assert len(leaves_a) == len(leaves_b) > 0
+        for x, y in zip(leaves_a, leaves_b):
+            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name

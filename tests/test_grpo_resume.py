@@ -5,36 +5,21 @@ step (across the stage boundary); the checkpoint also restores onto a different 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from grpo_tiny import ROOT, subprocess_env, train_command
+from grpo_tiny import (ROOT, assert_bitwise_equal, committed, kill_after_checkpoint, raw_checkpoint,
+                       subprocess_env, train_command)
 from viper_jax.tiny import write_tiny_records
 
 RUN = ["--config.stages.caption_refine.steps=3", "--config.stages.visual_ops.steps=2",
        "--config.checkpoint.every_steps=2", "--config.stages.caption_refine.reward=toy_letters",
        "--config.stages.visual_ops.reward=toy_letters", "--config.optim.learning_rate=3e-2"]
 FINAL = 5
-
-
-def _committed(workdir: Path, step: int) -> bool:
-    return (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
-
-
-def _raw(workdir: Path, step: int) -> dict:
-    """Params, optimizer state and meta as saved (NumPy leaves), for bitwise comparison."""
-    with ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as m:
-        items = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                        opt_state=ocp.args.StandardRestore(),
-                                                        train_meta=ocp.args.JsonRestore()))
-        return {k: jax.tree.map(np.asarray, items[k]) for k in ("params", "opt_state", "train_meta")}
 
 
 def _metrics(workdir: Path) -> list[dict]:
@@ -76,33 +61,17 @@ def test_sigkill_resume_is_bitwise_exact(tmp_path):
 
     subprocess.run(train_command(full, RUN), env=env, check=True, cwd=ROOT, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(train_command(killed, RUN), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not _committed(killed, 2):
-            assert proc.poll() is None, "the run ended before writing checkpoint 2"
-            assert time.time() < deadline, "no checkpoint 2 within 300 s"
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not _committed(killed, FINAL)
+    kill_after_checkpoint(train_command(killed, RUN), env, killed, 2)
+    assert not committed(killed, FINAL)
     seen_before_kill = {r["step"]: r["record_ids"] for r in _metrics(killed)}
 
     out = subprocess.run(train_command(killed, RUN), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout + out.stderr
 
-    a, b = _raw(full, FINAL), _raw(killed, FINAL)
+    a, b = raw_checkpoint(full, FINAL), raw_checkpoint(killed, FINAL)
     assert a["train_meta"] == b["train_meta"]
-    for name in ("params", "opt_state"):
-        leaves_a, leaves_b = jax.tree.leaves(a[name]), jax.tree.leaves(b[name])
-        assert len(leaves_a) == len(leaves_b) > 0
-        for x, y in zip(leaves_a, leaves_b):
-            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert_bitwise_equal(a, b)
 
     full_rows, resumed_rows = _metrics(full), _metrics(killed)
     assert [r["step"] for r in resumed_rows] == list(range(1, FINAL + 1))  # each step once after the resume

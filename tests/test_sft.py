@@ -4,18 +4,16 @@ SIGKILL, ViPER and instruct records, the HF export, and the errors a user sees."
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from grpo_tiny import ROOT, compilation_cache, subprocess_env
+from grpo_tiny import (ROOT, assert_bitwise_equal, committed, compilation_cache, kill_after_checkpoint,
+                       raw_checkpoint, subprocess_env)
 from viper_common import records as R
 from viper_jax.tiny import write_tiny_instruct_records, write_tiny_model, write_tiny_records
 
@@ -154,20 +152,6 @@ def test_loss_falls_and_the_export_loads_everywhere(tmp_path, jax_cache):
 FINAL, EVERY = 40, 4  # 16 records / batch 4: the run crosses 9 epoch boundaries (a new shuffle each)
 
 
-def _committed(workdir: Path, step: int) -> bool:
-    return (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
-
-
-def _raw(workdir: Path, step: int) -> dict:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(workdir / "checkpoints", options=options) as m:
-        items = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                        opt_state=ocp.args.StandardRestore(),
-                                                        train_meta=ocp.args.JsonRestore(),
-                                                        data_state=ocp.args.JsonRestore()))
-        return {k: jax.tree.map(np.asarray, items[k]) for k in ("params", "opt_state", "train_meta", "data_state")}
-
-
 def test_sigkill_then_rerun_is_bitwise_an_uninterrupted_run(tmp_path):
     write_tiny_instruct_records(tmp_path / "data", count=16, two_images=False)
     env = dict(subprocess_env(tmp_path / "data", tmp_path / "jax_cache"), VIPER_SFT_DATA=str(tmp_path / "data"))
@@ -177,19 +161,8 @@ def test_sigkill_then_rerun_is_bitwise_an_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(command(full), env=env, check=True, cwd=ROOT, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(command(killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not _committed(killed, EVERY):
-            assert proc.poll() is None, f"the run ended before writing checkpoint {EVERY}"
-            assert time.time() < deadline, f"no checkpoint {EVERY} within 300 s"
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not _committed(killed, FINAL)
+    kill_after_checkpoint(command(killed), env, killed, EVERY)
+    assert not committed(killed, FINAL)
     before = {r["step"]: r["record_ids"] for r in metrics(killed)}
     assert max(before) >= EVERY
 
@@ -197,14 +170,10 @@ def test_sigkill_then_rerun_is_bitwise_an_uninterrupted_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout + out.stderr
 
-    a, b = _raw(full, FINAL), _raw(killed, FINAL)
+    a, b = (raw_checkpoint(w, FINAL, ("train_meta", "data_state")) for w in (full, killed))
     assert a["train_meta"] == b["train_meta"] and a["train_meta"]["updates"] == FINAL
     assert a["data_state"] == b["data_state"]
-    for name in ("params", "opt_state"):
-        leaves_a, leaves_b = jax.tree.leaves(a[name]), jax.tree.leaves(b[name])
-        assert len(leaves_a) == len(leaves_b) > 0
-        for x, y in zip(leaves_a, leaves_b):
-            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert_bitwise_equal(a, b)
 
     full_rows, resumed_rows = metrics(full), metrics(killed)
     assert [r["step"] for r in resumed_rows] == list(range(1, FINAL + 1))  # each step exactly once

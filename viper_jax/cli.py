@@ -60,12 +60,16 @@ def _run_eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _add_config_command(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> None:
+    """A sub-command run from a config file, with --workdir and --config.a.b=value overrides."""
+    cmd = sub.add_parser(name, help=help, description="Extra arguments --config.a.b=value override single config fields.")
+    cmd.add_argument("--config", required=True, help=f"Python config file with get_config() (see {example})")
+    cmd.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (= --config.workdir)")
+    cmd.set_defaults(accepts_config_overrides=True)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="phased GRPO training (caption_refine, then visual_ops)",
-                           description="Extra arguments --config.a.b=value override single config fields.")
-    train.add_argument("--config", required=True, help="Python config file with get_config() (see configs/)")
-    train.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (= --config.workdir)")
-    train.set_defaults(accepts_config_overrides=True)
+    _add_config_command(sub, "train", "phased GRPO training (caption_refine, then visual_ops)", "configs/")
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -75,11 +79,8 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _add_sft(sub: argparse._SubParsersAction) -> None:
-    sft = sub.add_parser("sft", help="supervised fine-tuning (answer-token loss) on ViPER or instruct records",
-                         description="Extra arguments --config.a.b=value override single config fields.")
-    sft.add_argument("--config", required=True, help="Python config file with get_config() (see configs/sft_tiny.py)")
-    sft.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (= --config.workdir)")
-    sft.set_defaults(accepts_config_overrides=True)
+    _add_config_command(sub, "sft", "supervised fine-tuning (answer-token loss) on ViPER or instruct records",
+                        "configs/sft_tiny.py")
 
 
 def _run_sft(args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ import collections
 import glob
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 
@@ -174,7 +174,8 @@ def make_image_processor(config: Any) -> Any:
 
 def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = None,
                   process_count: int | None = None, image_processor: Any = None,
-                  processor_cls: type = RecordProcessor, collator_cls: type = Collator) -> DataPipeline:
+                  processor_cls: Callable[..., Any] = RecordProcessor,
+                  collator_cls: Callable[..., Any] = Collator) -> DataPipeline:
     """Builds the pipeline from `get_data_config()`-shaped `config`.
 
     processor_cls / collator_cls: what turns a record into an element and elements into a batch, built

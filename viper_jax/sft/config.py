@@ -54,24 +54,13 @@ def load_config(path: str | Path) -> ConfigDict:
     return train_config.load_config(path, check=check_keys)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config {key}: {message}")
-
-
 def validate(config: ConfigDict) -> None:
     """Values that would fail later (or silently do the wrong thing) are refused now, by key."""
     check_keys(config)
-    _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
-    _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
-    _require(config.model.dtype in train_config.DTYPES, "model.dtype", f"must be one of {train_config.DTYPES}")
-    _require(config.model.remat in train_config.REMATS, "model.remat", f"must be one of {train_config.REMATS}")
-    _require(config.steps >= 1, "steps", "must be positive")
-    _require(len(config.data.shard_globs) > 0, "data.shard_globs", "is empty: no training data")
-    _require(config.data.batch_size >= 1, "data.batch_size", "must be positive")
-    _require(config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)")
-    _require(config.optim.schedule in train_config.SCHEDULES, "optim.schedule",
-             f"must be one of {train_config.SCHEDULES}")
-    _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
-    _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
-             "every_steps and keep must be positive")
+    train_config.validate_shared(config)
+    for ok, key, message in [(config.steps >= 1, "steps", "must be positive"),
+                             (len(config.data.shard_globs) > 0, "data.shard_globs", "is empty: no training data"),
+                             (config.data.batch_size >= 1, "data.batch_size", "must be positive"),
+                             (config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)")]:
+        if not ok:
+            raise ConfigError(f"config {key}: {message}")

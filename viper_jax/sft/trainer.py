@@ -17,7 +17,6 @@ train_meta (JSON, in each checkpoint): step, updates (applied), skipped (non-fin
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 import time
 from pathlib import Path
@@ -34,11 +33,9 @@ from viper_jax.sft.data import SFTCollator, SFTProcessor
 from viper_jax.sft.step import make_sft_step, model_inputs
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import ModelMismatchError, init_or_restore, setup_model
-from viper_jax.train.trainer import write_config
+from viper_jax.train.train_io import ModelMismatchError, data_pipeline, init_or_restore, setup_model
+from viper_jax.train.trainer import log_to_console, write_config
 from viper_jax.train_state import train_state_shardings
-
-logger = logging.getLogger(__name__)
 
 CONSOLE_KEYS = ("loss", "answer_tokens", "grad_norm", "lr", "tokens_per_s", "seconds")
 
@@ -47,17 +44,9 @@ __all__ = ["train", "run_cli", "ConfigError"]
 
 def make_sft_pipeline(config: ConfigDict, tokenizer: Any) -> Any:
     """The Grain pipeline of SFT batches; a glob matching nothing or shards without records name the key."""
-    from viper_jax.data import make_pipeline
-
     processor = functools.partial(SFTProcessor, think=str(config.sft.think), truth_joiner=str(config.sft.truth_joiner))
-    try:
-        return make_pipeline(config.data, tokenizer, processor_cls=processor, collator_cls=SFTCollator)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config data.shard_globs: {e}") from None
-    except ValueError as e:
-        if "no records" in str(e):
-            raise ConfigError(f"config data.shard_globs: {e}") from None
-        raise
+    return data_pipeline(config.data, tokenizer, "config data.shard_globs", processor_cls=processor,
+                         collator_cls=SFTCollator)
 
 
 def check_data(config: ConfigDict) -> None:
@@ -144,8 +133,7 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
     """`viper sft --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
     from viper_jax.sft.config import apply_overrides, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("viper_jax").setLevel(logging.INFO)
+    log_to_console()
     try:  # a user's mistake is one line naming the key or file, not a traceback
         config = load_config(config_path)
         apply_overrides(config, overrides)

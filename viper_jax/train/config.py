@@ -177,14 +177,23 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config {key}: {message}")
 
 
-def validate(config: ConfigDict) -> None:
-    """Values that would fail later (or silently do the wrong thing) are refused now, by key."""
-    check_keys(config)
+def validate_shared(config: ConfigDict) -> None:
+    """The sections `viper train` and `viper sft` share: workdir, model, optim, checkpoint."""
     _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
     _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
     _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
     _require(config.model.attention_query_chunk >= 0, "model.attention_query_chunk", "must be >= 0 (0 = off)")
+    _require(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
+    _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
+    _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
+             "every_steps and keep must be positive")
+
+
+def validate(config: ConfigDict) -> None:
+    """Values that would fail later (or silently do the wrong thing) are refused now, by key."""
+    check_keys(config)
+    validate_shared(config)
     rl = config.rl
     _require(rl.group_size >= 2, "rl.group_size", "must be at least 2 (GRPO compares responses in a group)")
     _require(rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be positive")
@@ -200,13 +209,9 @@ def validate(config: ConfigDict) -> None:
     _require(rl.eps_low > 0 and rl.eps_high > 0, "rl.eps_low/eps_high", "must be positive")
     _require(rl.dual_clip == 0 or rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or greater than 1")
     _require(rl.kl_coef >= 0 and rl.entropy_coef >= 0, "rl.kl_coef/entropy_coef", "must be non-negative")
-    _require(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
-    _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
     _require(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be positive")
     _require(config.rollout.temperature > 0, "rollout.temperature",
              "must be positive (GRPO samples; log-probs are taken under it)")
-    _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
-             "every_steps and keep must be positive")
     _require(len(config.stage_order) > 0, "stage_order", "lists no stage")
     for name in config.stage_order:
         _require(name in config.stages, "stage_order", f"names stage {name!r}, which config.stages does not define "

@@ -187,15 +187,22 @@ def check_stage_data(config: ConfigDict) -> None:
 
 def make_stage_pipeline(config: ConfigDict, name: str, tokenizer: Any, index: int) -> Any:
     """The stage's DataPipeline; a glob matching nothing or shards without records name the stage."""
+    return data_pipeline(stage_data_config(config, name, index), tokenizer,
+                         f"stage {name!r} has no data (config stages.{name}.data_globs)")
+
+
+def data_pipeline(data_config: ConfigDict, tokenizer: Any, where: str, **kwargs: Any) -> Any:
+    """make_pipeline(data_config, tokenizer, **kwargs); a glob matching nothing or shards without
+    records are a ConfigError that starts with `where` (which config key to fix)."""
     from viper_jax.data import make_pipeline
 
     try:
-        return make_pipeline(stage_data_config(config, name, index), tokenizer)
+        return make_pipeline(data_config, tokenizer, **kwargs)
     except FileNotFoundError as e:
-        raise ConfigError(f"stage {name!r} has no data: {e} (config stages.{name}.data_globs)") from None
+        raise ConfigError(f"{where}: {e}") from None
     except ValueError as e:
         if "no records" in str(e):
-            raise ConfigError(f"stage {name!r} has no data: {e} (config stages.{name}.data_globs)") from None
+            raise ConfigError(f"{where}: {e}") from None
         raise
 
 

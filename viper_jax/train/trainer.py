@@ -188,14 +188,19 @@ def train(config: ConfigDict) -> dict[str, Any]:
     return {"step": step, **metrics}
 
 
-def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None:
-    """`viper train --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
-    from viper_jax.train.config import apply_overrides, load_config
-
+def log_to_console() -> None:
+    """INFO lines of viper_jax on the console (the CLIs of `viper train` and `viper sft`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A library imported before this may already have given the root logger a handler (basicConfig is
     # then a no-op and the root stays at WARNING): our own INFO lines still go to that handler.
     logging.getLogger("viper_jax").setLevel(logging.INFO)
+
+
+def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None:
+    """`viper train --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
+    from viper_jax.train.config import apply_overrides, load_config
+
+    log_to_console()
     config = load_config(config_path)
     apply_overrides(config, overrides)
     if workdir:
