@@ -46,6 +46,18 @@ def test_extract_yes_no(response, expected):
     assert answers.extract(response, {}) == expected
 
 
+@pytest.mark.parametrize("response,options,expected", [
+    ("<think>Option B looks close but it is not.</think><answer>D</answer>", OPTS, "D"),
+    ("<think>I see a dog.</think><answer>The answer is C.</answer>", OPTS, "C"),
+    ("<think>Is it a cat? B or D?</think><answer>a cat", OPTS, "A"),  # answer block never closed
+    ("<think>No doubt about it.</think><answer>yes</answer>", {}, "yes"),
+    ("<think>yes, a dog</think><answer>No.</answer>", {}, "no"),
+    ("<answer>B</answer><answer>C</answer>", OPTS, "C"),  # the last block is the final answer
+])
+def test_extract_judges_the_answer_block_only(response, options, expected):
+    assert answers.extract(response, options) == expected
+
+
 def test_scoring_per_category_by_hand():
     rows = [  # (category, answer, options, response)
         ("color", "C", OPTS, "C"),                  # right

@@ -12,6 +12,9 @@ Multiple choice, in order (the first rule that gives an answer wins):
   otherwise unparseable (None): scored wrong, and counted separately.
 Yes/no: the first word; "the answer is yes"; otherwise exactly one of the words yes/no anywhere.
 Matching is case-insensitive except for rule 5's bare letters.
+A response in the reasoning format (`<think>...</think><answer>...</answer>`, what ViPER trains) is judged on
+its answer block alone, so a letter or "yes" in the reasoning cannot decide; a response whose answer block
+is never closed is judged on what follows `<answer>`.
 """
 
 from __future__ import annotations
@@ -91,9 +94,19 @@ def extract_yes_no(response: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+
+
+def answer_text(response: str) -> str:
+    """The contents of the last `<answer>` block when the response has one, else the whole response."""
+    blocks = _ANSWER_BLOCK.findall(response)
+    return blocks[-1] if blocks else response
+
+
 def extract(response: str, options: dict[str, str]) -> str | None:
-    """Multiple choice when there are options, yes/no otherwise."""
-    return extract_choice(response, options) if options else extract_yes_no(response)
+    """Multiple choice when there are options, yes/no otherwise (on the answer block, if any)."""
+    text = answer_text(response)
+    return extract_choice(text, options) if options else extract_yes_no(text)
 
 
 @dataclasses.dataclass
