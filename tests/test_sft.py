@@ -69,6 +69,13 @@ def test_loss_equals_transformers_cross_entropy_on_answer_tokens(tmp_path):
 
     model = load_hf(model_dir)
     loss, aux = jax.jit(lambda inputs: answer_loss(model, inputs))(model_inputs(batch, model.config))
+    # Blank images padding the batch to a fixed image count (one program per bucket) change nothing.
+    padded = model_inputs(batch, model.config, images_per_batch=16)
+    assert padded["pixel_values"].shape[0] == 16 * int(np.asarray(batch["image_grid_thw"])[-1].prod())
+    loss_padded, _ = jax.jit(lambda inputs: answer_loss(model, inputs))(padded)
+    np.testing.assert_allclose(float(loss_padded), float(loss), rtol=1e-6)
+    with pytest.raises(ValueError, match="sft.images_per_batch"):
+        model_inputs(batch, model.config, images_per_batch=2)
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=config.data.min_pixels,

@@ -35,6 +35,9 @@ def base_config() -> ConfigDict:
     # A ViPER record's answer: <think>{think}</think><answer>{truth sentences joined by truth_joiner}</answer>.
     c.sft.think = ""
     c.sft.truth_joiner = "\n"  # one sentence per line: the reward's sentence splitter keeps them apart
+    # Pad every batch's images to this many (0 = off): one compiled program per length bucket when records
+    # have one or two images (batch_size * 2 covers any batch of them). See step.model_inputs.
+    c.sft.images_per_batch = 0
     c.sft.logit_chunk = 0  # positions per lm_head chunk (rematerialised); 0 = all at once
     c.optim = grpo.optim
     c.optim.learning_rate = 1e-5
@@ -61,6 +64,7 @@ def validate(config: ConfigDict) -> None:
     for ok, key, message in [(config.steps >= 1, "steps", "must be positive"),
                              (len(config.data.shard_globs) > 0, "data.shard_globs", "is empty: no training data"),
                              (config.data.batch_size >= 1, "data.batch_size", "must be positive"),
-                             (config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)")]:
+                             (config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)"),
+                             (config.sft.images_per_batch >= 0, "sft.images_per_batch", "must be >= 0 (0 = off)")]:
         if not ok:
             raise ConfigError(f"config {key}: {message}")

@@ -28,17 +28,35 @@ from viper_jax.train_state import TrainState, make_train_step
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
-def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig) -> dict[str, Any]:
+def pad_images(grid: np.ndarray, pixels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, pixels) with copies of the last image's grid (zero pixel rows) appended up to `count`
+    images. The vision program's shapes then stay the same whether a batch holds 1- or 2-image rows.
+    The extra images are computed and unused: the k-th image placeholder takes the k-th feature row,
+    and the vision tower attends within each image, so real features, loss and gradients are unchanged."""
+    extra = count - len(grid)
+    if extra <= 0:
+        return grid, pixels
+    rows = int(np.prod(grid[-1])) * extra
+    return (np.concatenate([grid, np.repeat(grid[-1:], extra, axis=0)]),
+            np.concatenate([pixels, np.zeros((rows, pixels.shape[1]), pixels.dtype)]))
+
+
+def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig, images_per_batch: int = 0) -> dict[str, Any]:
     """Host-side: the pipeline's batch -> the jitted step's inputs (MRoPE positions over prompt +
-    answer exactly as get_rope_index gives them, the vision tower's index arrays, real pixel rows)."""
+    answer exactly as get_rope_index gives them, the vision tower's index arrays, real pixel rows,
+    padded to `images_per_batch` images by pad_images when that is > 0)."""
     ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
     grid = np.asarray(batch["image_grid_thw"], np.int32).reshape(-1, 3)
     if len(grid) == 0:  # every record kind has 1 or 2 images; a text-only batch would need another program
         raise ValueError("an SFT batch without images")
+    if 0 < images_per_batch < len(grid):
+        raise ValueError(f"a batch holds {len(grid)} images, more than sft.images_per_batch={images_per_batch} "
+                         f"(2 x data.batch_size covers records of 1 or 2 images)")
+    positions = prompt_positions(ids, mask, grid, config).astype(np.int32)
+    vision_grid, pixels = pad_images(grid, np.asarray(batch["pixel_values"])[:int(batch["num_patches"])],
+                                     images_per_batch)
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": np.asarray(batch["loss_mask"]),
-            "positions": prompt_positions(ids, mask, grid, config).astype(np.int32),
-            "pixel_values": np.asarray(batch["pixel_values"])[:int(batch["num_patches"])],
-            "vision_inputs": prepare_vision(grid, config.vision)}
+            "positions": positions, "pixel_values": pixels, "vision_inputs": prepare_vision(vision_grid, config.vision)}
 
 
 def answer_loss(model: Qwen2_5_VL, inputs: dict[str, Any], logit_chunk: int = 0) -> tuple[jax.Array, dict]:
