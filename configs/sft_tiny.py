@@ -30,6 +30,7 @@ def get_config():
     c.data.prompts.visual_ops = "List the edits from image 1 to image 2. " + SHORT_FORMAT
     c.data.length_buckets = (192, 256, 384)
     c.data.read_threads = 1
+    c.sft.images_per_batch = 8  # 4 rows of 1 or 2 images: one vision program, not five
     c.optim.learning_rate = 1e-2  # a tiny random model (3e-3 and 2e-2 learn slower over 30 steps)
     c.optim.warmup_steps = 3
     c.optim.schedule = "cosine"

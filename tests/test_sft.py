@@ -203,7 +203,8 @@ def test_viper_and_instruct_records_train_together(tmp_path, jax_cache):
     write_tiny_records(tmp_path / "data", per_task=4)
     write_tiny_instruct_records(tmp_path / "data", count=4)
     config = sft_config(tmp_path / "run", f"{tmp_path}/data/*/part-*.arrayrecord",
-                        ["--config.steps=2", "--config.data.batch_size=6", "--config.sft.think=Look closely."])
+                        ["--config.steps=2", "--config.data.batch_size=6", "--config.sft.images_per_batch=12",
+                         "--config.sft.think=Look closely."])
     # What each kind learns: the decoded answer-token span of every row.
     pipeline = make_sft_pipeline(config, AutoTokenizer.from_pretrained(str(_tiny_dir(tmp_path))))
     by_id = {r.id: r for p in sorted((tmp_path / "data").glob("*/part-*")) for r in map(R.decode, R.read_shard(p))}
@@ -273,7 +274,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     cases = [(["--config.optim.learnig_rate=1"], "unknown config key 'optim.learnig_rate'; did you mean learning_rate"),
              ([f"--config.data.shard_globs={tmp_path}/none/*.arrayrecord"],
               f"config data.shard_globs: shard glob '{tmp_path}/none/*.arrayrecord' matches no file"),
-             (["--config.steps=0"], "config steps: must be positive")]
+             (["--config.steps=0"], "config steps: must be positive"),
+             (["--config.sft.images_per_batch=-1"], "config sft.images_per_batch: must be >= 0")]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as info:
             run_cli(str(CONFIG), str(tmp_path / "run"), [*QUIET, *overrides])

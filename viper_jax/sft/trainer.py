@@ -97,7 +97,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
                 raise ConfigError(f"the data ran out after {step} steps (data.num_epochs={config.data.num_epochs}): "
                                   f"raise data.num_epochs (None repeats) or lower steps") from None
             lr = float(schedule(int(state.step)))  # the rate this update applies
-            state, out = update(state, model_inputs(batch, setup.config, int(config.sft.images_per_batch)))
+            try:
+                inputs = model_inputs(batch, setup.config, int(config.sft.images_per_batch))
+            except ValueError as e:  # e.g. more images than sft.images_per_batch: the config's to fix
+                raise ConfigError(str(e)) from None
+            state, out = update(state, inputs)
             out = jax.device_get(out)  # waits for the update: the timing below is the step's
             seconds = time.perf_counter() - t0
             step += 1
