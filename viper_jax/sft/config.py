@@ -20,7 +20,6 @@ def base_config() -> ConfigDict:
     grpo = train_config.base_config()
     c = ConfigDict()
     c.workdir = ""  # checkpoints/, metrics.jsonl, tensorboard/, config.json (required)
-    c.seed = 0  # the data order (data.seed) is separate; the update itself uses no randomness
     c.steps = 100  # optimizer updates, one per batch
     # model.path: HF directory or Orbax checkpoint; model.tiny_init writes the tiny model there first.
     c.model = grpo.model
@@ -28,7 +27,8 @@ def base_config() -> ConfigDict:
     c.sharding_rules = grpo.sharding_rules
     # data.shard_globs: ArrayRecord shards of caption_refine, visual_ops and/or instruct records (mixed is
     # fine); data.batch_size rows per step; data.num_epochs None repeats with a new shuffle per epoch.
-    # data.length_buckets bound prompt + answer; a longer record is a counted skip (too_long).
+    # data.length_buckets bound prompt + answer; a longer record is a counted skip (too_long). data.seed
+    # is the run's only seed: the update uses no randomness (no dropout; the model comes from model.path).
     c.data = grpo.data
     c.data.shard_globs = ()
     c.sft = ConfigDict()

@@ -11,7 +11,7 @@ checkpoint: parameters, optimizer state, step, skip counters and the data iterat
 and epoch, with its shuffle) are restored; the update uses no randomness, so a killed and resumed run
 ends bit-identical to an uninterrupted one (same mesh and machine). One JAX process.
 
-train_meta (JSON, in each checkpoint): step, updates (applied), skipped (non-finite), seed.
+train_meta (JSON, in each checkpoint): step, updates (applied), skipped (non-finite), data_seed.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
             log.write(step, metrics, extra)
             if step % config.checkpoint.every_steps == 0 or step == total:
                 meta = {"step": step, "updates": int(state.step), "skipped": int(state.skipped),
-                        "seed": int(config.seed)}
+                        "data_seed": int(config.data.seed)}
                 ckpt.save(step, params=state.params, opt_state=state.opt_state,
                           model_config=setup.config.to_hf_dict(), meta=meta, data_state=pipeline.get_state())
         ckpt.wait()
