@@ -193,6 +193,25 @@ def test_sigkill_then_rerun_is_bitwise_an_uninterrupted_run(tmp_path):
     assert len({tuple(i for r in full_rows[e * 4:(e + 1) * 4] for i in r["record_ids"]) for e in range(3)}) == 3
 
 
+def test_two_device_mesh_trains_as_one_device(tmp_path):
+    """The batch split over fsdp=2 (parameters and optimizer state sharded by the trainer's rules): the
+    same losses as on one device, to fp32 reduction-order noise."""
+    write_tiny_instruct_records(tmp_path / "data", count=8, two_images=False)
+    env = dict(subprocess_env(tmp_path / "data", tmp_path / "jax_cache"), VIPER_SFT_DATA=str(tmp_path / "data"))
+    runs = {}
+    for devices in (1, 2):
+        workdir = tmp_path / f"run{devices}"
+        flags = env["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}"
+        out = subprocess.run([sys.executable, "-m", "viper_jax", "sft", "--config", str(CONFIG), "--workdir",
+                              str(workdir), *QUIET, "--config.steps=4", f"--config.mesh.fsdp={devices}"],
+                             env=dict(env, XLA_FLAGS=flags), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[devices] = metrics(workdir)
+    assert [r["record_ids"] for r in runs[1]] == [r["record_ids"] for r in runs[2]]
+    np.testing.assert_allclose([r["loss"] for r in runs[2]], [r["loss"] for r in runs[1]], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in runs[2]], [r["grad_norm"] for r in runs[1]], rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------ (d) both kinds of record
 
 def test_viper_and_instruct_records_train_together(tmp_path, jax_cache):
