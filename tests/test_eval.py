@@ -66,14 +66,17 @@ def test_scoring_per_category_by_hand():
         ("count", "yes", {}, "Yes, two."),           # right
         ("count", "no", {}, "yes"),                  # wrong
         ("count", "no", {}, "The answer is no"),     # right
-        ("scene", "A", OPTS, "(a)"),                 # right
+        ("scene", "A", OPTS, "<think>a cat</think><answer>(a)</answer>"),  # right, in the reasoning format
     ]
     preds = []
     for cat, ans, opts, resp in rows:
         got = answers.extract(resp, opts)
-        preds.append({"category": cat, "extracted": got, "correct": got == ans})
+        preds.append({"category": cat, "extracted": got, "correct": got == ans,
+                      "formatted": answers.well_formed(resp), "chance": answers.chance(opts)})
     overall, per = answers.score(preds)
-    assert overall.to_dict() == {"accuracy": 4 / 7, "correct": 4, "total": 7, "unparsed": 1}
+    assert overall.to_dict() == {"accuracy": 4 / 7, "correct": 4, "total": 7, "unparsed": 1,
+                                 "format_rate": 1 / 7, "chance": pytest.approx((4 * 0.25 + 3 * 0.5) / 7)}
+    assert per["count"].to_dict()["chance"] == 0.5 and per["color"].to_dict()["format_rate"] == 0.0
     assert list(per) == ["color", "count", "scene"]
     assert (per["color"].correct, per["color"].total, per["color"].unparsed) == (1, 3, 1)
     assert per["count"].accuracy == pytest.approx(2 / 3) and per["scene"].accuracy == 1.0

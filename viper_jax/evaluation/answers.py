@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any, Iterable
 
+from viper_jax.rl.reward import DEFAULT_FORMAT_REGEX
+
 _LETTER_ONLY = re.compile(r"^[\s*_`'\"\[(]*([A-Za-z])[\s*_`'\"\])]*[.:)]?[\s*_`'\"]*$")
 # Keywords match in any case; a bare letter after them must be a capital (so "the answer is a dog" is not
 # "A"), while a bracketed letter or one that ends the sentence may be lowercase.
@@ -109,32 +111,52 @@ def extract(response: str, options: dict[str, str]) -> str | None:
     return extract_choice(text, options) if options else extract_yes_no(text)
 
 
+_REASONING_FORMAT = re.compile(DEFAULT_FORMAT_REGEX, re.DOTALL)
+
+
+def well_formed(response: str) -> bool:
+    """The response is `<think>...</think><answer>...</answer>`: the format ViPER's reward asks for."""
+    return _REASONING_FORMAT.fullmatch(response) is not None
+
+
+def chance(options: dict[str, str]) -> float:
+    """Accuracy of a uniform guess: 1 / number of options, 1/2 for yes/no."""
+    return 1.0 / len(options) if options else 0.5
+
+
 @dataclasses.dataclass
 class Accuracy:
     total: int = 0
     correct: int = 0
     unparsed: int = 0
+    formatted: int = 0  # responses in the reasoning format
+    chance_sum: float = 0.0
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def add(self, correct: bool, parsed: bool) -> None:
+    def add(self, correct: bool, parsed: bool, formatted: bool = False, chance_level: float = 0.0) -> None:
         self.total += 1
         self.correct += int(correct)
         self.unparsed += int(not parsed)
+        self.formatted += int(formatted)
+        self.chance_sum += chance_level
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "unparsed": self.unparsed}
+        n = max(self.total, 1)
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "unparsed": self.unparsed,
+                "format_rate": self.formatted / n, "chance": self.chance_sum / n}
 
 
 def score(predictions: Iterable[dict[str, Any]]) -> tuple[Accuracy, dict[str, Accuracy]]:
-    """Overall and per-category accuracy of predictions carrying `category`, `extracted`, `correct`.
-    An unparseable response (extracted None) is wrong and counted in `unparsed`."""
+    """Overall and per-category accuracy of predictions carrying `category`, `extracted`, `correct` (and
+    optionally `formatted` and `chance`). An unparseable response (extracted None) is wrong and counted in
+    `unparsed`; `chance` averages the rows' uniform-guess accuracy, `format_rate` the reasoning format."""
     overall, per = Accuracy(), {}
     per: dict[str, Accuracy]
     for p in predictions:
-        parsed = p["extracted"] is not None
-        overall.add(bool(p["correct"]), parsed)
-        per.setdefault(p["category"], Accuracy()).add(bool(p["correct"]), parsed)
+        args = (bool(p["correct"]), p["extracted"] is not None, bool(p.get("formatted")), float(p.get("chance", 0.0)))
+        overall.add(*args)
+        per.setdefault(p["category"], Accuracy()).add(*args)
     return overall, dict(sorted(per.items()))

@@ -82,7 +82,8 @@ def evaluate_file(session: Session, path: str | Path, *, batch_size: int = 8, ma
             extracted = answers.extract(response, row.options)
             predictions.append({"index": row.index, "category": row.category, "kind": row.kind,
                                 "answer": row.answer, "response": response, "extracted": extracted,
-                                "correct": extracted == row.answer})
+                                "correct": extracted == row.answer, "formatted": answers.well_formed(response),
+                                "chance": answers.chance(row.options)})
         print(f"  {Path(path).name}: {min(b + batch_size, len(items))}/{len(items)} rows", file=log, flush=True)
     order = {row.index: n for n, row in enumerate(data.rows)}
     predictions.sort(key=lambda p: order[p["index"]])
@@ -92,14 +93,15 @@ def evaluate_file(session: Session, path: str | Path, *, batch_size: int = 8, ma
 
 def format_summary(name: str, summary: dict[str, Any]) -> str:
     o = summary["overall"]
-    lines = [f"{name}: accuracy {100 * o['accuracy']:.2f}% ({o['correct']}/{o['total']}), unparsed {o['unparsed']}, "
+    lines = [f"{name}: accuracy {100 * o['accuracy']:.2f}% ({o['correct']}/{o['total']}, chance "
+             f"{100 * o['chance']:.1f}%), unparsed {o['unparsed']}, format {100 * o['format_rate']:.0f}%, "
              f"skipped {summary['skipped']['count']} {summary['skipped']['by_reason'] or ''}".rstrip(),
              f"  [{summary['generated_tokens']} tokens in {summary['seconds']:.1f} s, "
              f"{summary['compiled_shapes']} compiled shape(s)]"]
     width = max((len(c) for c in summary["categories"]), default=0)
     for cat, a in summary["categories"].items():
-        lines.append(f"  {cat:<{width}}  {100 * a['accuracy']:6.2f}%  ({a['correct']}/{a['total']}, "
-                     f"unparsed {a['unparsed']})")
+        lines.append(f"  {cat:<{width}}  {100 * a['accuracy']:6.2f}%  ({a['correct']}/{a['total']}, chance "
+                     f"{100 * a['chance']:.1f}%, unparsed {a['unparsed']}, format {100 * a['format_rate']:.0f}%)")
     return "\n".join(lines)
 
 
