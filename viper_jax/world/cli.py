@@ -7,8 +7,9 @@
       DIR/base_data/ (instruct records, resumable shards + manifest.json), DIR/tokenizer/ (HF tokenizer),
       DIR/tokenizer_report.json (tokens per caption, world tokenizer vs byte tokenizer)
 
-`viper world base` (data + tokenizer + `viper sft` of a tiny Qwen2.5-VL) plugs in here as a third action:
-add its parser in `add_world_args` and its branch in `run_world`.
+  viper world base --workdir DIR [--config configs/world_base.py] [--config.a.b=value ...]
+      the base model: data + tokenizer + a random-init tiny Qwen2.5-VL trained with `viper sft`, exported
+      to DIR/base_hf (viper_jax/world/base.py)
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def add_world_args(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--size", type=int, default=112, help="image side in pixels")
     data.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 1024)")
     data.add_argument("--tokenizer_scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    base = action.add_parser("base", help="build the base model: data, tokenizer, `viper sft` from random init",
+                             description="Extra arguments --config.a.b=value override single config fields.")
+    base.add_argument("--workdir", required=True, help="data/, init_model/, sft/, base_hf/ and base.json go here")
+    base.add_argument("--config", default=None, help="Python config file with get_config() (default: the schema's "
+                                                      "defaults, as configs/world_base.py)")
+    base.set_defaults(accepts_config_overrides=True)
     data.add_argument("--workers", type=int, default=1, help="processes writing shards (images are rendered on CPU)")
     data.add_argument("--weights", default=None,
                       help="mix of example kinds, e.g. describe=0.4,ask=0.3,compare=0.3,choose=0 (unnamed kinds keep "
@@ -122,6 +129,29 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
     print(f"wrote {out / 'tokenizer'}: vocabulary {len(tok)}, {report['tokens_per_caption']:.1f} tokens per caption "
           f"vs {report['bytes_per_caption']:.1f} with the byte tokenizer ({report['ratio']:.1f}x shorter)")
     return report
+
+
+def run_base(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
+
+    from viper_common.config_overrides import ConfigError, apply_overrides
+    from viper_jax.data.pipeline import TooManySkippedError
+    from viper_jax.train.config import load_config
+    from viper_jax.world import base
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("viper_jax").setLevel(logging.INFO)
+    try:  # a user's mistake is one line naming the key or file, not a traceback
+        config = load_config(args.config, check=base.check_keys) if args.config else base.base_config()
+        apply_overrides(config, getattr(args, "overrides", []) or [])
+        config.workdir = args.workdir
+        summary = base.build_base(config)
+    except (ConfigError, TooManySkippedError) as e:
+        raise SystemExit(f"viper world base: {e}") from None
+    sft = summary["sft"]
+    print(f"base model: {summary['base_hf']} (sft {sft.get('steps')} steps, loss {sft.get('first_loss', 0):.3f} -> "
+          f"{sft.get('last_loss', 0):.3f}, {sft.get('tokens_per_s', 0):.0f} tokens/s; seconds {summary['seconds']})")
+    return summary
 
 
 def run_world(args: argparse.Namespace) -> Any:

@@ -1,0 +1,184 @@
+"""`viper world base`: the ShapeWorld base model, from random init, in one resumable command.
+
+What Qwen2.5-VL-Instruct is before ViPER, in miniature: a tiny Qwen2.5-VL trained with `viper sft` on the
+world's general skills (describe an image, answer coarse questions, compare two images coarsely, the answer
+format; viper_common/shapeworld/base_data.py), never on the benchmark's questions nor on ViPER's two tasks.
+
+    viper world base --workdir DIR [--config configs/world_base.py] [--config.sft.steps=N ...]
+
+Steps, each skipped when its output is already complete (so a killed run resumes where it stopped; the SFT
+itself resumes from its last checkpoint):
+  1. DIR/data/base_data   the SFT records (seeds from the base_train range; written in `world.workers` processes)
+     DIR/data/tokenizer   a byte-level BPE tokenizer trained on the world's text, Qwen2 specials and template
+  2. DIR/init_model       the random-init model (architecture from `config.model`) as an HF directory
+  3. DIR/sft              `viper sft` (checkpoints, metrics.jsonl); its export is DIR/base_hf
+  4. DIR/base.json        what was built, with the wall time of each step and the SFT's tokens/s
+DIR/base_hf is an ordinary HF directory: `viper-synth` (transformers), `viper train` and `viper eval` load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from viper_common.atomic_files import write_json_atomic
+from viper_common.config_overrides import ConfigError
+from viper_jax.sft import config as sft_config
+
+logger = logging.getLogger(__name__)
+SPECIAL_IDS = ("<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def base_config() -> ConfigDict:
+    """The schema of `viper world base` with its defaults (configs/world_base.py is the file to edit)."""
+    c = ConfigDict()
+    c.workdir = ""
+    c.world = ConfigDict()
+    c.world.n_train = 24000  # SFT examples (the data repeats with a new shuffle per epoch)
+    c.world.size = 112  # image side: 8x8 patches of 14 px -> 16 visual tokens after the 2x2 merge
+    c.world.vocab_size = 1024
+    c.world.tokenizer_scenes = 2000
+    c.world.workers = 2  # processes writing the data
+    c.model = ConfigDict()  # the tiny Qwen2.5-VL's architecture
+    c.model.hidden = 256
+    c.model.layers = 4
+    c.model.heads = 4
+    c.model.kv_heads = 2
+    c.model.intermediate = 768
+    c.model.vision_hidden = 128
+    c.model.vision_depth = 4
+    c.model.vision_heads = 4
+    c.model.seed = 0
+    c.sft = sft_config.base_config()  # workdir, model.path and data.shard_globs are set by `build_base`
+    return c
+
+
+def check_keys(config: ConfigDict) -> None:
+    from viper_jax.train import config as train_config
+
+    train_config.check_keys(config, base_config(), open_sections=("sft.data.prompts",))
+
+
+def validate(config: ConfigDict) -> None:
+    """What would fail after minutes of data generation is refused first, naming the key."""
+    check_keys(config)
+    if not config.workdir:
+        raise ConfigError("config workdir: is required (--workdir)")
+    m = config.model
+    if min(m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate, m.vision_hidden, m.vision_depth,
+           m.vision_heads) < 1:
+        raise ConfigError(f"config model: every size must be positive, got {m.to_dict()}")
+    if m.hidden % m.heads or (m.hidden // m.heads) % 2 or m.hidden // m.heads < 6 or m.heads % m.kv_heads:
+        raise ConfigError(f"config model: hidden {m.hidden} must split into {m.heads} heads of an even size >= 6 "
+                          f"(MRoPE's three sections), and heads into kv_heads {m.kv_heads} groups")
+    if m.vision_hidden % m.vision_heads:
+        raise ConfigError(f"config model: vision_hidden {m.vision_hidden} must split into {m.vision_heads} heads")
+    if config.world.size % 28:
+        raise ConfigError(f"config world.size: {config.world.size} px is not a multiple of 28 (14 px patches, 2x2 merge)")
+
+
+def model_config(tokenizer: Any, m: ConfigDict) -> Any:
+    """The Qwen2.5-VL config of the architecture `m`, its special-token ids the tokenizer's own."""
+    from viper_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig
+
+    ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_IDS}
+    half = m.hidden // m.heads // 2
+    third = half // 3
+    text = TextConfig(vocab_size=len(tokenizer), hidden_size=m.hidden, intermediate_size=m.intermediate,
+                      num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      max_position_embeddings=4096, rms_norm_eps=1e-6, mrope_section=(half - 2 * third, third, third),
+                      bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=int(tokenizer.pad_token_id))
+    vision = VisionConfig(depth=m.vision_depth, hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden,
+                          num_heads=m.vision_heads, out_hidden_size=m.hidden,
+                          fullatt_block_indexes=(m.vision_depth - 1,), tokens_per_second=2)
+    return Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+
+
+def sft_settings(config: ConfigDict, workdir: Path) -> ConfigDict:
+    """`config.sft` with the paths this command owns filled in."""
+    sft = ConfigDict(config.sft.to_dict())
+    sft.workdir = str(workdir / "sft")
+    sft.model.path = str(workdir / "init_model")
+    sft.model.tiny_init = False
+    sft.data.shard_globs = (str(workdir / "data" / "base_data" / "*.arrayrecord"),)
+    pixels = int(config.world.size) ** 2  # every image at exactly the world's size: one vision program
+    sft.data.min_pixels = sft.data.max_pixels = pixels
+    sft.export.hf_dir = str(workdir / "base_hf")
+    return sft
+
+
+def _timed(seconds: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    seconds[name] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _write_data(config: ConfigDict, data_dir: Path) -> None:
+    from viper_common.shapeworld import base_data
+
+    w = config.world
+    try:
+        base_data.write_base_data(data_dir / "base_data", int(w.n_train), size=int(w.size), workers=int(w.workers))
+    except ValueError as e:  # settings that contradict the data already in the folder, or bad counts
+        raise ConfigError(f"config world: {e}") from None
+
+
+def _write_tokenizer(config: ConfigDict, tok_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from viper_jax.world import tokenizer as world_tokenizer
+
+    if not (tok_dir / "tokenizer.json").exists():
+        world_tokenizer.build_world_tokenizer(tok_dir, world_tokenizer.world_texts(int(config.world.tokenizer_scenes)),
+                                              int(config.world.vocab_size))
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> None:
+    from viper_jax.tiny import write_random_model
+
+    if (model_dir / "config.json").exists() and any(model_dir.glob("*.safetensors")):
+        return
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    write_random_model(tmp, model_config(tokenizer, config.model), tokenizer, seed=int(config.model.seed))
+    tmp.rename(model_dir)  # a half-written model directory is never mistaken for a finished one
+
+
+def _sft_summary(metrics_path: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    steady = rows[len(rows) // 10:] or rows  # the first steps compile
+    return {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steady])),
+            "answer_tokens_per_s": float(np.median([r["answer_tokens_per_s"] for r in steady]))}
+
+
+def build_base(config: ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) the steps above; returns the summary written to DIR/base.json."""
+    from viper_jax.sft.trainer import train as sft_train
+
+    validate(config)
+    workdir = Path(config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    _timed(seconds, "data", _write_data, config, workdir / "data")
+    tokenizer = _timed(seconds, "tokenizer", _write_tokenizer, config, workdir / "data" / "tokenizer")
+    _timed(seconds, "init_model", _write_init_model, config, tokenizer, workdir / "init_model")
+    sft = sft_settings(config, workdir)
+    # The init model directory carries the world tokenizer, so the export does too.
+    _timed(seconds, "sft", sft_train, sft)
+    summary = {"base_hf": str(workdir / "base_hf"), "seconds": seconds, "settings": config.to_dict(),
+               "sft": _sft_summary(Path(sft.workdir) / "metrics.jsonl")}
+    write_json_atomic(workdir / "base.json", summary)
+    return summary
