@@ -9,8 +9,6 @@ an error, not a silently ignored setting).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
@@ -141,15 +139,11 @@ def tiny_config(vlm: str, t2i: str, editor: str) -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | None) -> ml_collections.ConfigDict:
-    """`get_config()` of a Python file, or `default_config()` when path is None."""
+    """`get_config()` of a Python file (every key must exist in `default_config()`), or `default_config()`
+    when path is None."""
     if not path:
         return default_config()
-    spec = importlib.util.spec_from_file_location(f"_synth_config_{Path(path).stem}", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_overrides.load_config_file(path, default_config())
 
 
 def apply_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]) -> list[str]:

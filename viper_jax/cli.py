@@ -75,37 +75,37 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.plan_cli import add_plan_args
+    from viper_jax.plan.cli import add_plan_args
 
     add_plan_args(sub)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from viper_jax.plan_cli import run_plan
+    from viper_jax.plan.cli import run_plan
 
     run_plan(args)
 
 
 def _add_loop(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.loop import add_loop_args  # light: the steps run as subprocesses
+    from viper_jax.loop.cli import add_loop_args  # light: the steps run as subprocesses
 
     add_loop_args(sub)
 
 
 def _run_loop(args: argparse.Namespace) -> None:
-    from viper_jax.loop import run_loop_cli
+    from viper_jax.loop.cli import run_loop_cli
 
     run_loop_cli(args)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.demo import add_demo_args
+    from viper_jax.loop.demo import add_demo_args
 
     add_demo_args(sub)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from viper_jax.demo import run_demo_cli
+    from viper_jax.loop.demo import run_demo_cli
 
     run_demo_cli(args)
 

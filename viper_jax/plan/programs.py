@@ -1,31 +1,5 @@
-"""`viper plan`: will a training config fit a TPU pod slice, and how fast could it run? Answered on this
-machine, without the pod.
-
-With `libtpu` installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc` describes the
-chips of a TPU slice that is not present; a mesh over those abstract devices plus
-`jax.jit(f).lower(abstract inputs).compile()` runs the real TPU compiler. Nothing is allocated: the
-parameters come from `nnx.eval_shape` (no weights), every input is a `jax.ShapeDtypeStruct` carrying
-the sharding the trainer gives it. Compiled for the target, per program:
-
-- update (one micro-batch forward + backward, gradients added to the donated fp32 accumulator:
-  `UpdateFns.accumulate` of the GRPO trainer, the very function `viper train` runs), and the
-  optimizer apply (`UpdateFns.apply`);
-- rollout: the prefill of the whole prompt batch (the rollout engine's `_prefill`) and one decode
-  step over the batch's G samples per prompt (`forward_with_cache` for one token, then sampling).
-
-Per chip: argument / output / temporary bytes from XLA's `memory_analysis()` (the compiler's own
-buffer assignment for that chip; it refuses programs larger than HBM), plus what is resident but not
-an argument (the optimizer state while the update's micro-steps and the rollout run), against the
-chip's HBM.
-
-FLOPs are analytic (`plan_model.py`, the matmuls and attention as this implementation runs them,
-e.g. attention over all T keys, padded vision segments); XLA's `cost_analysis()` is printed beside them
-but counts a scanned (while-loop) layer body once, so it is far below the true count for a scanned model.
-Model FLOPs = 3 x forward for a training step; hardware FLOPs add the remat recompute. The time of a
-program is a roofline lower bound, max(hardware FLOPs / peak, HBM bytes / HBM bandwidth) per chip, with
-no communication time; the GRPO step time adds rollout (prefill + max_new_tokens decode steps, every
-row running to the limit), old-log-prob recomputation and the update; MFU = model FLOPs / (time x peak).
-"""
+"""`viper plan`'s work: compile the GRPO step's programs for a TPU slice that is not present and read
+their per-chip memory, FLOPs and time (the package docstring, viper_jax/plan/__init__.py, says how)."""
 
 from __future__ import annotations
 
@@ -39,13 +13,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# plan_chips first: it sets libtpu's environment before anything can load libtpu. The names below are the
-# public API of `viper_jax.plan`, wherever they live.
-from viper_jax.plan_chips import (CHIPS, HUB_CONFIGS, ChipSpec, GiB, PlanError, chip_spec, chips_in,  # noqa: F401
-                                  topology_devices)
-from viper_jax.plan_model import (Shapes, default_shapes, image_grid, model_config_for, remat_extra,  # noqa: F401
-                                  text_forward_flops, vision_forward_flops)
-from viper_jax.plan_report import PlanReport, ProgramReport, format_report  # noqa: F401
+# chips first: it sets libtpu's environment before anything can load libtpu.
+from viper_jax.plan.chips import PlanError, chip_spec, chips_in, topology_devices
+from viper_jax.plan.report import PlanReport, ProgramReport
+from viper_jax.plan.workload import (default_shapes, image_grid, model_config_for, remat_extra, text_forward_flops,
+                                     vision_forward_flops)
 
 # --programs names: groups, and the four compiled programs.
 PROGRAM_GROUPS = {"update": ("micro", "apply"), "rollout": ("prefill", "decode"),
