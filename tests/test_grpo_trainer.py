@@ -38,7 +38,7 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     from viper_jax.train.grpo_batch import (RolloutBatch, full_positions, prompt_positions, response_mask,
                                             update_inputs)
     from viper_jax.train.grpo_step import policy_forward
-    from viper_jax.train.train_io import stage_data_config
+    from viper_jax.train.stage_data import stage_data_config
 
     path = root / "model"
     write_tiny_model(path)
@@ -90,7 +90,7 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     from viper_jax.sharding import make_mesh, param_shardings
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
-    from viper_jax.train_state import train_state_shardings
+    from viper_jax.train.state import train_state_shardings
 
     mesh = make_mesh((1, 1, 1))
     optimizer, _ = make_optimizer(config.optim, 10)
@@ -107,7 +107,7 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(whole)) > 1e-4
 
     # A non-finite loss or gradient leaves the state as it was and is counted; a finite one applies.
-    from viper_jax.train_state import init_train_state
+    from viper_jax.train.state import init_train_state
 
     state = init_train_state(params, optimizer, shardings, donate=False)
     before = jax.device_get(state.params)

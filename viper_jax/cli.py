@@ -8,12 +8,14 @@ import sys
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.dtypes import DTYPE_NAMES  # light
+
     convert = sub.add_parser("convert", help="convert weights between HF safetensors and Orbax")
     which = convert.add_subparsers(dest="direction", required=True)
     to_orbax = which.add_parser("hf-to-orbax", help="HF Qwen2.5-VL directory -> Orbax checkpoint")
     to_orbax.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
     to_orbax.add_argument("--out", required=True, help="Orbax checkpoint directory to create")
-    to_orbax.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    to_orbax.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                           help="parameter dtype stored in the checkpoint")
     to_orbax.add_argument("--step", type=int, default=0)
     to_hf = which.add_parser("orbax-to-hf", help="Orbax checkpoint (converted or trained) -> HF directory")

@@ -90,6 +90,7 @@ def _cache_names(model: Any, t: Any, dtype: Any) -> tuple[str | None, ...]:
 def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequence[str] = ("update", "rollout"),
          verbose: bool = False, **shape_overrides: int | None) -> PlanReport:
     """Compiles the configured GRPO step for `topology` and reports per-chip memory, FLOPs and time."""
+    from viper_jax.dtypes import dtype_named
     from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, prepare_vision
     from viper_jax.rollout.engine import RolloutConfig, _prefill
     from viper_jax.rollout.sampling import SamplingConfig, sample
@@ -98,14 +99,14 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     from viper_jax.train.config import model_options
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
-    from viper_jax.train_state import TrainState, train_state_shardings
+    from viper_jax.train.state import TrainState, train_state_shardings
 
     chip = chip_spec(topology)
     devices = topology_devices(topology)
     chips = chips_in(topology, len(devices))
     mcfg = model_config if model_config is not None else model_config_for(config)
     t, v = mcfg.text, mcfg.vision
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+    dtype = dtype_named(config.model.dtype)
     remat = config.model.remat
     rl = config.rl
     shapes = default_shapes(config, **shape_overrides)
@@ -220,7 +221,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     if wanted & {"prefill", "decode"}:
         b, g = s.rollout_prompts, s.group_size
         rows, slots = b * g, s.prompt_len + s.response_len
-        cache_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.rollout.cache_dtype or "", dtype)
+        cache_dtype = dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else dtype
         sampling = SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                   top_p=float(config.rollout.top_p))
         rcfg = RolloutConfig(max_new_tokens=s.response_len, prompt_buckets=(s.prompt_len,), max_cache_len=slots,

@@ -7,7 +7,7 @@ prefill and decode programs, and every process gets back the samples of its own 
 What the processes agree on first, through one small host allgather of metadata: the prompt width
 (the largest local length bucket: every process re-pads its prompts to it, which is the bucket one
 process would pick for the whole batch), whether any prompt has images, and each process's image grids
-and pixel row count (pixel blocks are padded to a common size; see multihost.block_vision_inputs).
+and pixel row count (pixel blocks are padded to a common size; see distributed.block_vision_inputs).
 Positions (get_rope_index) are per prompt, so each process computes its own rows.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, get_rope_index
 from viper_jax.models.qwen2_5_vl.rope_index import text_positions
-from viper_jax.multihost import ProcessBlocks, allgather, allgather_ragged, block_vision_inputs, pad_rows
+from viper_jax.distributed import ProcessBlocks, allgather, allgather_ragged, block_vision_inputs, pad_rows
 # The jitted programs are engine.generate's own, so both paths sample identically.
 from viper_jax.rollout.engine import (RolloutConfig, RolloutResult, _decode, _left_pad, _prefill, kv_cache_bytes,
                                       pick_bucket)

@@ -17,12 +17,12 @@ from ml_collections import ConfigDict
 from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError, apply_overrides, load_config_file  # noqa: F401 (re-exported)
 from viper_jax.data.config import get_data_config
+from viper_jax.dtypes import DTYPE_NAMES
 from viper_jax.rl.reward import get_reward_config
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16")
 # layers.remat_policy: offload keeps what dots keeps, in pinned host memory (frees HBM on TPU; on CPU a copy).
 REMATS = ("none", "full", "dots", "offload")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -160,7 +160,7 @@ def validate(config: ConfigDict) -> None:
     check_keys(config)
     _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
     _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
-    _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    _require(config.model.dtype in DTYPE_NAMES, "model.dtype", f"must be one of {DTYPE_NAMES}")
     _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
     _require(config.model.attention_query_chunk >= 0, "model.attention_query_chunk", "must be >= 0 (0 = off)")
     rl = config.rl

@@ -27,7 +27,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from viper_jax.multihost import ProcessBlocks, allgather, block_vision_inputs, pad_rows
+from viper_jax.distributed import ProcessBlocks, allgather, block_vision_inputs, pad_rows
 from viper_jax.rollout.engine import RolloutConfig, RolloutResult, generate
 from viper_jax.rollout.global_rollout import GlobalPrompts, agree, generate_global
 from viper_jax.train.config import ConfigError

@@ -30,7 +30,7 @@ from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.sharding import DEFAULT_RULES, use_mesh
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
 from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
-from viper_jax.train_state import TrainState
+from viper_jax.train.state import TrainState, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +138,7 @@ class UpdateFns:
             return jax.tree.map(jnp.add, acc, g), sums
 
         def apply(state: TrainState, grads: Any, loss: jax.Array) -> tuple[TrainState, dict]:
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf anywhere makes the norm non-finite
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32))
+            new, grad_norm, ok = apply_gradients(state, grads, loss, optimizer)
             return new, {"grad_norm": grad_norm, "skipped": ~ok}
 
         self.logprobs = jax.jit(lambda params, mi: forward(params, mi)[0])

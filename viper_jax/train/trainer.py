@@ -30,8 +30,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from viper_jax import checkpoint, distributed
+from viper_jax.dtypes import dtype_named
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from viper_jax.multihost import ProcessBlocks, allgather_json
+from viper_jax.distributed import ProcessBlocks, allgather_json
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
@@ -42,13 +43,13 @@ from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import (ModelMismatchError, check_layer_layout, check_same_model, check_stage_data,
-                                      gather_data_state, load_params, make_stage_pipeline, own_data_state,
-                                      read_model_config, resolve_model_path, restore_train_state, stage_check)
-from viper_jax.train_state import init_train_state, train_state_shardings
+from viper_jax.train.model_source import load_params, read_model_config, resolve_model_path
+from viper_jax.train.resume import (ModelMismatchError, check_layer_layout, check_same_model, gather_data_state,
+                                    own_data_state, restore_train_state)
+from viper_jax.train.stage_data import check_stage_data, make_stage_pipeline, stage_check
+from viper_jax.train.state import init_train_state, train_state_shardings
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = ["train", "ModelMismatchError", "ConfigError"]
 
@@ -98,7 +99,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(config.model.tokenizer_path or model_path))
     model_cfg = Qwen2_5_VLConfig.from_hf_dict(read_model_config(model_path))
-    dtype = DTYPES[config.model.dtype]
+    dtype = dtype_named(config.model.dtype)
     abstract = nnx.eval_shape(lambda: Qwen2_5_VL(model_cfg, dtype=dtype, param_dtype=jnp.float32,
                                                  **model_options(config), rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -146,7 +147,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
         pad_token_id=int(tokenizer.pad_token_id), group_size=int(rl.group_size),
         sampling=SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                 top_p=float(config.rollout.top_p)),
-        cache_dtype=DTYPES[config.rollout.cache_dtype] if config.rollout.cache_dtype else None)
+        cache_dtype=dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else None)
     settings = GRPOSettings.from_config(rl, config.rollout.temperature)
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
