@@ -191,12 +191,17 @@ class RecordProcessor:
                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
 
 
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n. Past the last bucket: the next multiple of the last bucket (nothing dropped)."""
+def bucket_for(n: int, buckets: Sequence[int], grow: bool = True) -> int:
+    """Smallest bucket >= n: the one choice of a padded length (collation, rollout, evaluation). Past the last
+    bucket: with grow, the next multiple of the last bucket (nothing dropped); without, a ValueError."""
+    buckets = sorted(int(b) for b in buckets)
     i = bisect.bisect_left(buckets, n)
     if i < len(buckets):
-        return int(buckets[i])
-    last = int(buckets[-1])
+        return buckets[i]
+    if not grow:
+        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {buckets[-1]}; "
+                         f"raise rollout.prompt_buckets or shorten the prompt")
+    last = buckets[-1]
     return -(-n // last) * last
 
 

@@ -10,8 +10,9 @@ the sharding the trainer gives it. Compiled for the target, per program:
 - update (one micro-batch forward + backward, gradients added to the donated fp32 accumulator:
   `UpdateFns.accumulate` of the GRPO trainer, the very function `viper train` runs), and the
   optimizer apply (`UpdateFns.apply`);
-- rollout: the prefill of the whole prompt batch (the rollout engine's `_prefill`) and one decode
-  step over the batch's G samples per prompt (`forward_with_cache` for one token, then sampling).
+- rollout: the prefill of the whole prompt batch (the rollout engine's `prefill`) and one decode
+  step over the batch's G samples per prompt (the engine's `sample_next`: one token through the
+  layers and their caches, then sampling). The KV cache's axes are the model's own `cache_axes`.
 
 Per chip: argument / output / temporary bytes from XLA's `memory_analysis()` (the compiler's own
 buffer assignment for that chip; it refuses programs larger than HBM), plus what is resident but not

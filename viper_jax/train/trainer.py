@@ -73,11 +73,11 @@ def _write_config(workdir: Path, config: ConfigDict) -> None:
     path.write_text(json.dumps(new, indent=2) + "\n")
 
 
-def _batch_log(batch: dict[str, Any], pipeline: Any, placement: MultiProcess | None) -> tuple[list[str], int, int]:
+def _batch_log(batch: dict[str, Any], pipeline: Any, processes: MultiProcess | None) -> tuple[list[str], int, int]:
     """(record ids of the global batch in its order, records seen, records skipped): with several
     processes, every process's, through one small allgather, so process 0 logs the whole step."""
     mine = {"ids": [str(i) for i in batch["id"]], "seen": pipeline.stats.seen, "skipped": pipeline.stats.num_skipped}
-    every = [mine] if placement is None else placement.blocks.in_order(allgather_json(mine))
+    every = [mine] if processes is None else processes.blocks.in_order(allgather_json(mine))
     return [i for e in every for i in e["ids"]], sum(e["seen"] for e in every), sum(e["skipped"] for e in every)
 
 
@@ -107,11 +107,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
     mesh = mesh_from_config(config.mesh)
     rules = rules_from_config(config.sharding_rules)
     p_sh = param_shardings(abstract, mesh, rules)
-    placement = None
+    processes = None
     if jax.process_count() > 1:  # every process keeps its own prompts; refused here if the mesh cannot do that
         blocks = ProcessBlocks.of(mesh, rules)
         check_split(config.rl, blocks)
-        placement = MultiProcess(blocks)
+        processes = MultiProcess(blocks)
 
     stage_ends = _stage_ends(config)
     total_steps = stage_ends[-1]
@@ -152,7 +152,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
     learner = GRPOLearner(graphdef, state, UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules),
-                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, placement)
+                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, processes)
 
     # ---------------------------------------------------------------------------------------- stages
     step = int(meta["step"])
@@ -180,7 +180,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                     stage_check(name, stage.task, batch)
                     metrics = learner.step(batch, jax.random.fold_in(base_key, step), reward_fn)
                     step += 1
-                    ids, seen, skipped = _batch_log(batch, pipeline, placement)
+                    ids, seen, skipped = _batch_log(batch, pipeline, processes)
                     metrics.update({"stage_index": index, "data/seen": seen, "data/skipped": skipped})
                     extra = {"stage": name, "stage_step": stage_step}
                     if config.logging.record_ids:
