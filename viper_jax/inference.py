@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from viper_jax.data.processing import Collator, Example, Prompt, VisionTokens, build_prompt, vision_tokens
+from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: F401 (the pipeline's bounds)
+from viper_jax.data.processing import (Collator, Example, Prompt, VisionTokens, build_prompt, make_image_processor,
+                                       vision_tokens)
 from viper_jax.dtypes import DTYPE_NAMES, dtype_named
 
 # Prompt length buckets (left padding; one XLA compile per bucket and image-grid set).
 DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192)
-# The training pipeline's resize bounds (viper_jax.data.config): 4..1280 merged tokens per image.
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 
 @dataclasses.dataclass
@@ -76,12 +75,6 @@ def end_token_ids(tokenizer: Any, *dirs: str | Path | None) -> tuple[int, ...]:
             eos = json.loads(f.read_text()).get("eos_token_id")
             ids += [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     return tuple(dict.fromkeys(ids))
-
-
-def make_image_processor(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
 
 
 def load_session(model_path: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "float32",

@@ -21,6 +21,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from viper_common import records
+from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -161,11 +162,6 @@ class RecordProcessor:
         self.max_length = int(max_length)
         self.tokens = vision_tokens(tokenizer)
         self.image_id, self.video_id = self.tokens.image, self.tokens.video
-        self.vstart_id, self.vend_id = self.tokens.start, self.tokens.end
-
-    def prompt_ids(self, record: records.ViperRecord) -> np.ndarray:
-        """Token ids of the chat prompt with ONE `<|image_pad|>` per image (not yet expanded)."""
-        return chat_prompt_ids(self.tokenizer, len(record.images), render_prompt(self.prompts[record.task], record))
 
     def __call__(self, data: bytes) -> Example | Skipped:
         try:
@@ -189,6 +185,14 @@ class RecordProcessor:
                            f"prompt is {len(prompt.input_ids)} tokens, largest bucket {self.max_length}")
         return Example(id=record.id, task=record.task, truth=record.truth, input_ids=prompt.input_ids,
                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+
+
+def make_image_processor(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """transformers' PIL-backend Qwen2-VL image processor (numpy/PIL only; no torchvision needed), resizing
+    every image to between min_pixels and max_pixels."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
 
 
 def bucket_for(n: int, buckets: Sequence[int], grow: bool = True) -> int:

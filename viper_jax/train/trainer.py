@@ -37,7 +37,6 @@ from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
 from viper_jax.sharding import mesh_from_config, param_shardings, rules_from_config
-from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
 from viper_jax.train.config import ConfigError, model_options, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
