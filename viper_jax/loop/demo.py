@@ -199,7 +199,7 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
         md.append(f"Wall time {time.time() - started:.0f} s on this machine (no GPU, no downloads), "
                   f"this invocation (steps finished by an earlier one are skipped).")
     stages = json.loads((rd / "train" / "config.json").read_text())["stages"]
-    rewards = sorted({st["reward"] for st in stages.values()})
+    rewards = sorted({stage["reward"] for stage in stages.values()})
     if rewards == ["caption_refine", "visual_ops"]:  # each stage's own: the ViPER reward
         about_reward = ("The tiny policy cannot write the `<think>/<answer>` format and never matches a truth "
                         "sentence, so the ViPER reward is 0 and GRPO has no signal: the round shows the pipeline end "
@@ -213,12 +213,12 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
            "reconstructions/edits are noise. " + about_reward + " With the real models: "
            "`viper loop --config configs/loop_7b.py`.", "", "## Steps", "", "| step | seconds | what it made |",
            "|---|---|---|"]
-    for name, st in steps.items():
+    for name, step in steps.items():
         made = {"synth_caption_refine": lambda s: f"{s.get('num_records')} caption_refine records, {s.get('num_rejects')} rejects",
                 "synth_visual_ops": lambda s: f"{s.get('num_records')} visual_ops records, {s.get('num_rejects')} rejects",
                 "train": lambda s: f"{s.get('steps')} GRPO steps, checkpoints in `{s.get('checkpoints')}`",
-                "export": lambda s: f"HF directory `{s.get('hf_dir')}`"}[name](st)
-        md.append(f"| {name} | {st.get('seconds')} | {made} |")
+                "export": lambda s: f"HF directory `{s.get('hf_dir')}`"}[name](step)
+        md.append(f"| {name} | {step.get('seconds')} | {made} |")
     md += ["", f"Round directory: `{rd}` (`status.json` per step, `logs/` per subprocess).", "",
            "## Inputs", "", "| file | photograph | licence |", "|---|---|---|"]
     md += [f"| {m['file']} | {m['title']} ({m['crop']} crop) | {m['licence']} |" for m in images]

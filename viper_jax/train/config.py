@@ -189,6 +189,6 @@ def validate(config: ConfigDict) -> None:
     for name in config.stage_order:
         _require(name in config.stages, "stage_order", f"names stage {name!r}, which config.stages does not define "
                                                        f"(defined: {sorted(config.stages.keys())})")
-        st = config.stages[name]
-        _require(st.steps >= 1, f"stages.{name}.steps", "must be positive")
-        _require(len(st.data_globs) > 0, f"stages.{name}.data_globs", "is empty: the stage has no data")
+        stage_config = config.stages[name]
+        _require(stage_config.steps >= 1, f"stages.{name}.steps", "must be positive")
+        _require(len(stage_config.data_globs) > 0, f"stages.{name}.data_globs", "is empty: the stage has no data")

@@ -23,7 +23,7 @@ from flax import nnx
 from ...sharding import constrain
 from .config import Qwen2_5_VLConfig
 from .layers import param
-from .rope_index import get_rope_index, text_positions
+from .rope_index import get_rope_index, prompt_positions
 from .text import Cache, TextModel
 from .vision import VisionInputs, VisionTower, prepare_vision
 
@@ -123,7 +123,7 @@ class Qwen2_5_VL(nnx.Module):
         if position_ids is None:
             ids = _concrete(input_ids, "position_ids")
             if image_grid_thw is None and video_grid_thw is None:
-                position_ids = text_positions(ids)
+                position_ids = prompt_positions(ids, None, None, cfg)  # text: the mask plays no part
             else:
                 mask = None if attention_mask is None else _concrete(attention_mask, "position_ids")
                 grids = [None if g is None else _concrete(g, "position_ids") for g in (image_grid_thw, video_grid_thw)]
