@@ -9,7 +9,7 @@ an error, not a silently ignored setting).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
