@@ -93,7 +93,8 @@ class Job:
         write_json_atomic(self.dir / f"{name}.json", {
             "part": name, "shard": shard, "num_records": len(result.records), "keys": list(keys),
             "record_ids": [r.id for r in result.records], "rejects": [r.as_dict() for r in result.rejects],
-            "dropped": dict(result.dropped), "seconds": round(seconds, 3)}, indent=1, sort_keys=True, ensure_ascii=False)
+            "dropped": dict(result.dropped), "seconds": round(seconds, 3)},
+            indent=1, sort_keys=True, ensure_ascii=False)
         return name
 
     def write_manifest(self, num_inputs: int, complete: bool, extra: dict[str, Any]) -> Path:

@@ -19,7 +19,8 @@ _LAZY = {name: "viper_jax.data.pipeline" for name in (
     "DataPipeline", "SkipStats", "TooManySkippedError", "make_pipeline", "resolve_shards")}
 
 __all__ = sorted(["Collator", "Example", "Prompt", "PromptError", "QWEN2_VL_CHAT_TEMPLATE", "RecordProcessor", "Skipped",
-                  "bucket_for", "build_prompt", "build_tiny_tokenizer", "make_image_processor", "vision_tokens", "get_data_config", *_LAZY])
+                  "bucket_for", "build_prompt", "build_tiny_tokenizer", "make_image_processor", "vision_tokens",
+                  "get_data_config", *_LAZY])
 
 
 def __getattr__(name: str) -> Any:

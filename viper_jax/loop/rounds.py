@@ -133,7 +133,8 @@ class Loop:
         for task in TASKS:
             values[f"stages.{task}.data_globs"] = (str(rd / "synth" / f"{task}-*" / "part-*.arrayrecord"),)
         cmd = command_line(t.command, "viper_jax") + [
-            "train", "--config", str(Path(t.config).absolute()), "--workdir", str(rd / "train")] + override_flags(values)
+            "train", "--config", str(Path(t.config).absolute()), "--workdir", str(rd / "train"),
+            *override_flags(values)]
         env = dict(os.environ)
         if t.compilation_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.work / "jax_cache"))

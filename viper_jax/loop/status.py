@@ -94,6 +94,7 @@ def synth_state(out: Path, task: str) -> dict[str, Any]:
 def synth_finished(out: Path, task: str, expected: int) -> dict[str, Any] | None:
     """synth_state when every job shard (`expected` of them, when not 0) is complete; None before."""
     state = synth_state(out, task)
-    if state["num_shards"] and state["complete"] == state["num_shards"] and (not expected or state["num_shards"] == expected):
+    shards = state["num_shards"]
+    if shards and state["complete"] == shards and (not expected or shards == expected):
         return state
     return None

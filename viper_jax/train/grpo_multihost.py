@@ -47,7 +47,8 @@ class SingleProcess:
         has_images = grid is not None and len(grid) > 0
         samples = generate(model, batch["input_ids"], batch["attention_mask"], rng, cfg, pixel_values=pixels,
                       image_grid_thw=grid if has_images else None)
-        return samples, np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32), has_images
+        ids, mask = np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32)
+        return samples, ids, mask, has_images
 
     def micro_inputs(self, batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
         return update_inputs(batch, start, stop, config)

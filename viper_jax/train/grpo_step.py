@@ -118,7 +118,8 @@ class UpdateFns:
 
         def forward(params: Any, micro: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
             with use_mesh(mesh, self.rules):  # traced here: the model's activation constraints apply
-                return policy_forward(nnx.merge(graphdef, params), micro, settings.group_size, settings.temperature, settings.logit_chunk)
+                return policy_forward(nnx.merge(graphdef, params), micro, settings.group_size, settings.temperature,
+                                      settings.logit_chunk)
 
         def loss_fn(params: Any, micro: dict[str, Any], denoms: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
             logp, ent = forward(params, micro)
@@ -166,7 +167,8 @@ def advantages_and_mask(rewards: np.ndarray, lengths: np.ndarray, max_new_tokens
     """(advantages [R], loss mask [R, N], zero-spread flags [R]): with drop_zero_spread the mask of a
     group whose rewards are all equal is 0 (it also leaves the loss denominators)."""
     r = jnp.asarray(rewards, jnp.float32)
-    adv = np.asarray(grpo_loss.group_advantages(r, settings.group_size, scale=settings.advantage_scale, eps=settings.advantage_eps))
+    adv = np.asarray(grpo_loss.group_advantages(r, settings.group_size, scale=settings.advantage_scale,
+                                                eps=settings.advantage_eps))
     zero = np.asarray(grpo_loss.zero_spread_groups(r, settings.group_size))
     keep = ~zero if settings.drop_zero_spread else np.ones_like(zero)
     return adv.astype(np.float32), response_mask(lengths, max_new_tokens) * keep[:, None], zero
@@ -203,7 +205,8 @@ class GRPOLearner:
         local_images = grid is not None and len(grid) > 0
         pixels = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])] if local_images else None
         with use_mesh(self.fns.mesh, self.fns.rules):
-            samples, prompt_ids, prompt_mask, has_images = processes.rollout(model, batch, pixels, rng, self.rollout_cfg)
+            samples, prompt_ids, prompt_mask, has_images = processes.rollout(model, batch, pixels, rng,
+                                                                             self.rollout_cfg)
         del model
         t1 = time.perf_counter()
         responses = self.decode(samples.tokens, samples.lengths)
@@ -229,7 +232,8 @@ class GRPOLearner:
         if hasattr(out, "format"):
             parts["_format"] = np.asarray(out.format) > 0
         # Per-sample values of the whole batch (every process's, in global order, when split).
-        rows = processes.gather_rows({"reward": rewards, "length": samples.lengths, "ended": ended, "zero": zero, "adv": adv,
+        rows = processes.gather_rows({"reward": rewards, "length": samples.lengths, "ended": ended, "zero": zero,
+                                      "adv": adv,
                                   **{f"part/{k}": v for k, v in parts.items()}})
         rewards, zero, adv = rows["reward"], rows["zero"], rows["adv"]
         lengths = rows["length"].astype(np.float64)
@@ -260,12 +264,15 @@ class GRPOLearner:
         settings, fns, processes = self.settings, self.fns, self.processes
         g = settings.group_size
         # micro_batch_prompts counts prompts over all processes; each process cuts its own share.
-        ranges = slices(rollout_batch.num_prompts, settings.num_minibatches, settings.micro_batch_prompts // processes.count)
-        micro_batches = [[processes.micro_inputs(rollout_batch, a, b, self.model_config) for a, b in mb] for mb in ranges]
+        ranges = slices(rollout_batch.num_prompts, settings.num_minibatches,
+                        settings.micro_batch_prompts // processes.count)
+        micro_batches = [[processes.micro_inputs(rollout_batch, a, b, self.model_config) for a, b in mb]
+                         for mb in ranges]
         flat = [r for mb in ranges for r in mb]
         # Response tokens and sequences per micro-batch, summed over processes: every process then takes
         # the same branches below (skips, updates), so the collectives inside the jitted calls line up.
-        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum())) for m in (rollout_batch.resp_mask[a * g:b * g] for a, b in flat)]
+        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum()))
+                 for m in (rollout_batch.resp_mask[a * g:b * g] for a, b in flat)]
         counts = processes.sum(np.asarray(local, np.int32).reshape(len(flat), 2)).tolist()
         micros = [micro for mb in micro_batches for micro in mb]
         # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
@@ -275,7 +282,8 @@ class GRPOLearner:
                 if tokens == 0:
                     continue
                 if settings.recompute_old_logprobs:
-                    fresh = processes.to_host(fns.logprobs(self.state.params, micro)) * rollout_batch.resp_mask[a * g:b * g]
+                    fresh = (processes.to_host(fns.logprobs(self.state.params, micro))
+                             * rollout_batch.resp_mask[a * g:b * g])
                     # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
                     # mean the update does not see what the sampler saw (positions, images, dtype).
                     diffs.append(float(np.abs(fresh - rollout_batch.old_logp[a * g:b * g]).max()))
