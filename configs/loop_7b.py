@@ -18,7 +18,7 @@ round r+1's training starts. `{round}` in --images gives each round its own imag
 
 from pathlib import Path
 
-from viper_jax.loop import base_config
+from viper_jax.loop.config import base_config
 
 CONFIGS = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ not learning (`--config.train.overrides='("--config.stages.caption_refine.reward
 
 from pathlib import Path
 
-from viper_jax.loop import base_config
+from viper_jax.loop.config import base_config
 
 CONFIGS = Path(__file__).resolve().parent
 

@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from bench_common import (PAD, add_malloc_arg, apply_malloc, bench_config_dict, build_models,  # noqa: E402
                           describe_machine, image_batch, matmul_flops_per_second, train_flops)
+from viper_jax.dtypes import dtype_named  # noqa: E402
 from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
 from viper_jax.rl.reward import ViperReward  # noqa: E402
 from viper_jax.rollout.engine import RolloutConfig  # noqa: E402
@@ -36,7 +37,7 @@ from viper_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from viper_jax.train.config import base_config  # noqa: E402
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns  # noqa: E402
 from viper_jax.train.optim import make_optimizer  # noqa: E402
-from viper_jax.train_state import init_train_state, train_state_shardings  # noqa: E402
+from viper_jax.train.state import init_train_state, train_state_shardings  # noqa: E402
 
 BUCKET = 128
 PHASES = ("time/rollout_s", "time/reward_s", "time/update_s", "time/step_s")
@@ -75,7 +76,7 @@ def main() -> None:
     apply_malloc(args.malloc)
 
     _, path = build_models()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     model = load_hf(path, dtype=dtype, param_dtype=jnp.float32)
     graphdef, state = nnx.split(model)
     config = base_config()

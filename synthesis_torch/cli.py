@@ -5,6 +5,7 @@
     viper-synth visual-ops     --records STAGE1_OUT [...] --out OUT [same options]
     viper-synth summary OUT [--samples 3] [--json] [--write_manifest]
     viper-synth tiny-models DIR          (tiny random-init models for the CPU demo; see tiny_models.py)
+    viper-synth rerender --records OUT --out DIR [--limit 3]   (stage-1 reconstructions again, see rerender.py)
 
 Heavy imports (torch, transformers, diffusers) happen inside the sub-commands, so `--help` is instant.
 """
@@ -46,14 +47,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="also write DIR/manifest.json naming every part shard of the run")
     tm = sub.add_parser("tiny-models", help="write tiny random-init VLM / Qwen-Image / Qwen-Image-Edit dirs")
     tm.add_argument("dir")
+    rr = sub.add_parser("rerender", help="draw the reconstructions of caption_refine records again (CPU)")
+    rr.add_argument("--records", required=True, help="synthesis output folder holding caption_refine-*/ shards")
+    rr.add_argument("--out", required=True, help="folder for reconstruction_<i>.png")
+    rr.add_argument("--limit", type=int, default=3, help="the first this many records")
     return parser
 
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> Any:
     from synthesis_torch.config import apply_overrides, load_config
 
-    config = load_config(args.config)
     try:
+        config = load_config(args.config)
         rest = apply_overrides(config, overrides)
     except (KeyError, ValueError) as e:
         raise SystemExit(f"viper-synth: {e}") from None
@@ -102,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(paths, indent=1))
         print("use them with: --config configs/synth_tiny_cpu.py "
               f"(or VIPER_TINY_DIR={args.dir} if not the default /tmp/viper_tiny)", file=sys.stderr)
+    elif args.command == "rerender":
+        if overrides:
+            raise SystemExit(f"viper-synth: unrecognised arguments: {' '.join(overrides)}")
+        from synthesis_torch.rerender import rerender
+
+        for path in rerender(args.records, args.out, args.limit):
+            print(f"wrote {path}")
     return 0
 
 

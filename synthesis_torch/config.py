@@ -9,9 +9,7 @@ an error, not a silently ignored setting).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
@@ -74,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.editor.mode = "sequential"  # "sequential": one edit call per operation | "combined": one call for all
     c.editor.offload = "model"
     c.editor.plugin = ""  # module imported first, so that it can register_editor() another editor
+    # A simulated editor's failures (shapeworld_sim.py; real editors fail on their own): this share of edits
+    # fails, a failure applying the edit to another object with share wrong_object_share, else not at all.
+    c.editor.failure_rate = 0.0
+    c.editor.wrong_object_share = 0.5
 
     # Input images (stage 1).
     c.inputs = ml_collections.ConfigDict()
@@ -143,15 +145,11 @@ def tiny_config(vlm: str, t2i: str, editor: str) -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | None) -> ml_collections.ConfigDict:
-    """`get_config()` of a Python file, or `default_config()` when path is None."""
+    """`get_config()` of a Python file (every key must exist in `default_config()`), or `default_config()`
+    when path is None."""
     if not path:
         return default_config()
-    spec = importlib.util.spec_from_file_location(f"_synth_config_{Path(path).stem}", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_overrides.load_config_file(path, default_config())
 
 
 def apply_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]) -> list[str]:

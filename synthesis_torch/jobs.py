@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from synthesis_torch.inputs import Reject
 from viper_common import records
+from viper_common.atomic_files import write_json_atomic
 
 MAX_REJECTS_IN_MANIFEST = 1000  # the full list is in the sidecars
 
@@ -48,12 +48,6 @@ class ChunkResult:
 
 def job_dir_name(task: str, shard_index: int, num_shards: int) -> str:
     return f"{task}-{shard_index:05d}-of-{num_shards:05d}"
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 class Job:
@@ -96,10 +90,11 @@ class Job:
             with records.ShardWriter(self.dir / shard) as writer:
                 for rec in result.records:
                     writer.write(rec)
-        _write_json_atomic(self.dir / f"{name}.json", {
+        write_json_atomic(self.dir / f"{name}.json", {
             "part": name, "shard": shard, "num_records": len(result.records), "keys": list(keys),
             "record_ids": [r.id for r in result.records], "rejects": [r.as_dict() for r in result.rejects],
-            "dropped": dict(result.dropped), "seconds": round(seconds, 3)})
+            "dropped": dict(result.dropped), "seconds": round(seconds, 3)},
+            indent=1, sort_keys=True, ensure_ascii=False)
         return name
 
     def write_manifest(self, num_inputs: int, complete: bool, extra: dict[str, Any]) -> Path:

@@ -94,7 +94,7 @@ class ShapeWorldEditor:
     @classmethod
     def from_config(cls, config: Any, device: Any = None, dtype: Any = None) -> "ShapeWorldEditor":
         e = config.editor
-        return cls(float(e.get("failure_rate", 0.0)), float(e.get("wrong_object_share", 0.5)))
+        return cls(float(e.failure_rate), float(e.wrong_object_share))
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "simulated": True, "failure_rate": self.failure_rate,

@@ -151,7 +151,7 @@ def test_round_trip_fields_and_layout(tok, shards11, records11):
     assert [len(b["id"]) for b in batches] == [4, 4, 3]
     got = [(i, t, tr) for b in batches for i, t, tr in zip(b["id"], b["task"], b["truth"])]
     assert got == [(r.id, r.task, r.truth) for r in records11]
-    image_proc = make_image_processor(config(shards11))
+    image_proc = make_image_processor(config(shards11).min_pixels, config(shards11).max_pixels)
     image_id, pad_id = tok.convert_tokens_to_ids("<|image_pad|>"), tok.pad_token_id
     recs = iter(records11)
     for batch in batches:
@@ -177,7 +177,7 @@ def test_matches_transformers_processor(tok, records11):
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     for rec in (records11[0], records11[2]):  # caption_refine (1 image), visual_ops (2 images)
         ref = proc(text=[chat_text(tok, rec)], images=[pil(x) for x in rec.images], return_tensors="np")
-        rp = RecordProcessor(tok, make_image_processor(config("x")), P.TRAINING_PROMPTS, max_length=BUCKETS[-1])
+        rp = RecordProcessor(tok, make_image_processor(MIN_PIXELS, MAX_PIXELS), P.TRAINING_PROMPTS, max_length=BUCKETS[-1])
         ex = rp(R.encode(rec))
         batch = Collator(BUCKETS, tok.pad_token_id, image_id, tok.convert_tokens_to_ids("<|video_pad|>"))([ex])
         row = split_rows(batch)[0]

@@ -37,8 +37,8 @@ from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from viper_jax.sharding import make_mesh, param_shardings
 from viper_jax.train.config import load_config
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import restore_train_state
-from viper_jax.train_state import train_state_shardings
+from viper_jax.train.resume import restore_train_state
+from viper_jax.train.state import train_state_shardings
 workdir, step = sys.argv[1], int(sys.argv[2])
 ckpt = TrainCheckpointer(workdir + "/checkpoints", keep=3)
 cfg = Qwen2_5_VLConfig.from_hf_dict(ckpt.restore_json(step))

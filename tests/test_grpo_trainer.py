@@ -35,10 +35,10 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     from viper_jax.data import make_pipeline
     from viper_jax.rollout.engine import RolloutConfig, generate
     from viper_jax.rollout.sampling import SamplingConfig
-    from viper_jax.train.grpo_batch import (RolloutBatch, full_positions, prompt_positions, response_mask,
-                                            update_inputs)
+    from viper_jax.models.qwen2_5_vl.rope_index import prompt_positions
+    from viper_jax.train.grpo_batch import RolloutBatch, full_positions, response_mask, update_inputs
     from viper_jax.train.grpo_step import policy_forward
-    from viper_jax.train.train_io import stage_data_config
+    from viper_jax.train.stage_data import stage_data_config
 
     path = root / "model"
     write_tiny_model(path)
@@ -90,7 +90,7 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     from viper_jax.sharding import make_mesh, param_shardings
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
-    from viper_jax.train_state import train_state_shardings
+    from viper_jax.train.state import train_state_shardings
 
     mesh = make_mesh((1, 1, 1))
     optimizer, _ = make_optimizer(config.optim, 10)
@@ -107,7 +107,7 @@ def test_update_forward_reproduces_rollout_logprobs(root):
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(whole)) > 1e-4
 
     # A non-finite loss or gradient leaves the state as it was and is counted; a finite one applies.
-    from viper_jax.train_state import init_train_state
+    from viper_jax.train.state import init_train_state
 
     state = init_train_state(params, optimizer, shardings, donate=False)
     before = jax.device_get(state.params)
@@ -128,11 +128,11 @@ def test_zero_spread_groups_are_masked_out():
 
     rewards = np.asarray([0.5, 0.5, 0.2, 0.8], np.float32)  # group 0 all equal, group 1 spread
     lengths = np.asarray([2, 3, 1, 3])
-    adv, mask, zero = advantages_and_mask(rewards, lengths, 3, GRPOSettings(group_size=2, drop_zero_spread=True))
+    adv, mask, zero = advantages_and_mask(rewards, lengths, 3, GRPOSettings.with_defaults(group_size=2, drop_zero_spread=True))
     np.testing.assert_array_equal(zero, [True, True, False, False])
     np.testing.assert_array_equal(mask, [[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
     np.testing.assert_allclose(adv, [0, 0, -0.3 / (0.3 * np.sqrt(2) + 1e-6), 0.3 / (0.3 * np.sqrt(2) + 1e-6)], rtol=1e-5)
-    _, kept, _ = advantages_and_mask(rewards, lengths, 3, GRPOSettings(group_size=2))
+    _, kept, _ = advantages_and_mask(rewards, lengths, 3, GRPOSettings.with_defaults(group_size=2))
     np.testing.assert_array_equal(kept[:2], [[1, 1, 0], [1, 1, 1]])
 
 

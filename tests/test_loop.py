@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from viper_jax import demo, loop
+from viper_jax import loop
+from viper_jax.loop import demo
 
 REPO = Path(__file__).resolve().parents[1]
 # The round_one fixture runs one real round, three times (~4 min on two shared cores: two XLA compiles of the

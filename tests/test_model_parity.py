@@ -147,10 +147,15 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(pair):
     slot_mask = np.zeros((b, slots), np.int32)
     slot_mask[:, :t] = mask
     prefill = t - 3
-    logits, cache = model.forward_with_cache(embeds[:, :prefill], pos[:, :, :prefill], slot_mask, cache, 0)
+
+    def with_cache(embeds, positions, cache, index):  # T new tokens written at [index, index + T)
+        hidden, cache = model.language_model(embeds, positions, slot_mask, cache, index)
+        return model.logits_from_hidden(hidden), cache
+
+    logits, cache = with_cache(embeds[:, :prefill], pos[:, :, :prefill], cache, 0)
     steps = [logits]
     for i in range(prefill, t):
-        logits, cache = model.forward_with_cache(embeds[:, i:i + 1], pos[:, :, i:i + 1], slot_mask, cache, i)
+        logits, cache = with_cache(embeds[:, i:i + 1], pos[:, :, i:i + 1], cache, i)
         steps.append(logits)
     out = np.concatenate([np.asarray(s) for s in steps], axis=1)
     valid = mask.astype(bool)  # pad queries attend to nothing; their (discarded) outputs may differ

@@ -169,16 +169,16 @@ SHAPES = dict(prompt_len=64, response_len=8, images_per_prompt=1, image_tokens=4
 
 @pytest.fixture(scope="module")
 def tiny_plans():
-    from viper_jax import plan as pl
+    from viper_jax.plan.programs import plan
 
-    replicated = pl.plan(_tiny_config(data=4, fsdp=1), "v5p:2x2x1", programs=("all",), **SHAPES)
-    sharded = pl.plan(_tiny_config(data=1, fsdp=4), "v5p:2x2x1", programs=("micro", "decode"), **SHAPES)
+    replicated = plan(_tiny_config(data=4, fsdp=1), "v5p:2x2x1", programs=("all",), **SHAPES)
+    sharded = plan(_tiny_config(data=1, fsdp=4), "v5p:2x2x1", programs=("micro", "decode"), **SHAPES)
     return replicated, sharded
 
 
 @needs_libtpu
 def test_plan_compiles_update_and_rollout_for_tpu(tiny_plans):
-    from viper_jax.plan import format_report
+    from viper_jax.plan.report import format_report
 
     r, _ = tiny_plans
     assert r.num_devices == 4 and r.chip.name == "TPU v5p"
@@ -213,12 +213,12 @@ def test_vision_segments_are_split_over_the_batch_axes():
     with fsdp=4 a chip's temporaries are well under a single chip's (unconstrained, XLA replicated the
     gathered segments and each chip held more than one chip alone). The forward (the rollout's prefill
     runs it) is enough to show the layout and compiles in half the time of the gradient."""
-    from viper_jax import plan as pl
     from viper_jax.models.qwen2_5_vl.vision import VisionTower
+    from viper_jax.plan.chips import topology_devices
     from viper_jax.sharding import logical_to_spec, make_mesh, param_shardings, use_mesh
 
     cfg = _cfg().vision
-    devices = pl.topology_devices("v5p:2x2x1")
+    devices = topology_devices("v5p:2x2x1")
     vi = prepare_vision(np.asarray([[1, 32, 32]] * 4), cfg)  # 4 images: one full-attention segment per chip
     abstract = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -240,11 +240,11 @@ def test_vision_segments_are_split_over_the_batch_axes():
 
 @needs_libtpu
 def test_offload_policy_compiles_for_tpu():
-    from viper_jax import plan as pl
+    from viper_jax.plan.programs import plan
 
     c = _tiny_config(data=1, fsdp=4)
     c.model.remat = "offload"
-    r = pl.plan(c, "v5p:2x2x1", programs=("micro",), prompt_len=64, response_len=8, images_per_prompt=0)
+    r = plan(c, "v5p:2x2x1", programs=("micro",), prompt_len=64, response_len=8, images_per_prompt=0)
     (p,) = r.programs
     assert not p.error, p.error
 
@@ -267,12 +267,13 @@ def test_plan_refuses_a_config_that_does_not_fit(capsys):
 
 @needs_libtpu
 def test_plan_refuses_bad_inputs_clearly():
-    from viper_jax import plan as pl
+    from viper_jax.plan.chips import PlanError, chip_spec
+    from viper_jax.plan.programs import plan
 
-    with pytest.raises(pl.PlanError, match="unknown chip"):
-        pl.chip_spec("v9z:2x2")
-    with pytest.raises(pl.PlanError, match="tensor"):  # 2 kv heads cannot split 4 ways
-        pl.plan(_tiny_config(data=1, fsdp=1, tensor=4), "v5p:2x2x1", programs=("micro",), **SHAPES)
+    with pytest.raises(PlanError, match="unknown chip"):
+        chip_spec("v9z:2x2")
+    with pytest.raises(PlanError, match="tensor"):  # 2 kv heads cannot split 4 ways
+        plan(_tiny_config(data=1, fsdp=1, tensor=4), "v5p:2x2x1", programs=("micro",), **SHAPES)
 
 
 @needs_libtpu
@@ -280,12 +281,14 @@ def test_plan_refuses_bad_inputs_clearly():
 def test_7b_plan_fits_v5p_128():
     """The 7B config with the data config's largest images (1280 tokens, 2 per prompt) on v5p-128, with the
     settings docs/plan.md gives: every program compiles and fits, with room to spare."""
-    from viper_jax import plan as pl
+    from viper_jax.plan.programs import plan
+    from viper_jax.plan.report import format_report
+    from viper_jax.plan.workload import model_config_for
     from viper_jax.train.config import load_config
 
     c = load_config(ROOT / "configs" / "qwen2_5_vl_7b.py")
     c.mesh.fsdp, c.mesh.tensor, c.rl.micro_batch_prompts = 32, 2, 32
-    r = pl.plan(c, "v5p:4x4x4", model_config=pl.model_config_for(c), programs=("all",))
+    r = plan(c, "v5p:4x4x4", model_config=model_config_for(c), programs=("all",))
     assert (r.shapes.image_tokens, r.shapes.images_per_prompt, r.num_devices) == (1280, 2, 64)
-    assert r.fits and r.peak_bytes() < 0.5 * r.hbm_per_device, pl.format_report(r)
+    assert r.fits and r.peak_bytes() < 0.5 * r.hbm_per_device, format_report(r)
 

@@ -254,3 +254,17 @@ def test_real_recall_variant(real):
     out = f1([wf(REAL_TRUTH[0])], [REAL_TRUTH])
     # precision 1, recall 1/3 -> f1 = 2 * (1/3) / (4/3) = 1/2
     np.testing.assert_allclose(out.correctness[0], 0.5, rtol=1e-6)
+
+
+def test_missing_reward_extra_is_named(monkeypatch):
+    """Without sentence-transformers (the `jax` extra alone) the ViPER reward refuses when it is built, naming the
+    `reward` extra; the toy reward needs none of it (it is imported only when a stage names it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentence_transformers" else real(name, *a))
+    with pytest.raises(rw.RewardDependencyError, match=r"`reward` extra.*viper-jax\[jax,reward\].*sentence_transformers"):
+        rw.get_reward("caption_refine")
+    toy = rw.get_reward("toy_letters")
+    assert toy(["abc1", ""], [(), ()]).reward.tolist() == [0.75, 0.0]

@@ -19,11 +19,10 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from viper_jax import distributed
+from sharded_train_step import check_batch, process_slice, shard_batch
 from viper_jax.sharding import (DEFAULT_RULES, batch_sharding, logical_to_spec, make_mesh, mesh_from_config,
                                 mesh_shape, rules_from_config)
-from viper_jax.train_state import (check_batch, init_train_state, make_train_step, opt_state_shardings,
-                                   shard_batch, train_state_shardings)
+from viper_jax.train.state import init_train_state, make_train_step, opt_state_shardings, train_state_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 # Test-only: LLVM -O0 makes XLA:CPU compile the tiny model's backward pass ~3x faster; numerics stay fp32.
@@ -72,8 +71,8 @@ def test_mesh_from_config():
 
 
 def test_process_slice_single_process():
-    assert distributed.process_slice(6) == slice(0, 6)
-    assert distributed.process_slice(6, batch_sharding(make_mesh((1, 1, 1)))) == slice(0, 6)
+    assert process_slice(6) == slice(0, 6)
+    assert process_slice(6, batch_sharding(make_mesh((1, 1, 1)))) == slice(0, 6)
 
 
 # ---------------------------------------------------------------------------- train state (one device)

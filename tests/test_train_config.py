@@ -3,6 +3,8 @@ impossible values, a stage without data, and a checkpoint of a different model, 
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import pytest
 
@@ -118,3 +120,22 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                                                  r"model.path=.*tiny_model: text.hidden_size: checkpoint 32, "
                                                  r"configured model 64"):
         train(tiny_config(tmp_path / "w", tmp_path / "data"))
+
+
+def test_override_flags_round_trip_and_refuse_unknown_keys():
+    """The flags `viper loop` / `viper demo` give `viper train` parse back to the values they were built from,
+    and a key the schema lacks is refused when the flags are built (not in the child process)."""
+    from viper_jax.train.config import override_flags
+
+    values = {"model.path": "/m/export", "model.tiny_init": False, "rl.group_size": 4,
+              "stages.visual_ops.data_globs": ("/r/synth/visual_ops-*/part-*.arrayrecord",),
+              "stages.caption_refine.reward": "toy_letters"}
+    flags = override_flags(values)
+    assert flags[0] == "--config.model.path=/m/export" and flags[1] == "--config.model.tiny_init=False"
+    config = base_config()
+    apply_overrides(config, flags)
+    assert {key: functools.reduce(lambda node, part: node[part], key.split("."), config) for key in values} == values
+    with pytest.raises(ConfigError, match=r"'model.pth'"):
+        override_flags({"model.pth": "/m"})
+    with pytest.raises(ConfigError, match=r"stages.visual_ops.stepz"):
+        override_flags({"stages.visual_ops.stepz": 3})

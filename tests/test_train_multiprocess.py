@@ -196,7 +196,7 @@ def test_block_vision_inputs_equal_the_concatenated_images():
     from viper_common.tiny_tokenizer import build_tiny_tokenizer
     from viper_jax.models.qwen2_5_vl import prepare_vision
     from viper_jax.models.qwen2_5_vl.vision import VisionTower
-    from viper_jax.multihost import block_vision_inputs
+    from viper_jax.distributed import block_vision_inputs
     from viper_jax.tiny import tiny_model_config
 
     cfg = tiny_model_config(build_tiny_tokenizer()).vision
@@ -217,11 +217,11 @@ def test_block_vision_inputs_equal_the_concatenated_images():
 
 
 def test_one_process_blocks_and_the_refusals():
-    from viper_jax.multihost import ProcessBlocks, allgather_json, allgather_ragged
+    from viper_jax.distributed import ProcessBlocks, allgather_json, allgather_ragged
     from viper_jax.sharding import make_mesh
     from viper_jax.train.config import ConfigError, base_config
     from viper_jax.train.grpo_multihost import check_split
-    from viper_jax.train.train_io import own_data_state
+    from viper_jax.train.resume import own_data_state
 
     blocks = ProcessBlocks.of(make_mesh((1, 1, 1)))
     assert (blocks.order, blocks.position, blocks.per_process) == ((0,), 0, 1)

@@ -1,14 +1,19 @@
-"""`--config.a.b=value` overrides for ml-collections configs, shared by `viper` and `viper-synth`.
+"""Config files and `--config.a.b=value` overrides for ml-collections configs, shared by `viper train`,
+`viper loop` and `viper-synth`.
 
-Values are parsed as the type of the key's current value (an int stays an int, a path or prompt stays a
-string, never evaluated); an unknown key is refused with its closest matches.
+A config file is a Python file whose `get_config()` returns a ConfigDict; every key it sets must exist in
+the command's schema (its defaults), so a typo is refused with its closest matches instead of being
+silently ignored. Override values are parsed as the type of the key's current value (an int stays an int,
+a path or prompt stays a string, never evaluated).
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
-from typing import Any, Sequence
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 from ml_collections import ConfigDict
 
@@ -94,3 +99,62 @@ def apply_overrides(config: ConfigDict, flags: Sequence[str], *, allow_other: bo
             raise ConfigError(f"--config.{key}: {e}") from None
         i += 1
     return rest
+
+
+# Sections whose keys are free-form: None (not checked) or a function name -> the schema of entry `name`.
+OpenSections = Mapping[str, "Callable[[str], ConfigDict] | None"]
+
+
+def load_config_file(path: str | Path, schema: ConfigDict, open_sections: OpenSections = {}) -> ConfigDict:
+    """`get_config()` of a Python config file, every key checked against `schema` (see check_keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_viper_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config()")
+    config = module.get_config()
+    check_keys(config, schema, open_sections)
+    return config
+
+
+def check_keys(config: ConfigDict, schema: ConfigDict, open_sections: OpenSections = {}, prefix: str = "") -> None:
+    """Every key of `config` must exist in `schema`, sections must stay sections. In an open section (by
+    dotted path) any name goes; each entry is checked against `open_sections[path](name)` when not None."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if path in open_sections:
+            entry_schema = open_sections[path]
+            for name, entry in (value.items() if entry_schema is not None else ()):
+                if not isinstance(entry, ConfigDict):
+                    raise ConfigError(f"config key {path}.{name} must be a section (a ConfigDict), got {entry!r}")
+                check_keys(entry, entry_schema(name), {}, f"{path}.{name}.")
+            continue
+        if key not in schema:
+            raise unknown_key(path, list(schema.keys()))
+        if isinstance(schema[key], ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
+            check_keys(value, schema[key], open_sections, f"{path}.")
+
+
+def override_flags(values: Mapping[str, Any], schema: ConfigDict, open_sections: OpenSections = {}) -> list[str]:
+    """`--config.a.b=value` flags that set `values` (dotted key -> value) in a config of `schema`, for a command
+    run as a subprocess. Each key is checked now (an unknown one is refused here, not in the child), and each
+    value is written so that apply_overrides parses it back to itself (strings bare, the rest as repr)."""
+    flags = []
+    for key, value in values.items():
+        nested: dict[str, Any] = {}
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        check_keys(ConfigDict(nested), schema, open_sections)
+        flags.append(f"--config.{key}={value if isinstance(value, str) else repr(value)}")
+    return flags
+

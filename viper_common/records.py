@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from viper_common.atomic_files import write_json_atomic
+
 SCHEMA_VERSION = 1
 MAGIC = b"VIPR"
 TASKS = ("caption_refine", "visual_ops")  # ViPER's two tasks (what synthesis writes, what GRPO trains on)
@@ -252,6 +254,18 @@ def write_shard(path: str | os.PathLike, records: Iterable[ViperRecord]) -> int:
     return writer.count
 
 
+def first_records(directory: str | os.PathLike, task: str, limit: int) -> list[ViperRecord]:
+    """The first `limit` records of `task` under a synthesis output folder (its `<task>-*/part-*` shards,
+    in name order)."""
+    out: list[ViperRecord] = []
+    for shard in sorted(Path(directory).glob(f"{task}-*/part-*{SHARD_SUFFIX}")):
+        for raw in read_shard(shard):
+            out.append(decode(raw))
+            if len(out) >= limit:
+                return out
+    return out
+
+
 def write_manifest(directory: str | os.PathLike, shards: dict[str, int], **extra: Any) -> Path:
     """Writes `manifest.json` for a shard set atomically. `shards` maps shard file name -> record count."""
     directory = Path(directory)
@@ -262,11 +276,7 @@ def write_manifest(directory: str | os.PathLike, shards: dict[str, int], **extra
         "shards": dict(sorted(shards.items())),
         **extra,
     }
-    path = directory / MANIFEST_NAME
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(directory / MANIFEST_NAME, manifest, indent=2, sort_keys=True)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -8,12 +8,14 @@ import sys
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from viper_jax.dtypes import DTYPE_NAMES  # light
+
     convert = sub.add_parser("convert", help="convert weights between HF safetensors and Orbax")
     which = convert.add_subparsers(dest="direction", required=True)
     to_orbax = which.add_parser("hf-to-orbax", help="HF Qwen2.5-VL directory -> Orbax checkpoint")
     to_orbax.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
     to_orbax.add_argument("--out", required=True, help="Orbax checkpoint directory to create")
-    to_orbax.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    to_orbax.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                           help="parameter dtype stored in the checkpoint")
     to_orbax.add_argument("--step", type=int, default=0)
     to_hf = which.add_parser("orbax-to-hf", help="Orbax checkpoint (converted or trained) -> HF directory")
@@ -90,37 +92,37 @@ def _run_sft(args: argparse.Namespace) -> None:
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.plan_cli import add_plan_args
+    from viper_jax.plan.cli import add_plan_args
 
     add_plan_args(sub)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from viper_jax.plan_cli import run_plan
+    from viper_jax.plan.cli import run_plan
 
     run_plan(args)
 
 
 def _add_loop(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.loop import add_loop_args  # light: the steps run as subprocesses
+    from viper_jax.loop.cli import add_loop_args  # light: the steps run as subprocesses
 
     add_loop_args(sub)
 
 
 def _run_loop(args: argparse.Namespace) -> None:
-    from viper_jax.loop import run_loop_cli
+    from viper_jax.loop.cli import run_loop_cli
 
     run_loop_cli(args)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from viper_jax.demo import add_demo_args
+    from viper_jax.loop.demo import add_demo_args
 
     add_demo_args(sub)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from viper_jax.demo import run_demo_cli
+    from viper_jax.loop.demo import run_demo_cli
 
     run_demo_cli(args)
 

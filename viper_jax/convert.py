@@ -14,10 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from viper_jax import checkpoint
+from viper_jax.dtypes import dtype_named
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, load_hf, relayout_params, save_hf
 from viper_jax.models.qwen2_5_vl.weights import holds_per_layer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def is_orbax_dir(path: str | Path) -> bool:
@@ -26,7 +26,7 @@ def is_orbax_dir(path: str | Path) -> bool:
 
 
 def hf_to_orbax(hf_dir: str | Path, out: str | Path, dtype: str = "float32", step: int = 0) -> Path:
-    model = load_hf(hf_dir, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    model = load_hf(hf_dir, dtype=dtype_named(dtype), param_dtype=dtype_named(dtype))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return checkpoint.save_params(out, params, model.config.to_hf_dict(), step=step)
 

@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from viper_jax.data.processing import Collator, Example, Prompt, VisionTokens, build_prompt, vision_tokens
+from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: F401 (the pipeline's bounds)
+from viper_jax.data.processing import (Collator, Example, Prompt, VisionTokens, build_prompt, make_image_processor,
+                                       vision_tokens)
+from viper_jax.dtypes import DTYPE_NAMES, dtype_named
 
 # Prompt length buckets (left padding; one XLA compile per bucket and image-grid set).
 DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192)
-# The training pipeline's resize bounds (viper_jax.data.config): 4..1280 merged tokens per image.
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -78,12 +77,6 @@ def end_token_ids(tokenizer: Any, *dirs: str | Path | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def make_image_processor(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
-
-
 def load_session(model_path: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "float32",
                  step: int | None = None, min_pixels: int = DEFAULT_MIN_PIXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Session:
@@ -93,7 +86,7 @@ def load_session(model_path: str | Path, tokenizer_dir: str | Path | None = None
 
     tokenizer = load_tokenizer(model_path, tokenizer_dir)  # first: fails fast, before loading weights
     tokens = vision_tokens(tokenizer)
-    model = load_model(model_path, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype], step=step)
+    model = load_model(model_path, dtype=dtype_named(dtype), step=step)
     eos = end_token_ids(tokenizer, model_path, tokenizer_dir)
     if not eos:
         raise ValueError("no end token: the tokenizer has no eos and no generation_config.json gives one")
@@ -177,7 +170,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF Qwen2.5-VL directory or Orbax checkpoint directory")
     p.add_argument("--tokenizer_dir", default=None, help="tokenizer directory (default: --model; required for Orbax)")
     p.add_argument("--step", type=int, default=None, help="Orbax checkpoint step (default: latest)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and compute dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="parameter and compute dtype")
     p.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS, help="image resize lower bound (pixels)")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="image resize upper bound (pixels)")
     p.add_argument("--prompt_buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULT_BUCKETS,

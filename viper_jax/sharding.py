@@ -7,7 +7,7 @@ a GPU host or a TPU pod slice; only the mesh shape and the rules change, both fr
 Activations are constrained at layer boundaries with `constrain(x, names)`, which is a no-op unless a
 mesh is active (`with use_mesh(mesh, rules):`), so single-device code needs no mesh at all. The
 mesh is looked up when a function is traced: enter `use_mesh` inside the function you jit (as
-`train_state.make_train_step` does), or before its first call.
+the GRPO step's `UpdateFns` do), or before its first call.
 
 Config keys (see docs/sharding.md): `mesh` = {data, fsdp, tensor} sizes (one may be -1, "the rest"),
 `sharding_rules` = [[logical name, mesh axis | [mesh axes] | None], ...] overriding DEFAULT_RULES.

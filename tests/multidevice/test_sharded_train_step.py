@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharded_tiny import abstract_model, batch_shardings, loss_fn
 from viper_jax.sharding import make_mesh, param_shardings
-from viper_jax.train_state import init_train_state, make_train_step, train_state_shardings
+from viper_jax.train.state import init_train_state, make_train_step, train_state_shardings
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ def main(port: int, process_id: int, out: str) -> None:
     from jax.sharding import NamedSharding
 
     from sharded_tiny import abstract_model, batch_shardings, forward_backward, tiny_batch, tiny_config, tiny_params
+    from sharded_train_step import process_slice, shard_batch
     from viper_jax.sharding import batch_sharding, make_mesh, param_shardings
-    from viper_jax.train_state import shard_batch
 
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
     cfg = tiny_config()
@@ -37,7 +37,7 @@ def main(port: int, process_id: int, out: str) -> None:
     # Each process materialises only the shards its own devices hold.
     sharded = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, p_sh)
 
-    rows = distributed.process_slice(8, batch_sharding(mesh))
+    rows = process_slice(8, batch_sharding(mesh))
     b_sh = batch_shardings(mesh, batch)
     inputs = shard_batch({k: batch[k][rows] for k in ("input_ids", "attention_mask")}, mesh, global_batch=8)
     inputs["position_ids"] = jax.make_array_from_process_local_data(

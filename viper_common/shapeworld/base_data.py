@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from viper_common import records
+from viper_common.atomic_files import write_json_atomic
 from viper_common.prompts import SYNTHESIS_PROMPTS
 from viper_common.shapeworld import language, render
 from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, Obj, Scene, sample_object, sample_scene
@@ -253,7 +254,7 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{settings_path}: this folder holds base data written with other settings "
                          f"({settings_path.read_text().strip()}); use a new folder")
-    settings_path.write_text(json.dumps(settings, sort_keys=True))
+    write_json_atomic(settings_path, settings, sort_keys=True)
     num_shards = -(-n // shard_size)
     shards = {f"base-{s:05d}-of-{num_shards:05d}{records.SHARD_SUFFIX}": min(shard_size, n - s * shard_size)
               for s in range(num_shards)}

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from viper_common.atomic_files import write_json_atomic
 from viper_common.shapeworld import questions, render
 from viper_common.shapeworld.splits import seed_block
 
@@ -115,6 +116,4 @@ def _update_manifest(out: Path, split: str, entry: dict[str, Any]) -> None:
     path = out / MANIFEST_NAME
     manifest = json.loads(path.read_text()) if path.exists() else {"splits": {}}
     manifest["splits"][split] = entry
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest, indent=2, sort_keys=True)

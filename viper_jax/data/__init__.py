@@ -12,14 +12,15 @@ from typing import Any
 
 from viper_jax.data.config import get_data_config
 from viper_jax.data.processing import (Collator, Example, Prompt, PromptError, RecordProcessor, Skipped, bucket_for,
-                                       build_prompt, vision_tokens)
+                                       build_prompt, make_image_processor, vision_tokens)
 from viper_common.tiny_tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer
 
 _LAZY = {name: "viper_jax.data.pipeline" for name in (
-    "DataPipeline", "SkipStats", "TooManySkippedError", "make_image_processor", "make_pipeline", "resolve_shards")}
+    "DataPipeline", "SkipStats", "TooManySkippedError", "make_pipeline", "resolve_shards")}
 
 __all__ = sorted(["Collator", "Example", "Prompt", "PromptError", "QWEN2_VL_CHAT_TEMPLATE", "RecordProcessor", "Skipped",
-                  "bucket_for", "build_prompt", "build_tiny_tokenizer", "vision_tokens", "get_data_config", *_LAZY])
+                  "bucket_for", "build_prompt", "build_tiny_tokenizer", "make_image_processor", "vision_tokens",
+                  "get_data_config", *_LAZY])
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict, config_dict
 
+# Image resizing bounds in pixels (smart_resize): transformers' processor defaults, 4..1280 merged tokens an image.
+# The training pipeline's defaults, and `viper generate` / `viper eval`'s.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
 
 def get_data_config() -> ConfigDict:
     c = ConfigDict()
@@ -21,9 +26,9 @@ def get_data_config() -> ConfigDict:
     c.length_buckets = (512, 1024, 1536, 2048, 3072)
     # Optional static row counts for the concatenated pixel_values (empty: no padding). See Collator.
     c.patch_buckets = ()
-    # Image resizing bounds in pixels (smart_resize): transformers' processor defaults, 4..1280 tokens.
-    c.min_pixels = 56 * 56
-    c.max_pixels = 28 * 28 * 1280
+    # Image resizing bounds in pixels (smart_resize).
+    c.min_pixels = DEFAULT_MIN_PIXELS
+    c.max_pixels = DEFAULT_MAX_PIXELS
     # Bad records are skipped and counted; the run fails once skipped/seen exceeds this fraction, checked
     # only after `min_seen_for_skip_check` records so that one early bad record cannot stop a run.
     c.max_skip_fraction = 0.05

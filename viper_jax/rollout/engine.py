@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs, get_rope_index, prepare_vision
-from viper_jax.models.qwen2_5_vl.rope_index import text_positions
+from viper_jax.data.processing import bucket_for
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs, prepare_vision
+from viper_jax.models.qwen2_5_vl.rope_index import next_positions, prompt_positions
 from viper_jax.rollout.sampling import SamplingConfig, sample
 
 
@@ -52,12 +53,14 @@ class RolloutResult:
         return float(self.lengths.sum()) / max(self.seconds, 1e-9)
 
 
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket {max(buckets)}; "
-                     f"raise rollout.prompt_buckets or shorten the prompt")
+def check_fits(model: Qwen2_5_VL, bucket: int, cfg: RolloutConfig) -> None:
+    """A prompt bucket plus max_new_tokens must fit the KV cache and the model's positions."""
+    if bucket + cfg.max_new_tokens > cfg.max_cache_len:
+        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the KV cache "
+                         f"({cfg.max_cache_len} slots); lower max_new_tokens or raise rollout.max_cache_len")
+    if bucket + cfg.max_new_tokens > model.config.text.max_position_embeddings:
+        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {model.config.text.max_position_embeddings}")
 
 
 def kv_cache_bytes(model: Qwen2_5_VL, rows: int, length: int, dtype: Any) -> int:
@@ -65,7 +68,8 @@ def kv_cache_bytes(model: Qwen2_5_VL, rows: int, length: int, dtype: Any) -> int
     return 2 * t.num_hidden_layers * rows * length * t.num_key_value_heads * t.head_dim * jnp.dtype(dtype).itemsize
 
 
-def _left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts [B, T] and their mask, padded on the left to `length` columns."""
     extra = length - ids.shape[1]
     if extra == 0:
         return ids, mask
@@ -73,8 +77,9 @@ def _left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tu
 
 
 @nnx.jit(static_argnames=("cfg",))
-def _prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_inputs: VisionInputs | None,
-             cfg: RolloutConfig):
+def prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_inputs: VisionInputs | None,
+            cfg: RolloutConfig):
+    """(last-position logits [B, V] fp32, the stacked cache of `bucket + max_new_tokens` slots) of B prompts."""
     b, t = ids.shape
     embeds = model.embed(ids, pixel_values, vision_inputs)
     slots = t + cfg.max_new_tokens
@@ -85,8 +90,21 @@ def _prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_input
     return model.logits_from_hidden(hidden[:, -1]).astype(jnp.float32), cache
 
 
+def sample_next(model: Qwen2_5_VL, layers: list, token: jax.Array, positions: jax.Array, slot_mask: jax.Array,
+                caches: list, slot: jax.Array | int, key: jax.Array, sampling: SamplingConfig
+                ) -> tuple[jax.Array, jax.Array, list]:
+    """One decode step: `token` [R] written at cache `slot` (positions [3, R, 1]), the next token sampled.
+    Returns (token [R], its log-prob [R], the per-layer caches). `viper plan` compiles exactly this."""
+    embeds = model.language_model.embed(token[:, None])
+    logits, caches = model.decode_with_layer_caches(layers, embeds, positions, slot_mask, caches, slot)
+    tok, lp = sample(logits[:, -1], key, sampling)
+    return tok, lp, caches
+
+
 @nnx.jit(static_argnames=("cfg", "prompt_len"))
-def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: RolloutConfig, prompt_len: int):
+def decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: RolloutConfig, prompt_len: int):
+    """(tokens, log-probs [B*G, max_new_tokens], lengths [B*G]): G samples per prompt from the prefill's cache,
+    in one `lax.while_loop` that stops when every row has hit an end token or the limit."""
     g = cfg.group_size
     # The group shares one prefill: repeat every per-row tensor G times (rows of a group consecutive).
     last_logits = jnp.repeat(last_logits, g, axis=0)
@@ -117,10 +135,8 @@ def _decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: Rol
         slot = prompt_len + i - 1
         slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((rows, 1), slot_mask.dtype), (0, slot))
         pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, rows, 1))
-        embeds = model.language_model.embed(token[:, None])
-        logits, caches = model.decode_with_layer_caches(layers, embeds, pos, slot_mask, caches, slot)
         rng, key = jax.random.split(rng)
-        tok, lp = sample(logits[:, -1], key, cfg.sampling)
+        tok, lp, caches = sample_next(model, layers, token, pos, slot_mask, caches, slot, key, cfg.sampling)
         tok = jnp.where(done, cfg.pad_token_id, tok)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -139,29 +155,19 @@ def generate(model: Qwen2_5_VL, input_ids: Any, attention_mask: Any, rng: jax.Ar
     """Samples `cfg.group_size` responses for each of the B prompts (left-padded [B, T] on the host)."""
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    bucket = pick_bucket(ids.shape[1], cfg.prompt_buckets)
-    if bucket + cfg.max_new_tokens > cfg.max_cache_len:
-        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the KV cache "
-                         f"({cfg.max_cache_len} slots); lower max_new_tokens or raise rollout.max_cache_len")
-    if bucket + cfg.max_new_tokens > model.config.text.max_position_embeddings:
-        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
-                         f"max_position_embeddings {model.config.text.max_position_embeddings}")
-    ids, mask = _left_pad(ids, mask, bucket, cfg.pad_token_id)
-    if image_grid_thw is None:
-        positions = text_positions(ids)
-        vision_inputs = None
-    else:
-        positions, _ = get_rope_index(ids, mask, np.asarray(image_grid_thw), None, None, model.config)
-        vision_inputs = prepare_vision(np.asarray(image_grid_thw), model.config.vision)
-    # Generated token i sits at max(prompt positions) + 1 + i on every axis (HF's rope_deltas).
-    next_pos = positions.max(axis=(0, 2)) + 1
+    bucket = bucket_for(ids.shape[1], cfg.prompt_buckets, grow=False)
+    check_fits(model, bucket, cfg)
+    ids, mask = left_pad(ids, mask, bucket, cfg.pad_token_id)
+    positions = prompt_positions(ids, mask, image_grid_thw, model.config)
+    vision_inputs = None if image_grid_thw is None else prepare_vision(np.asarray(image_grid_thw), model.config.vision)
+    next_pos = next_positions(positions)  # generated token i sits at next_pos + i on every axis
     cache_dtype = cfg.cache_dtype or model.dtype
     cfg = dataclasses.replace(cfg, cache_dtype=cache_dtype)
     start = time.perf_counter()
-    last_logits, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
+    last_logits, cache = prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
                                   None if pixel_values is None else jnp.asarray(pixel_values), vision_inputs, cfg)
-    tokens, logprobs, lengths = _decode(model, last_logits, cache, jnp.asarray(mask), jnp.asarray(next_pos),
-                                        rng, cfg, bucket)
+    tokens, logprobs, lengths = decode(model, last_logits, cache, jnp.asarray(mask), jnp.asarray(next_pos),
+                                       rng, cfg, bucket)
     tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
     seconds = time.perf_counter() - start
     rows = ids.shape[0] * cfg.group_size

@@ -7,7 +7,7 @@ prefill and decode programs, and every process gets back the samples of its own 
 What the processes agree on first, through one small host allgather of metadata: the prompt width
 (the largest local length bucket: every process re-pads its prompts to it, which is the bucket one
 process would pick for the whole batch), whether any prompt has images, and each process's image grids
-and pixel row count (pixel blocks are padded to a common size; see multihost.block_vision_inputs).
+and pixel row count (pixel blocks are padded to a common size; see distributed.block_vision_inputs).
 Positions (get_rope_index) are per prompt, so each process computes its own rows.
 """
 
@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, get_rope_index
-from viper_jax.models.qwen2_5_vl.rope_index import text_positions
-from viper_jax.multihost import ProcessBlocks, allgather, allgather_ragged, block_vision_inputs, pad_rows
+from viper_jax.data.processing import bucket_for
+from viper_jax.distributed import ProcessBlocks, allgather, allgather_ragged, block_vision_inputs, pad_rows
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
+from viper_jax.models.qwen2_5_vl.rope_index import next_positions, prompt_positions
 # The jitted programs are engine.generate's own, so both paths sample identically.
-from viper_jax.rollout.engine import (RolloutConfig, RolloutResult, _decode, _left_pad, _prefill, kv_cache_bytes,
-                                      pick_bucket)
+from viper_jax.rollout.engine import (RolloutConfig, RolloutResult, check_fits, decode, kv_cache_bytes, left_pad,
+                                      prefill)
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class GlobalPrompts:
     images_per_prompt: list[np.ndarray]  # every process's [b] image counts, in block order
 
 
-def agree(blocks: ProcessBlocks, input_ids: Any, attention_mask: Any, image_grid_thw: Any,
+def gather_prompts(blocks: ProcessBlocks, input_ids: Any, attention_mask: Any, image_grid_thw: Any,
           images_per_prompt: Any, buckets: tuple[int, ...], pad_id: int) -> GlobalPrompts:
     """The host allgather of prompt metadata (never pixels) and this process's re-padded prompts."""
     ids = np.asarray(input_ids, np.int32)
@@ -48,8 +49,8 @@ def agree(blocks: ProcessBlocks, input_ids: Any, attention_mask: Any, image_grid
     meta = allgather(np.asarray([ids.shape[0], ids.shape[1]], np.int32))
     if len(set(meta[:, 0].tolist())) != 1:
         raise ValueError(f"processes hold different numbers of prompts: {meta[:, 0].tolist()} (by process index)")
-    width = pick_bucket(int(meta[:, 1].max()), buckets)
-    ids, mask = _left_pad(ids, mask, width, pad_id)
+    width = bucket_for(int(meta[:, 1].max()), buckets, grow=False)
+    ids, mask = left_pad(ids, mask, width, pad_id)
     grids = blocks.in_order(allgather_ragged(grid))
     counts = blocks.in_order(list(allgather(per_prompt)))
     return GlobalPrompts(ids, mask, any(len(g) for g in grids), grids, counts)
@@ -64,31 +65,24 @@ def generate_global(model: Qwen2_5_VL, prompts: GlobalPrompts, rng: Any, cfg: Ro
     """
     ids, mask = prompts.input_ids, prompts.attention_mask
     bucket = ids.shape[1]
-    if bucket + cfg.max_new_tokens > cfg.max_cache_len:
-        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the KV cache "
-                         f"({cfg.max_cache_len} slots); lower max_new_tokens or raise rollout.max_cache_len")
-    if bucket + cfg.max_new_tokens > model.config.text.max_position_embeddings:
-        raise ValueError(f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
-                         f"max_position_embeddings {model.config.text.max_position_embeddings}")
+    check_fits(model, bucket, cfg)
     pixels = vision_inputs = None
+    positions = prompt_positions(ids, mask, prompts.grids[blocks.position] if prompts.has_images else None,
+                                 model.config)
     if prompts.has_images:
-        grid = prompts.grids[blocks.position]
-        positions, _ = get_rope_index(ids, mask, grid, None, None, model.config)
         rows = blocks.block_rows(max(int(g.prod(axis=1).sum()) for g in prompts.grids))
         local = np.zeros((0, model.config.vision.patch_dim), np.float32) if pixel_values is None else \
             np.asarray(pixel_values, np.float32)
         pixels = blocks.put(pad_rows(local, rows))
         vision_inputs = block_vision_inputs(prompts.grids, rows, model.config.vision)
-    else:
-        positions = text_positions(ids)
-    next_pos = positions.max(axis=(0, 2)) + 1  # generated token i sits at max + 1 + i (HF's rope_deltas)
+    next_pos = next_positions(positions)  # generated token i sits at next_pos + i on every axis
     cache_dtype = cfg.cache_dtype or model.dtype
     cfg = dataclasses.replace(cfg, cache_dtype=cache_dtype)
     start = time.perf_counter()
     g_mask = blocks.put(mask)
-    last_logits, cache = _prefill(model, blocks.put(ids), g_mask, blocks.put(positions, axis=1), pixels,
+    last_logits, cache = prefill(model, blocks.put(ids), g_mask, blocks.put(positions, axis=1), pixels,
                                   vision_inputs, cfg)
-    tokens, logprobs, lengths = _decode(model, last_logits, cache, g_mask, blocks.put(next_pos), rng, cfg, bucket)
+    tokens, logprobs, lengths = decode(model, last_logits, cache, g_mask, blocks.put(next_pos), rng, cfg, bucket)
     tokens, logprobs, lengths = (blocks.local(x) for x in (tokens, logprobs, lengths))
     seconds = time.perf_counter() - start
     rows = ids.shape[0] * cfg.group_size

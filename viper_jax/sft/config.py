@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError, apply_overrides  # noqa: F401 (re-exported)
 from viper_jax.train import config as train_config
 
@@ -47,14 +48,18 @@ def base_config() -> ConfigDict:
     return c
 
 
+# data.prompts (task -> template) is free-form: the data config checks its tasks.
+OPEN_SECTIONS = {"data.prompts": None}
+
+
 def check_keys(config: ConfigDict) -> None:
-    """Every key of `config` must exist in base_config(); data.prompts (task -> template) is free-form."""
-    train_config.check_keys(config, base_config(), open_sections=("data.prompts",))
+    """Every key of `config` must exist in base_config()."""
+    config_overrides.check_keys(config, base_config(), OPEN_SECTIONS)
 
 
 def load_config(path: str | Path) -> ConfigDict:
     """`get_config()` of a Python file, checked against this schema (unknown keys refused)."""
-    return train_config.load_config(path, check=check_keys)
+    return config_overrides.load_config_file(path, base_config(), OPEN_SECTIONS)
 
 
 def validate(config: ConfigDict) -> None:

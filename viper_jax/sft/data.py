@@ -52,7 +52,7 @@ class SFTProcessor(RecordProcessor):
         self.think, self.truth_joiner = think, truth_joiner
         self.im_end = int(tokenizer.convert_tokens_to_ids(IM_END))
         self.special = np.asarray(sorted(set(tokenizer.all_special_ids) | {self.image_id, self.video_id,
-                                                                             self.vstart_id, self.vend_id}))
+                                                                             self.tokens.start, self.tokens.end}))
 
     def answer_text(self, record: records.ViperRecord) -> str:
         if record.task == records.INSTRUCT:

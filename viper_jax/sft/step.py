@@ -3,7 +3,7 @@
 loss = sum over the batch's answer tokens of -log p(token | everything before it)
        / number of answer tokens in the batch
 (a token mean over the whole batch, so every answer token weighs the same whatever its row's length;
-prompt, image-pad and padding positions have weight 0). The update is train_state.make_train_step's:
+prompt, image-pad and padding positions have weight 0). The update is train.state.make_train_step's:
 gradient, global-norm clip + AdamW (train/optim.py), and a non-finite loss or gradient leaves the
 state untouched and counts one `skipped`.
 """
@@ -20,10 +20,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, prepare_vision
+from viper_jax.models.qwen2_5_vl.rope_index import prompt_positions
 from viper_jax.sharding import batch_sharding
-from viper_jax.train.grpo_batch import prompt_positions
 from viper_jax.train.grpo_step import response_logprobs
-from viper_jax.train_state import TrainState, make_train_step
+from viper_jax.train.state import TrainState, make_train_step
 
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
 

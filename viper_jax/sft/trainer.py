@@ -1,9 +1,9 @@
 """`viper sft`: supervised fine-tuning on `viper train`'s stack, checkpointed and exactly resumable.
 
-The same pieces as the GRPO trainer: model setup and mesh sharding (train_io.setup_model), fp32 master
-state and its donated jitted update (train_state.py), optimizer (train/optim.py), the Grain pipeline
-over ArrayRecord shards with SFT records and batches (data.py), Orbax checkpoints (checkpoint.py),
-MetricsLogger (metrics.jsonl, TensorBoard, progress bar) and the HF export (save_hf).
+The same pieces as the GRPO trainer: model setup and mesh sharding (train/model_source.py), fp32 master
+state and its donated jitted update (train/state.py), start or resume (train/resume.py), optimizer
+(train/optim.py), the Grain pipeline over ArrayRecord shards with SFT records and batches (data.py), Orbax
+checkpoints (checkpoint.py), MetricsLogger (metrics.jsonl, TensorBoard, progress bar) and the HF export (save_hf).
 
 A step: next batch -> answer-token loss and update (step.py) -> metrics -> a checkpoint every
 `checkpoint.every_steps` steps and at the last. A restart with the same workdir resumes from the latest
@@ -32,10 +32,12 @@ from viper_jax.sft.config import ConfigError, validate
 from viper_jax.sft.data import SFTCollator, SFTProcessor
 from viper_jax.sft.step import make_sft_step, model_inputs
 from viper_jax.train.metrics import MetricsLogger
+from viper_jax.train.model_source import setup_model
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import ModelMismatchError, data_pipeline, init_or_restore, setup_model
+from viper_jax.train.resume import ModelMismatchError, init_or_restore
+from viper_jax.train.stage_data import data_pipeline
+from viper_jax.train.state import train_state_shardings
 from viper_jax.train.trainer import log_to_console, write_config
-from viper_jax.train_state import train_state_shardings
 
 CONSOLE_KEYS = ("loss", "answer_tokens", "grad_norm", "lr", "tokens_per_s", "seconds")
 

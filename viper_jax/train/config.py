@@ -9,31 +9,33 @@ each stage has exactly the keys of `stage()`.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
-from viper_common.config_overrides import ConfigError, apply_overrides, unknown_key  # noqa: F401 (re-exported)
+from viper_common import config_overrides
+from viper_common.config_overrides import ConfigError, apply_overrides, load_config_file  # noqa: F401 (re-exported)
 from viper_jax.data.config import get_data_config
+from viper_jax.dtypes import DTYPE_NAMES
 from viper_jax.rl.reward import get_reward_config
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16")
 # layers.remat_policy: offload keeps what dots keeps, in pinned host memory (frees HBM on TPU; on CPU a copy).
 REMATS = ("none", "full", "dots", "offload")
 ADVANTAGE_SCALES = ("group", "batch", "none")
-# Sections whose keys are free-form (checked elsewhere): prompt overrides by task, stages by name.
-OPEN_SECTIONS = ("data.prompts", "stages")
 
 
 def stage(task: str, data_globs: Sequence[str] = (), steps: int = 1, reward: str = "") -> ConfigDict:
     """One training stage: records of `task` from `data_globs`, for `steps` GRPO steps, scored by the
     reward registered as `reward` (default: the task's own, i.e. the ViPER reward)."""
     return ConfigDict(dict(task=task, data_globs=tuple(data_globs), steps=steps, reward=reward or task))
+
+
+# Sections whose keys are free-form: prompt overrides by task (checked by the data config), stages by name.
+OPEN_SECTIONS = {"data.prompts": None, "stages": stage}
 
 
 def base_config() -> ConfigDict:
@@ -124,44 +126,20 @@ def base_config() -> ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def load_config(path: str | Path, check: Callable[[ConfigDict], None] | None = None) -> ConfigDict:
-    """`get_config()` of a Python file, checked against the schema (unknown keys refused).
-    check: the schema check (default: this trainer's check_keys; `viper sft` passes its own)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_viper_train_config_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} has no get_config()")
-    config = module.get_config()
-    (check or check_keys)(config)
-    return config
+def load_config(path: str | Path) -> ConfigDict:
+    """`get_config()` of a Python file, checked against the schema (unknown keys refused)."""
+    return load_config_file(path, base_config(), OPEN_SECTIONS)
 
 
-def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "",
-               open_sections: Sequence[str] = OPEN_SECTIONS) -> None:
-    """Every key of `config` must exist in `schema` (default: base_config()); stages match `stage()`;
-    the keys of `open_sections` are not checked here."""
-    schema = base_config() if schema is None else schema
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if path in open_sections:
-            if path == "stages":
-                for name, st in value.items():
-                    if not isinstance(st, ConfigDict):
-                        raise ConfigError(f"stages.{name} must be a ConfigDict made with stage()")
-                    check_keys(st, stage(name), f"stages.{name}.")
-            continue
-        if key not in schema:
-            raise unknown_key(path, list(schema.keys()))
-        if isinstance(schema[key], ConfigDict):
-            if not isinstance(value, ConfigDict):
-                raise ConfigError(f"config key {path!r} must be a section, got {value!r}")
-            check_keys(value, schema[key], f"{path}.", open_sections)
+def check_keys(config: ConfigDict) -> None:
+    """Every key of `config` must exist in base_config(); stages match `stage()`."""
+    config_overrides.check_keys(config, base_config(), OPEN_SECTIONS)
+
+
+def override_flags(values: dict[str, Any]) -> list[str]:
+    """`viper train` flags that set `values` (dotted key -> value), checked against the schema: how another
+    command (`viper loop`, `viper demo`) configures a training run it starts as a subprocess."""
+    return config_overrides.override_flags(values, base_config(), OPEN_SECTIONS)
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -181,7 +159,7 @@ def validate_shared(config: ConfigDict) -> None:
     """The sections `viper train` and `viper sft` share: workdir, model, optim, checkpoint."""
     _require(bool(config.workdir), "workdir", "is required (--workdir or --config.workdir=...)")
     _require(bool(config.model.path) or config.model.tiny_init, "model.path", "is required")
-    _require(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    _require(config.model.dtype in DTYPE_NAMES, "model.dtype", f"must be one of {DTYPE_NAMES}")
     _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
     _require(config.model.attention_query_chunk >= 0, "model.attention_query_chunk", "must be >= 0 (0 = off)")
     _require(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
@@ -216,6 +194,6 @@ def validate(config: ConfigDict) -> None:
     for name in config.stage_order:
         _require(name in config.stages, "stage_order", f"names stage {name!r}, which config.stages does not define "
                                                        f"(defined: {sorted(config.stages.keys())})")
-        st = config.stages[name]
-        _require(st.steps >= 1, f"stages.{name}.steps", "must be positive")
-        _require(len(st.data_globs) > 0, f"stages.{name}.data_globs", "is empty: the stage has no data")
+        stage_config = config.stages[name]
+        _require(stage_config.steps >= 1, f"stages.{name}.steps", "must be positive")
+        _require(len(stage_config.data_globs) > 0, f"stages.{name}.data_globs", "is empty: the stage has no data")

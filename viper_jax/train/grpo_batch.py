@@ -8,7 +8,7 @@ engine returns them):
   vision_inputs                      prepare_vision of their grids
   positions [3, b*G, Tp + N]         MRoPE positions of prompt + response, per row
   tokens / resp_mask [b*G, N]        sampled responses; mask = before-and-including the end token
-  advantages [b*G], old_logp / ref_logp [b*G, N]
+  advantages [b*G], old_logp [b*G, N]               (ref_logp, with rl.kl_coef, is added by the step)
 
 The training forward embeds each prompt once (vision tower included) and repeats the embeddings G
 times, instead of repeating pixel rows G times: the vision tower runs b, not b*G, times, and its
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from viper_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, get_rope_index, prepare_vision
-from viper_jax.models.qwen2_5_vl.rope_index import text_positions
+from viper_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, prepare_vision
+from viper_jax.models.qwen2_5_vl.rope_index import next_positions, prompt_positions
 
 
 @dataclasses.dataclass
@@ -44,7 +44,6 @@ class RolloutBatch:
     advantages: np.ndarray         # [B*G] float32
     old_logp: np.ndarray           # [B*G, N] float32, under the sampling temperature
     group_size: int
-    ref_logp: np.ndarray | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -56,44 +55,31 @@ def response_mask(lengths: np.ndarray, max_new_tokens: int) -> np.ndarray:
     return (np.arange(max_new_tokens)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)
 
 
-def prompt_positions(ids: np.ndarray, mask: np.ndarray, grid: np.ndarray | None,
-                     config: Qwen2_5_VLConfig) -> np.ndarray:
-    """[3, b, Tp]: what the rollout engine uses for the same (left-padded) prompts."""
-    if grid is None:
-        return text_positions(ids)
-    return get_rope_index(ids, mask, grid, None, None, config)[0]
-
-
 def full_positions(prompt_pos: np.ndarray, num_new: int, group_size: int) -> np.ndarray:
     """[3, b*G, Tp + N]: prompt positions, then max + 1 + i for response token i, rows repeated G times."""
-    nxt = prompt_pos.max(axis=(0, 2)) + 1  # [b]
-    resp = nxt[:, None] + np.arange(num_new, dtype=prompt_pos.dtype)[None, :]
+    resp = next_positions(prompt_pos)[:, None] + np.arange(num_new, dtype=prompt_pos.dtype)[None, :]
     full = np.concatenate([prompt_pos, np.broadcast_to(resp[None], (3, *resp.shape))], axis=2)
     return np.repeat(full, group_size, axis=1).astype(np.int32)
 
 
-def update_inputs(rb: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig,
-                  with_old: bool = True) -> dict[str, Any]:
-    """The jitted update's input dict for prompts [start, stop) of `rb` (and their rows)."""
-    g = rb.group_size
-    ids, mask = rb.prompt_ids[start:stop], rb.prompt_mask[start:stop]
+def update_inputs(batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
+    """The jitted update's input dict for prompts [start, stop) of `batch` (and their rows)."""
+    g = batch.group_size
+    ids, mask = batch.prompt_ids[start:stop], batch.prompt_mask[start:stop]
     rows = slice(start * g, stop * g)
     grid = None
     out: dict[str, Any] = {}
-    if rb.image_grid_thw is not None and rb.image_grid_thw.shape[0] > 0:
-        first_image = np.concatenate([[0], np.cumsum(rb.images_per_prompt)])
-        grid = rb.image_grid_thw[first_image[start]:first_image[stop]]
-        first_row = np.concatenate([[0], np.cumsum(rb.image_grid_thw.prod(axis=1))])
-        out["pixel_values"] = rb.pixel_values[first_row[first_image[start]]:first_row[first_image[stop]]]
+    if batch.image_grid_thw is not None and batch.image_grid_thw.shape[0] > 0:
+        first_image = np.concatenate([[0], np.cumsum(batch.images_per_prompt)])
+        grid = batch.image_grid_thw[first_image[start]:first_image[stop]]
+        first_row = np.concatenate([[0], np.cumsum(batch.image_grid_thw.prod(axis=1))])
+        out["pixel_values"] = batch.pixel_values[first_row[first_image[start]]:first_row[first_image[stop]]]
         out["vision_inputs"] = prepare_vision(grid, config.vision)
-    n = rb.tokens.shape[1]
+    n = batch.tokens.shape[1]
     out.update(prompt_ids=ids, prompt_mask=mask,
                positions=full_positions(prompt_positions(ids, mask, grid, config), n, g),
-               tokens=rb.tokens[rows], resp_mask=rb.resp_mask[rows], advantages=rb.advantages[rows])
-    if with_old:
-        out["old_logp"] = rb.old_logp[rows]
-    if rb.ref_logp is not None:
-        out["ref_logp"] = rb.ref_logp[rows]
+               tokens=batch.tokens[rows], resp_mask=batch.resp_mask[rows], advantages=batch.advantages[rows],
+               old_logp=batch.old_logp[rows])
     return out
 
 

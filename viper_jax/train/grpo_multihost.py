@@ -4,7 +4,7 @@ calls these hooks and is otherwise the same for both.
 
 Several processes (`MultiProcess`):
 - rl.prompts_per_step and rl.micro_batch_prompts are global counts; each process reads
-  prompts_per_step / process_count prompts per step and keeps them (multihost.py).
+  prompts_per_step / process_count prompts per step and keeps them (distributed.py).
 - Rollout: one global batch for the jitted engine (rollout/global_rollout.py); each process reads back
   the samples of its own prompts, decodes and scores them. A group never spans processes, so group
   advantages are computed locally.
@@ -27,11 +27,12 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from viper_jax.multihost import ProcessBlocks, allgather, block_vision_inputs, pad_rows
+from viper_jax.distributed import ProcessBlocks, allgather, block_vision_inputs, pad_rows
 from viper_jax.rollout.engine import RolloutConfig, RolloutResult, generate
-from viper_jax.rollout.global_rollout import GlobalPrompts, agree, generate_global
+from viper_jax.rollout.global_rollout import GlobalPrompts, gather_prompts, generate_global
 from viper_jax.train.config import ConfigError
-from viper_jax.train.grpo_batch import RolloutBatch, full_positions, prompt_positions, update_inputs
+from viper_jax.models.qwen2_5_vl.rope_index import prompt_positions
+from viper_jax.train.grpo_batch import RolloutBatch, full_positions, update_inputs
 
 
 class SingleProcess:
@@ -44,12 +45,13 @@ class SingleProcess:
         """(samples, prompt ids and mask as sampled, whether the batch has images)."""
         grid = batch.get("image_grid_thw")
         has_images = grid is not None and len(grid) > 0
-        ro = generate(model, batch["input_ids"], batch["attention_mask"], rng, cfg, pixel_values=pixels,
+        samples = generate(model, batch["input_ids"], batch["attention_mask"], rng, cfg, pixel_values=pixels,
                       image_grid_thw=grid if has_images else None)
-        return ro, np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32), has_images
+        ids, mask = np.asarray(batch["input_ids"], np.int32), np.asarray(batch["attention_mask"], np.int32)
+        return samples, ids, mask, has_images
 
-    def micro_inputs(self, rb: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
-        return update_inputs(rb, start, stop, config)
+    def micro_inputs(self, batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
+        return update_inputs(batch, start, stop, config)
 
     def to_host(self, array: Any) -> np.ndarray:
         return np.asarray(array)
@@ -78,17 +80,17 @@ class MultiProcess:
     def rollout(self, model: Qwen2_5_VL, batch: dict[str, Any], pixels: np.ndarray | None, rng: Any,
                 cfg: RolloutConfig) -> tuple[RolloutResult, np.ndarray, np.ndarray, bool]:
         grid = batch.get("image_grid_thw")
-        self._prompts = agree(self.blocks, batch["input_ids"], batch["attention_mask"],
-                              grid if grid is not None and len(grid) > 0 else None,
-                              batch.get("images_per_sample"), cfg.prompt_buckets, cfg.pad_token_id)
-        ro = generate_global(model, self._prompts, rng, cfg, self.blocks, pixels)
-        return ro, self._prompts.input_ids, self._prompts.attention_mask, self._prompts.has_images
+        self._prompts = gather_prompts(self.blocks, batch["input_ids"], batch["attention_mask"],
+                                       grid if grid is not None and len(grid) > 0 else None,
+                                       batch.get("images_per_sample"), cfg.prompt_buckets, cfg.pad_token_id)
+        samples = generate_global(model, self._prompts, rng, cfg, self.blocks, pixels)
+        return samples, self._prompts.input_ids, self._prompts.attention_mask, self._prompts.has_images
 
-    def micro_inputs(self, rb: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
+    def micro_inputs(self, batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
         """update_inputs' dict for prompts [start, stop) of EVERY process, as global arrays."""
-        g, put = rb.group_size, self.blocks.put
+        g, put = batch.group_size, self.blocks.put
         rows = slice(start * g, stop * g)
-        ids, mask = rb.prompt_ids[start:stop], rb.prompt_mask[start:stop]
+        ids, mask = batch.prompt_ids[start:stop], batch.prompt_mask[start:stop]
         out: dict[str, Any] = {}
         grid = None
         if self._prompts is not None and self._prompts.has_images:
@@ -99,21 +101,19 @@ class MultiProcess:
                 grids.append(every[first[start]:first[stop]])
             grid = grids[self.blocks.position]
             if any(len(x) for x in grids):
-                first_image = np.concatenate([[0], np.cumsum(rb.images_per_prompt)])
-                first_row = np.concatenate([[0], np.cumsum(rb.image_grid_thw.prod(axis=1))])
+                first_image = np.concatenate([[0], np.cumsum(batch.images_per_prompt)])
+                first_row = np.concatenate([[0], np.cumsum(batch.image_grid_thw.prod(axis=1))])
                 local = np.zeros((0, config.vision.patch_dim), np.float32)
                 if len(grid):
-                    local = rb.pixel_values[first_row[first_image[start]]:first_row[first_image[stop]]]
+                    local = batch.pixel_values[first_row[first_image[start]]:first_row[first_image[stop]]]
                 block = self.blocks.block_rows(max(int(x.prod(axis=1).sum()) for x in grids))
                 out["pixel_values"] = put(pad_rows(local, block))
                 out["vision_inputs"] = block_vision_inputs(grids, block, config.vision)
-        n = rb.tokens.shape[1]
+        n = batch.tokens.shape[1]
         out.update(prompt_ids=put(ids), prompt_mask=put(mask),
                    positions=put(full_positions(prompt_positions(ids, mask, grid, config), n, g), axis=1),
-                   tokens=put(rb.tokens[rows]), resp_mask=put(rb.resp_mask[rows]),
-                   advantages=put(rb.advantages[rows]), old_logp=put(rb.old_logp[rows]))
-        if rb.ref_logp is not None:
-            out["ref_logp"] = put(rb.ref_logp[rows])
+                   tokens=put(batch.tokens[rows]), resp_mask=put(batch.resp_mask[rows]),
+                   advantages=put(batch.advantages[rows]), old_logp=put(batch.old_logp[rows]))
         return out
 
     def to_host(self, array: Any) -> np.ndarray:

@@ -30,33 +30,44 @@ from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.sharding import DEFAULT_RULES, use_mesh
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
 from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
-from viper_jax.train_state import TrainState
+from viper_jax.train.state import TrainState, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSettings:
-    group_size: int = 5
-    num_minibatches: int = 1
-    micro_batch_prompts: int = 0
-    ppo_epochs: int = 1
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float = 0.0
-    aggregation: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    advantage_scale: str = "group"
-    advantage_eps: float = 1e-6
-    drop_zero_spread: bool = False
-    recompute_old_logprobs: bool = False
-    logit_chunk: int = 0
-    temperature: float = 1.0
+    """The config's `rl` section (train/config.py holds the defaults and their meaning) plus the sampling
+    temperature, as static data of the jitted update."""
+
+    group_size: int
+    num_minibatches: int
+    micro_batch_prompts: int
+    ppo_epochs: int
+    eps_low: float
+    eps_high: float
+    dual_clip: float
+    aggregation: str
+    kl_coef: float
+    kl_estimator: str
+    entropy_coef: float
+    advantage_scale: str
+    advantage_eps: float
+    drop_zero_spread: bool
+    recompute_old_logprobs: bool
+    logit_chunk: int
+    temperature: float
 
     @classmethod
     def from_config(cls, rl: Any, temperature: float) -> "GRPOSettings":
         names = {f.name for f in dataclasses.fields(cls)} - {"temperature"}
         return cls(temperature=float(temperature), **{k: rl[k] for k in names})
+
+    @classmethod
+    def with_defaults(cls, **changes: Any) -> "GRPOSettings":
+        """The config schema's defaults (rl section, rollout.temperature) with `changes`."""
+        from viper_jax.train.config import base_config
+
+        config = base_config()
+        return dataclasses.replace(cls.from_config(config.rl, config.rollout.temperature), **changes)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -83,17 +94,17 @@ def response_logprobs(model: Qwen2_5_VL, hidden: jax.Array, targets: jax.Array, 
     return unchunk(lp), unchunk(ent)
 
 
-def policy_forward(model: Qwen2_5_VL, mi: dict[str, Any], group_size: int, temperature: float,
+def policy_forward(model: Qwen2_5_VL, micro: dict[str, Any], group_size: int, temperature: float,
                    chunk: int) -> tuple[jax.Array, jax.Array]:
     """Log-probs and entropies of the sampled response tokens under `model` (see grpo_batch.py)."""
-    prompt = model.embed(mi["prompt_ids"], mi.get("pixel_values"), mi.get("vision_inputs"))
-    x = jnp.concatenate([jnp.repeat(prompt, group_size, axis=0), model.language_model.embed(mi["tokens"])], axis=1)
-    mask = jnp.concatenate([jnp.repeat(mi["prompt_mask"], group_size, axis=0),
-                            mi["resp_mask"].astype(mi["prompt_mask"].dtype)], axis=1)
-    hidden, _ = model.language_model(x, mi["positions"], mask)
-    tp, n = mi["prompt_ids"].shape[1], mi["tokens"].shape[1]
+    prompt = model.embed(micro["prompt_ids"], micro.get("pixel_values"), micro.get("vision_inputs"))
+    x = jnp.concatenate([jnp.repeat(prompt, group_size, axis=0), model.language_model.embed(micro["tokens"])], axis=1)
+    mask = jnp.concatenate([jnp.repeat(micro["prompt_mask"], group_size, axis=0),
+                            micro["resp_mask"].astype(micro["prompt_mask"].dtype)], axis=1)
+    hidden, _ = model.language_model(x, micro["positions"], mask)
+    tp, n = micro["prompt_ids"].shape[1], micro["tokens"].shape[1]
     # Position Tp-1+i (the last prompt token, then response tokens) predicts response token i.
-    return response_logprobs(model, hidden[:, tp - 1:tp - 1 + n], mi["tokens"], temperature, chunk)
+    return response_logprobs(model, hidden[:, tp - 1:tp - 1 + n], micro["tokens"], temperature, chunk)
 
 
 # ------------------------------------------------------------------------------------------------ jitted fns
@@ -103,51 +114,45 @@ class UpdateFns:
 
     def __init__(self, graphdef: Any, optimizer: optax.GradientTransformation, shardings: TrainState,
                  settings: GRPOSettings, mesh: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
-        s = settings
         self.mesh, self.rules = mesh, tuple(rules)
 
-        def forward(params: Any, mi: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+        def forward(params: Any, micro: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
             with use_mesh(mesh, self.rules):  # traced here: the model's activation constraints apply
-                return policy_forward(nnx.merge(graphdef, params), mi, s.group_size, s.temperature, s.logit_chunk)
+                return policy_forward(nnx.merge(graphdef, params), micro, settings.group_size, settings.temperature,
+                                      settings.logit_chunk)
 
-        def loss_fn(params: Any, mi: dict[str, Any], denoms: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-            logp, ent = forward(params, mi)
-            mask = mi["resp_mask"]
+        def loss_fn(params: Any, micro: dict[str, Any], denoms: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+            logp, ent = forward(params, micro)
+            mask = micro["resp_mask"]
             agg = dict(num_tokens=denoms["tokens"], num_seqs=denoms["seqs"], norm_length=mask.shape[1])
-            pg, m = grpo_loss.policy_loss(logp, mi["old_logp"], mi["advantages"], mask, eps_low=s.eps_low,
-                                          eps_high=s.eps_high, dual_clip=s.dual_clip or None,
-                                          aggregation=s.aggregation, **agg)
+            pg, m = grpo_loss.policy_loss(logp, micro["old_logp"], micro["advantages"], mask, eps_low=settings.eps_low,
+                                          eps_high=settings.eps_high, dual_clip=settings.dual_clip or None,
+                                          aggregation=settings.aggregation, **agg)
             loss = pg
             tokens = mask.sum()
             sums = {k: v * tokens for k, v in m.items()}
             sums.update(tokens=tokens, pg_loss=pg, entropy=(ent * mask).sum())
-            if s.kl_coef > 0:
-                kl = grpo_loss.kl_estimate(logp, mi["ref_logp"], s.kl_estimator)
-                loss = loss + s.kl_coef * grpo_loss.aggregate(kl, mask, s.aggregation, **agg)
+            if settings.kl_coef > 0:
+                kl = grpo_loss.kl_estimate(logp, micro["ref_logp"], settings.kl_estimator)
+                loss = loss + settings.kl_coef * grpo_loss.aggregate(kl, mask, settings.aggregation, **agg)
                 sums["kl"] = (kl * mask).sum()
-            if s.entropy_coef > 0:
-                loss = loss - s.entropy_coef * grpo_loss.aggregate(ent, mask, s.aggregation, **agg)
+            if settings.entropy_coef > 0:
+                loss = loss - settings.entropy_coef * grpo_loss.aggregate(ent, mask, settings.aggregation, **agg)
             sums["loss"] = loss
             return loss, sums
 
         grad = jax.value_and_grad(loss_fn, has_aux=True)
         p_sh = shardings.params
 
-        def accumulate(params, acc, mi, denoms):
-            (_, sums), g = grad(params, mi, denoms)
+        def accumulate(params, acc, micro, denoms):
+            (_, sums), g = grad(params, micro, denoms)
             return jax.tree.map(jnp.add, acc, g), sums
 
         def apply(state: TrainState, grads: Any, loss: jax.Array) -> tuple[TrainState, dict]:
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf anywhere makes the norm non-finite
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32))
+            new, grad_norm, ok = apply_gradients(state, grads, loss, optimizer)
             return new, {"grad_norm": grad_norm, "skipped": ~ok}
 
-        self.logprobs = jax.jit(lambda params, mi: forward(params, mi)[0])
+        self.logprobs = jax.jit(lambda params, micro: forward(params, micro)[0])
         # One gradient program for every micro-batch (a zero buffer starts each minibatch): a second
         # "first micro-batch" program would double the largest compile for no measurable gain.
         self.zeros = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), out_shardings=p_sh)
@@ -157,14 +162,15 @@ class UpdateFns:
 
 # ------------------------------------------------------------------------------------------------ the step
 
-def advantages_and_mask(rewards: np.ndarray, lengths: np.ndarray, max_new_tokens: int, s: GRPOSettings
+def advantages_and_mask(rewards: np.ndarray, lengths: np.ndarray, max_new_tokens: int, settings: GRPOSettings
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(advantages [R], loss mask [R, N], zero-spread flags [R]): with drop_zero_spread the mask of a
     group whose rewards are all equal is 0 (it also leaves the loss denominators)."""
     r = jnp.asarray(rewards, jnp.float32)
-    adv = np.asarray(grpo_loss.group_advantages(r, s.group_size, scale=s.advantage_scale, eps=s.advantage_eps))
-    zero = np.asarray(grpo_loss.zero_spread_groups(r, s.group_size))
-    keep = ~zero if s.drop_zero_spread else np.ones_like(zero)
+    adv = np.asarray(grpo_loss.group_advantages(r, settings.group_size, scale=settings.advantage_scale,
+                                                eps=settings.advantage_eps))
+    zero = np.asarray(grpo_loss.zero_spread_groups(r, settings.group_size))
+    keep = ~zero if settings.drop_zero_spread else np.ones_like(zero)
     return adv.astype(np.float32), response_mask(lengths, max_new_tokens) * keep[:, None], zero
 
 
@@ -178,58 +184,60 @@ class GRPOLearner:
     def __init__(self, graphdef: Any, state: TrainState, fns: UpdateFns, settings: GRPOSettings,
                  rollout: RolloutConfig, decode: Callable[[np.ndarray, np.ndarray], list[str]],
                  schedule: optax.Schedule, model_config: Any, ref_params: Any = None,
-                 placement: SingleProcess | MultiProcess | None = None):
+                 processes: SingleProcess | MultiProcess | None = None):
         if settings.kl_coef > 0 and ref_params is None:
             raise ValueError("rl.kl_coef > 0 needs the reference parameters")
-        self.graphdef, self.state, self.fns, self.s = graphdef, state, fns, settings
+        self.graphdef, self.state, self.fns, self.settings = graphdef, state, fns, settings
         self.rollout_cfg = rollout
         self.decode, self.schedule, self.ref_params = decode, schedule, ref_params
         self.model_config = model_config
         # Where the batch lives: this host only, or split over JAX processes (grpo_multihost.py).
-        self.place = placement or SingleProcess()
+        self.processes = processes or SingleProcess()
 
     def policy(self) -> Qwen2_5_VL:
         """The current policy as a model sharing the state's parameter buffers (no copy)."""
         return nnx.merge(self.graphdef, self.state.params)
 
     def step(self, batch: dict[str, Any], rng: jax.Array, reward_fn: Callable[..., Any]) -> dict[str, Any]:
-        s, t0, place = self.s, time.perf_counter(), self.place
+        settings, t0, processes = self.settings, time.perf_counter(), self.processes
         model = self.policy()
         grid = batch.get("image_grid_thw")
         local_images = grid is not None and len(grid) > 0
         pixels = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])] if local_images else None
         with use_mesh(self.fns.mesh, self.fns.rules):
-            ro, prompt_ids, prompt_mask, has_images = place.rollout(model, batch, pixels, rng, self.rollout_cfg)
+            samples, prompt_ids, prompt_mask, has_images = processes.rollout(model, batch, pixels, rng,
+                                                                             self.rollout_cfg)
         del model
         t1 = time.perf_counter()
-        responses = self.decode(ro.tokens, ro.lengths)
-        out = reward_fn(responses, [tuple(t) for t in batch["truth"]], ro.prompt_index)
+        responses = self.decode(samples.tokens, samples.lengths)
+        out = reward_fn(responses, [tuple(t) for t in batch["truth"]], samples.prompt_index)
         rewards = np.asarray(out.reward, np.float32)
         t2 = time.perf_counter()
 
-        g = s.group_size
-        adv, mask, zero = advantages_and_mask(rewards, ro.lengths, ro.tokens.shape[1], s)
-        rb = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, pixel_values=pixels,
+        g = settings.group_size
+        adv, mask, zero = advantages_and_mask(rewards, samples.lengths, samples.tokens.shape[1], settings)
+        rollout_batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, pixel_values=pixels,
                           image_grid_thw=np.asarray(grid if local_images else np.zeros((0, 3)), np.int32).reshape(-1, 3)
                           if has_images else None,
                           images_per_prompt=np.asarray(batch.get("images_per_sample", np.zeros(len(batch["input_ids"]))), np.int64),
-                          tokens=ro.tokens, resp_mask=mask, advantages=adv,
-                          old_logp=np.asarray(ro.logprobs, np.float32) * mask, group_size=g)
-        upd = self._update(rb)
+                          tokens=samples.tokens, resp_mask=mask, advantages=adv,
+                          old_logp=np.asarray(samples.logprobs, np.float32) * mask, group_size=g)
+        update_metrics = self._update(rollout_batch)
         t3 = time.perf_counter()
 
-        ended = np.isin(ro.tokens[np.arange(len(ro.lengths)), np.maximum(ro.lengths - 1, 0)],
+        ended = np.isin(samples.tokens[np.arange(len(samples.lengths)), np.maximum(samples.lengths - 1, 0)],
                         np.asarray(self.rollout_cfg.eos_token_ids or (-1,)))
         parts = {name: np.asarray(v) for name, v in (out.as_dict().items() if hasattr(out, "as_dict") else ())
                  if name != "reward"}
         if hasattr(out, "format"):
             parts["_format"] = np.asarray(out.format) > 0
         # Per-sample values of the whole batch (every process's, in global order, when split).
-        rows = place.gather_rows({"reward": rewards, "length": ro.lengths, "ended": ended, "zero": zero, "adv": adv,
+        rows = processes.gather_rows({"reward": rewards, "length": samples.lengths, "ended": ended, "zero": zero,
+                                      "adv": adv,
                                   **{f"part/{k}": v for k, v in parts.items()}})
         rewards, zero, adv = rows["reward"], rows["zero"], rows["adv"]
         lengths = rows["length"].astype(np.float64)
-        prompt_tokens = int(place.sum(np.asarray([np.asarray(batch["attention_mask"]).sum()], np.int32))[0]) * g
+        prompt_tokens = int(processes.sum(np.asarray([np.asarray(batch["attention_mask"]).sum()], np.int32))[0]) * g
         metrics: dict[str, Any] = {}
         metrics["reward/mean"], metrics["reward/std"] = _mean_std(rewards)
         for name in parts:
@@ -244,45 +252,49 @@ class GRPOLearner:
             "advantage/abs_mean": float(np.abs(adv).mean()),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2, "time/step_s": t3 - t0,
             "throughput/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
-            "throughput/update_tokens_per_s": upd.pop("processed_tokens") / max(t3 - t2, 1e-9),
-            "rollout/kv_cache_mib": ro.kv_cache_bytes / 2**20, "rollout/prompt_tokens": prompt_tokens,
+            "throughput/update_tokens_per_s": update_metrics.pop("processed_tokens") / max(t3 - t2, 1e-9),
+            "rollout/kv_cache_mib": samples.kv_cache_bytes / 2**20, "rollout/prompt_tokens": prompt_tokens,
         })
-        metrics.update(upd)
+        metrics.update(update_metrics)
         return metrics
 
     # -------------------------------------------------------------------------------------------- update
 
-    def _update(self, rb: RolloutBatch) -> dict[str, float]:
-        s, fns, place = self.s, self.fns, self.place
-        g = s.group_size
+    def _update(self, rollout_batch: RolloutBatch) -> dict[str, float]:
+        settings, fns, processes = self.settings, self.fns, self.processes
+        g = settings.group_size
         # micro_batch_prompts counts prompts over all processes; each process cuts its own share.
-        ranges = slices(rb.num_prompts, s.num_minibatches, s.micro_batch_prompts // place.count)
-        inputs = [[place.micro_inputs(rb, a, b, self.model_config) for a, b in mb] for mb in ranges]
+        ranges = slices(rollout_batch.num_prompts, settings.num_minibatches,
+                        settings.micro_batch_prompts // processes.count)
+        micro_batches = [[processes.micro_inputs(rollout_batch, a, b, self.model_config) for a, b in mb]
+                         for mb in ranges]
         flat = [r for mb in ranges for r in mb]
         # Response tokens and sequences per micro-batch, summed over processes: every process then takes
         # the same branches below (skips, updates), so the collectives inside the jitted calls line up.
-        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum())) for m in (rb.resp_mask[a * g:b * g] for a, b in flat)]
-        counts = place.sum(np.asarray(local, np.int32).reshape(len(flat), 2)).tolist()
-        micros = [mi for mb in inputs for mi in mb]
+        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum()))
+                 for m in (rollout_batch.resp_mask[a * g:b * g] for a, b in flat)]
+        counts = processes.sum(np.asarray(local, np.int32).reshape(len(flat), 2)).tolist()
+        micros = [micro for mb in micro_batches for micro in mb]
         # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
         diffs = []
-        if s.recompute_old_logprobs or s.kl_coef > 0:
-            for (a, b), mi, (tokens, _) in zip(flat, micros, counts):
+        if settings.recompute_old_logprobs or settings.kl_coef > 0:
+            for (a, b), micro, (tokens, _) in zip(flat, micros, counts):
                 if tokens == 0:
                     continue
-                if s.recompute_old_logprobs:
-                    fresh = place.to_host(fns.logprobs(self.state.params, mi)) * rb.resp_mask[a * g:b * g]
+                if settings.recompute_old_logprobs:
+                    fresh = (processes.to_host(fns.logprobs(self.state.params, micro))
+                             * rollout_batch.resp_mask[a * g:b * g])
                     # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
                     # mean the update does not see what the sampler saw (positions, images, dtype).
-                    diffs.append(float(np.abs(fresh - rb.old_logp[a * g:b * g]).max()))
-                    mi["old_logp"] = place.from_host(fresh)
-                if s.kl_coef > 0:
-                    mi["ref_logp"] = place.from_host(place.to_host(fns.logprobs(self.ref_params, mi)))
+                    diffs.append(float(np.abs(fresh - rollout_batch.old_logp[a * g:b * g]).max()))
+                    micro["old_logp"] = processes.from_host(fresh)
+                if settings.kl_coef > 0:
+                    micro["ref_logp"] = processes.from_host(processes.to_host(fns.logprobs(self.ref_params, micro)))
         sums: dict[str, Any] = {}
         grad_norms, skipped, empty, lrs, processed = [], 0, 0, [], 0
-        first = np.cumsum([0] + [len(mb) for mb in inputs])
-        for _ in range(s.ppo_epochs):
-            for m, mb in enumerate(inputs):
+        first = np.cumsum([0] + [len(mb) for mb in micro_batches])
+        for _ in range(settings.ppo_epochs):
+            for m, mb in enumerate(micro_batches):
                 mb_counts = counts[first[m]:first[m + 1]]
                 tokens = sum(float(c[0]) for c in mb_counts)
                 seqs = sum(float(c[1]) for c in mb_counts)
@@ -291,28 +303,28 @@ class GRPOLearner:
                     continue
                 denoms = {"tokens": jnp.float32(tokens), "seqs": jnp.float32(seqs)}
                 acc, loss = None, jnp.float32(0)
-                for (a, b), mi, c in zip(ranges[m], mb, mb_counts):
+                for (a, b), micro, c in zip(ranges[m], mb, mb_counts):
                     if c[0] == 0:
                         continue
                     if acc is None:
                         acc = fns.zeros(self.state.params)
-                    acc, part = fns.accumulate(self.state.params, acc, mi, denoms)
+                    acc, part = fns.accumulate(self.state.params, acc, micro, denoms)
                     loss = loss + part["loss"]
                     sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
-                    processed += int(rb.tokens[a * g:b * g].size + rb.prompt_mask[a:b].sum() * g)
+                    processed += int(rollout_batch.tokens[a * g:b * g].size + rollout_batch.prompt_mask[a:b].sum() * g)
                 lrs.append(float(self.schedule(int(self.state.step))))
-                self.state, st = fns.apply(self.state, acc, loss)
-                grad_norms.append(st["grad_norm"])
-                skipped += st["skipped"]
+                self.state, applied = fns.apply(self.state, acc, loss)
+                grad_norms.append(applied["grad_norm"])
+                skipped += applied["skipped"]
         sums, grad_norms, skipped = jax.device_get((sums, grad_norms, skipped))
         count = max(float(sums.get("tokens", 0.0)), 1.0)
         out = {f"update/{k}": float(sums[k]) / count for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual",
                                                               "approx_kl_old", "entropy") if k in sums}
         if "kl" in sums:
             out["update/kl"] = float(sums["kl"]) / count
-        if s.recompute_old_logprobs:  # the largest gap over every process's micro-batches
-            diff = place.max(max(diffs, default=0.0))
-            if diffs or place.count > 1:
+        if settings.recompute_old_logprobs:  # the largest gap over every process's micro-batches
+            diff = processes.max(max(diffs, default=0.0))
+            if diffs or processes.count > 1:
                 out["rollout/logprob_diff_max"] = diff
         updates = len(grad_norms)
         out.update({"update/loss": float(sums.get("loss", 0.0)) / max(updates, 1),
@@ -322,5 +334,5 @@ class GRPOLearner:
                     "update/skipped_nonfinite": int(skipped), "update/skipped_empty": empty,
                     "update/total_skipped_nonfinite": int(self.state.skipped),
                     "update/optimizer_steps": int(self.state.step),
-                    "processed_tokens": float(place.sum(np.asarray([processed], np.int32))[0])})
+                    "processed_tokens": float(processes.sum(np.asarray([processed], np.int32))[0])})
         return out

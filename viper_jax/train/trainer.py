@@ -28,19 +28,20 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from viper_jax import checkpoint, distributed
-from viper_jax.multihost import ProcessBlocks, allgather_json
+from viper_jax.distributed import ProcessBlocks, allgather_json
+from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
-from viper_jax.train import toy_rewards  # noqa: F401  (registers the toy rewards)
 from viper_jax.train.config import ConfigError, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.train_io import (DTYPES, ModelMismatchError, check_stage_data, gather_data_state, init_or_restore,
-                                      load_params, make_stage_pipeline, setup_model, stage_check)
-from viper_jax.train_state import train_state_shardings
+from viper_jax.train.model_source import load_params, setup_model
+from viper_jax.train.resume import ModelMismatchError, gather_data_state, init_or_restore
+from viper_jax.train.stage_data import check_stage_data, make_stage_pipeline, stage_check
+from viper_jax.train.state import train_state_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _stage_ends(config: ConfigDict) -> list[int]:
 
 
 def write_config(workdir: Path, config: ConfigDict) -> None:
+    """workdir/config.json (`viper train`, `viper sft`); a warning names the sections changed since the last run."""
     path = workdir / "config.json"
     new = json.loads(config.to_json_best_effort())
     if path.exists():
@@ -66,11 +68,11 @@ def write_config(workdir: Path, config: ConfigDict) -> None:
     path.write_text(json.dumps(new, indent=2) + "\n")
 
 
-def _batch_log(batch: dict[str, Any], pipeline: Any, placement: MultiProcess | None) -> tuple[list[str], int, int]:
+def _batch_log(batch: dict[str, Any], pipeline: Any, processes: MultiProcess | None) -> tuple[list[str], int, int]:
     """(record ids of the global batch in its order, records seen, records skipped): with several
     processes, every process's, through one small allgather, so process 0 logs the whole step."""
     mine = {"ids": [str(i) for i in batch["id"]], "seen": pipeline.stats.seen, "skipped": pipeline.stats.num_skipped}
-    every = [mine] if placement is None else placement.blocks.in_order(allgather_json(mine))
+    every = [mine] if processes is None else processes.blocks.in_order(allgather_json(mine))
     return [i for e in every for i in e["ids"]], sum(e["seen"] for e in every), sum(e["skipped"] for e in every)
 
 
@@ -90,11 +92,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
     setup = setup_model(config, workdir)
     model_path, tokenizer, model_cfg, mesh, rules = setup.path, setup.tokenizer, setup.config, setup.mesh, setup.rules
     dtype, p_sh = setup.dtype, setup.param_shardings
-    placement = None
+    processes = None
     if jax.process_count() > 1:  # every process keeps its own prompts; refused here if the mesh cannot do that
         blocks = ProcessBlocks.of(mesh, rules)
         check_split(config.rl, blocks)
-        placement = MultiProcess(blocks)
+        processes = MultiProcess(blocks)
 
     stage_ends = _stage_ends(config)
     total_steps = stage_ends[-1]
@@ -124,12 +126,12 @@ def train(config: ConfigDict) -> dict[str, Any]:
         pad_token_id=int(tokenizer.pad_token_id), group_size=int(rl.group_size),
         sampling=SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                 top_p=float(config.rollout.top_p)),
-        cache_dtype=DTYPES[config.rollout.cache_dtype] if config.rollout.cache_dtype else None)
+        cache_dtype=dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else None)
     settings = GRPOSettings.from_config(rl, config.rollout.temperature)
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
     learner = GRPOLearner(setup.graphdef, state, UpdateFns(setup.graphdef, optimizer, shardings, settings, mesh, rules),
-                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, placement)
+                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, processes)
 
     # ---------------------------------------------------------------------------------------- stages
     step = int(meta["step"])
@@ -157,7 +159,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                     stage_check(name, stage.task, batch)
                     metrics = learner.step(batch, jax.random.fold_in(base_key, step), reward_fn)
                     step += 1
-                    ids, seen, skipped = _batch_log(batch, pipeline, placement)
+                    ids, seen, skipped = _batch_log(batch, pipeline, processes)
                     metrics.update({"stage_index": index, "data/seen": seen, "data/skipped": skipped})
                     extra = {"stage": name, "stage_step": stage_step}
                     if config.logging.record_ids:
@@ -189,7 +191,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
 
 
 def log_to_console() -> None:
-    """INFO lines of viper_jax on the console (the CLIs of `viper train` and `viper sft`)."""
+    """INFO lines of viper_jax on the console (the CLIs of `viper train`, `viper sft`, `viper world base`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A library imported before this may already have given the root logger a handler (basicConfig is
     # then a no-op and the root stays at WARNING): our own INFO lines still go to that handler.

@@ -28,6 +28,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from viper_common.atomic_files import write_json_atomic
+from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError
 from viper_jax.sft import config as sft_config
 
@@ -59,10 +60,18 @@ def base_config() -> ConfigDict:
     return c
 
 
-def check_keys(config: ConfigDict) -> None:
-    from viper_jax.train import config as train_config
+# sft.data.prompts (task -> template) is free-form, as in `viper sft`'s own config.
+OPEN_SECTIONS = {"sft.data.prompts": None}
 
-    train_config.check_keys(config, base_config(), open_sections=("sft.data.prompts",))
+
+def check_keys(config: ConfigDict) -> None:
+    """Every key of `config` must exist in base_config()."""
+    config_overrides.check_keys(config, base_config(), OPEN_SECTIONS)
+
+
+def load_config(path: str | Path) -> ConfigDict:
+    """`get_config()` of a Python file, checked against this schema (unknown keys refused)."""
+    return config_overrides.load_config_file(path, base_config(), OPEN_SECTIONS)
 
 
 def validate(config: ConfigDict) -> None:

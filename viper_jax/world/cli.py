@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from viper_common.atomic_files import write_json_atomic
+
 CAPTIONS_MEASURED = 500
 
 
@@ -125,24 +127,21 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
               "tokens_per_caption": world_tokenizer.tokens_per_text(tok, captions),
               "bytes_per_caption": world_tokenizer.tokens_per_text(build_tiny_tokenizer(), captions)}
     report["ratio"] = report["bytes_per_caption"] / report["tokens_per_caption"]
-    (out / "tokenizer_report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "tokenizer_report.json", report, indent=2)
     print(f"wrote {out / 'tokenizer'}: vocabulary {len(tok)}, {report['tokens_per_caption']:.1f} tokens per caption "
           f"vs {report['bytes_per_caption']:.1f} with the byte tokenizer ({report['ratio']:.1f}x shorter)")
     return report
 
 
 def run_base(args: argparse.Namespace) -> dict[str, Any]:
-    import logging
-
     from viper_common.config_overrides import ConfigError, apply_overrides
     from viper_jax.data.pipeline import TooManySkippedError
-    from viper_jax.train.config import load_config
+    from viper_jax.train.trainer import log_to_console
     from viper_jax.world import base
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("viper_jax").setLevel(logging.INFO)
+    log_to_console()
     try:  # a user's mistake is one line naming the key or file, not a traceback
-        config = load_config(args.config, check=base.check_keys) if args.config else base.base_config()
+        config = base.load_config(args.config) if args.config else base.base_config()
         apply_overrides(config, getattr(args, "overrides", []) or [])
         config.workdir = args.workdir
         summary = base.build_base(config)
@@ -155,6 +154,8 @@ def run_base(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_world(args: argparse.Namespace) -> Any:
+    if args.world_action == "base":  # its own errors name the config key or the workdir
+        return run_base(args)
     try:
         if args.world_action == "bench":
             return run_bench(args)

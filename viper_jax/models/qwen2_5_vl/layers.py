@@ -137,7 +137,7 @@ def scan_layers(layers: nnx.Module | nnx.List, body: Callable, carry: Any, xs: A
         ys = []
         for i, layer in enumerate(layers):
             graphdef, state = nnx.split(layer)
-            run = remat_policy(remat)(lambda c, st, x, g=graphdef: body(nnx.merge(g, st), c, x))
+            run = remat_policy(remat)(lambda c, state, x, g=graphdef: body(nnx.merge(g, state), c, x))
             carry, y = run(carry, state, None if xs is None else jax.tree.map(lambda a: a[i], xs))
             ys.append(y)
         return carry, None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -23,7 +23,7 @@ from flax import nnx
 from ...sharding import constrain
 from .config import Qwen2_5_VLConfig
 from .layers import param
-from .rope_index import get_rope_index, text_positions
+from .rope_index import get_rope_index, prompt_positions
 from .text import Cache, TextModel
 from .vision import VisionInputs, VisionTower, prepare_vision
 
@@ -123,7 +123,7 @@ class Qwen2_5_VL(nnx.Module):
         if position_ids is None:
             ids = _concrete(input_ids, "position_ids")
             if image_grid_thw is None and video_grid_thw is None:
-                position_ids = text_positions(ids)
+                position_ids = prompt_positions(ids, None, None, cfg)  # text: the mask plays no part
             else:
                 mask = None if attention_mask is None else _concrete(attention_mask, "position_ids")
                 grids = [None if g is None else _concrete(g, "position_ids") for g in (image_grid_thw, video_grid_thw)]
@@ -163,18 +163,12 @@ class Qwen2_5_VL(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
         return self.language_model.init_cache(batch, max_len, dtype)
 
-    def forward_with_cache(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                           cache: Cache, cache_index: jax.Array | int) -> tuple[jax.Array, Cache]:
-        """Prefill or decode step: writes T new tokens at [cache_index, cache_index + T), returns
-        (logits [B, T, V], cache). attention_mask is [B, max_len] over cache slots (see text.py)."""
-        hidden, cache = self.language_model(inputs_embeds, position_ids, attention_mask, cache, cache_index)
-        return self.logits_from_hidden(hidden), cache
-
     def decode_with_layer_caches(self, layers: list, inputs_embeds: jax.Array, position_ids: jax.Array,
                                  attention_mask: jax.Array, caches: list[Cache], cache_index: jax.Array | int
                                  ) -> tuple[jax.Array, list[Cache]]:
-        """`forward_with_cache` unrolled over `language_model.layer_list()` with one cache per layer
-        (what the rollout's decode loop runs; see TextModel.decode)."""
+        """Logits [B, T, V] and the caches after writing T new tokens at [cache_index, cache_index + T), the
+        layers unrolled over `language_model.layer_list()` with one cache per layer (what the rollout's decode
+        loop runs; see TextModel.decode). attention_mask is [B, slots] over cache slots (see text.py)."""
         hidden, caches = self.language_model.decode(layers, inputs_embeds, position_ids, attention_mask, caches,
                                                     cache_index)
         return self.logits_from_hidden(hidden), caches

@@ -88,3 +88,18 @@ def text_positions(input_ids: Any) -> np.ndarray:
     every row (padding is not skipped). [3, B, T] int32."""
     b, t = np.asarray(input_ids).shape
     return np.broadcast_to(np.arange(t, dtype=np.int32), (3, b, t)).copy()
+
+
+def prompt_positions(input_ids: Any, attention_mask: Any, image_grid_thw: Any, config: Any) -> np.ndarray:
+    """[3, B, T] positions of (left-padded) prompts: get_rope_index with images, text_positions without.
+    The rollout (one process or several) and the GRPO update use exactly these for the same prompts."""
+    if image_grid_thw is None:
+        return text_positions(input_ids)
+    return get_rope_index(input_ids, attention_mask, np.asarray(image_grid_thw), None, None, config)[0]
+
+
+def next_positions(positions: np.ndarray) -> np.ndarray:
+    """[B]: where generated token 0 sits on every MRoPE axis, max(prompt positions) + 1 (HF's rope_deltas);
+    token i sits at this + i."""
+    return positions.max(axis=(0, 2)) + 1
+

@@ -29,6 +29,10 @@ Cache = dict[str, jax.Array]
 HIDDEN = ("batch", "length", "embed")  # logical names of [B, T, D] activations (no-op without a mesh)
 
 
+# A cache array is [layers, batch, kv heads, slots, head_dim]; these are its logical axis names.
+CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", None)
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, std: float, param_dtype: Any, rngs: nnx.Rngs):
         self.embedding = param(std * jax.random.normal(rngs.params(), (vocab, dim), param_dtype), ("vocab", "embed"))
@@ -121,6 +125,9 @@ class TextModel(nnx.Module):
             start += size
         emb = jnp.concatenate(chunks * 2, axis=-1)
         return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+    # Logical axis names of init_cache's arrays, in its order (the sharding rules map them to mesh axes).
+    cache_axes = CACHE_AXES
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
         shape = (self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim)

@@ -1,4 +1,4 @@
-"""`viper plan` arguments (no heavy imports, so `viper --help` stays instant); the work is in plan.py."""
+"""`viper plan` arguments (no heavy imports, so `viper --help` stays instant); the work is in programs.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def add_plan_args(sub: Any) -> None:
 
 
 def run_plan(args: Any) -> None:
-    from viper_jax.plan import PlanError, format_report, model_config_for, plan  # sets libtpu env first
+    from viper_jax.plan.chips import PlanError  # first: sets libtpu's environment
+    from viper_jax.plan.programs import plan
+    from viper_jax.plan.report import format_report
+    from viper_jax.plan.workload import model_config_for
     from viper_jax.train.config import REMATS, ConfigError, apply_overrides, load_config
 
     try:

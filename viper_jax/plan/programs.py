@@ -1,31 +1,5 @@
-"""`viper plan`: will a training config fit a TPU pod slice, and how fast could it run? Answered on this
-machine, without the pod.
-
-With `libtpu` installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc` describes the
-chips of a TPU slice that is not present; a mesh over those abstract devices plus
-`jax.jit(f).lower(abstract inputs).compile()` runs the real TPU compiler. Nothing is allocated: the
-parameters come from `nnx.eval_shape` (no weights), every input is a `jax.ShapeDtypeStruct` carrying
-the sharding the trainer gives it. Compiled for the target, per program:
-
-- update (one micro-batch forward + backward, gradients added to the donated fp32 accumulator:
-  `UpdateFns.accumulate` of the GRPO trainer, the very function `viper train` runs), and the
-  optimizer apply (`UpdateFns.apply`);
-- rollout: the prefill of the whole prompt batch (the rollout engine's `_prefill`) and one decode
-  step over the batch's G samples per prompt (`forward_with_cache` for one token, then sampling).
-
-Per chip: argument / output / temporary bytes from XLA's `memory_analysis()` (the compiler's own
-buffer assignment for that chip; it refuses programs larger than HBM), plus what is resident but not
-an argument (the optimizer state while the update's micro-steps and the rollout run), against the
-chip's HBM.
-
-FLOPs are analytic (`plan_model.py`, the matmuls and attention as this implementation runs them,
-e.g. attention over all T keys, padded vision segments); XLA's `cost_analysis()` is printed beside them
-but counts a scanned (while-loop) layer body once, so it is far below the true count for a scanned model.
-Model FLOPs = 3 x forward for a training step; hardware FLOPs add the remat recompute. The time of a
-program is a roofline lower bound, max(hardware FLOPs / peak, HBM bytes / HBM bandwidth) per chip, with
-no communication time; the GRPO step time adds rollout (prefill + max_new_tokens decode steps, every
-row running to the limit), old-log-prob recomputation and the update; MFU = model FLOPs / (time x peak).
-"""
+"""`viper plan`'s work: compile the GRPO step's programs for a TPU slice that is not present and read
+their per-chip memory, FLOPs and time (the package docstring, viper_jax/plan/__init__.py, says how)."""
 
 from __future__ import annotations
 
@@ -39,13 +13,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# plan_chips first: it sets libtpu's environment before anything can load libtpu. The names below are the
-# public API of `viper_jax.plan`, wherever they live.
-from viper_jax.plan_chips import (CHIPS, HUB_CONFIGS, ChipSpec, GiB, PlanError, chip_spec, chips_in,  # noqa: F401
-                                  topology_devices)
-from viper_jax.plan_model import (Shapes, default_shapes, image_grid, model_config_for, remat_extra,  # noqa: F401
-                                  text_forward_flops, vision_forward_flops)
-from viper_jax.plan_report import PlanReport, ProgramReport, format_report  # noqa: F401
+# chips first: it sets libtpu's environment before anything can load libtpu.
+from viper_jax.plan.chips import PlanError, chip_spec, chips_in, topology_devices
+from viper_jax.plan.report import PlanReport, ProgramReport
+from viper_jax.plan.workload import (default_shapes, image_grid, model_config_for, remat_extra, text_forward_flops,
+                                     vision_forward_flops)
 
 # --programs names: groups, and the four compiled programs.
 PROGRAM_GROUPS = {"update": ("micro", "apply"), "rollout": ("prefill", "decode"),
@@ -103,41 +75,29 @@ def _nbytes(tree: Any, per_device: bool = True) -> int:
     return total
 
 
-def _cache_names(model: Any, t: Any, dtype: Any) -> tuple[str | None, ...]:
-    """Logical names of the KV cache's axes (text.py documents them), matched to `init_cache`'s layout by size
-    (sizes chosen distinct), so a change of layout (e.g. heads before slots) needs no change here."""
-    probe_b, probe_s = 7919, 7907  # primes no other cache axis has
-    shape = jax.eval_shape(lambda: model.init_cache(probe_b, probe_s, dtype))["k"].shape
-    by_size = {probe_b: "cache_batch", probe_s: "cache_length", t.num_key_value_heads: "cache_heads"}
-    names = ("layers", *(by_size.get(n) for n in shape[1:-1]), None)  # stacked over layers first, head_dim last
-    if len(shape) != 5 or shape[0] != t.num_hidden_layers or sorted(filter(None, names[1:])) != sorted(by_size.values()):
-        raise PlanError(f"cannot tell the KV cache's axes from its shape {shape}")
-    return names
-
-
 def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequence[str] = ("update", "rollout"),
          verbose: bool = False, **shape_overrides: int | None) -> PlanReport:
     """Compiles the configured GRPO step for `topology` and reports per-chip memory, FLOPs and time."""
+    from viper_jax.dtypes import dtype_named
     from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, prepare_vision
-    from viper_jax.rollout.engine import RolloutConfig, _prefill
-    from viper_jax.rollout.sampling import SamplingConfig, sample
+    from viper_jax.rollout.engine import RolloutConfig, prefill, sample_next
+    from viper_jax.rollout.sampling import SamplingConfig
     from viper_jax.sharding import (batch_sharding, check_divisible, logical_to_spec, mesh_from_config,
                                     param_shardings, rules_from_config, use_mesh)
     from viper_jax.train.config import model_options
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
-    from viper_jax.train_state import TrainState, train_state_shardings
+    from viper_jax.train.state import TrainState, train_state_shardings
 
     chip = chip_spec(topology)
     devices = topology_devices(topology)
     chips = chips_in(topology, len(devices))
     mcfg = model_config if model_config is not None else model_config_for(config)
     t, v = mcfg.text, mcfg.vision
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+    dtype = dtype_named(config.model.dtype)
     remat = config.model.remat
     rl = config.rl
     shapes = default_shapes(config, **shape_overrides)
-    s = shapes
     notes: list[str] = []
 
     try:
@@ -173,9 +133,9 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         return math.ceil(rows / batch_parts) * batch_parts / rows
 
     def vision(prompts: int) -> tuple[Any, Any]:
-        if not s.images_per_prompt:
+        if not shapes.images_per_prompt:
             return None, None
-        grid = np.asarray([image_grid(s.image_tokens)] * (prompts * s.images_per_prompt))
+        grid = np.asarray([image_grid(shapes.image_tokens)] * (prompts * shapes.images_per_prompt))
         vi = prepare_vision(grid, v)
         n = vi.patch_perm.shape[0]
         pix = _sds((n, v.patch_dim), jnp.float32,
@@ -191,41 +151,45 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         raise PlanError(f"unknown programs {sorted(unknown)}; choose from {sorted(PROGRAM_GROUPS)}, "
                         f"{list(PROGRAM_GROUPS['all'])}")
     reports: list[ProgramReport] = []
-    num_micro = rl.num_minibatches * (rl.prompts_per_step // rl.num_minibatches) // s.micro_prompts
-    if s.rollout_prompts != rl.prompts_per_step:
-        num_micro = max(1, s.rollout_prompts // s.micro_prompts)
+    num_micro = rl.num_minibatches * (rl.prompts_per_step // rl.num_minibatches) // shapes.micro_prompts
+    if shapes.rollout_prompts != rl.prompts_per_step:
+        num_micro = max(1, shapes.rollout_prompts // shapes.micro_prompts)
 
     # ------------------------------------------------------------------------------------ update
     if wanted & {"micro", "apply"}:
         settings = GRPOSettings.from_config(rl, config.rollout.temperature)
         fns = UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules)
-        b, rows, length = s.micro_prompts, s.micro_prompts * s.group_size, s.prompt_len + s.response_len
+        b, length = shapes.micro_prompts, shapes.prompt_len + shapes.response_len
+        rows = b * shapes.group_size
         p_rows = rows_sharding(b, "micro-batch prompts")
         r_rows = rows_sharding(rows, "micro-batch rows")
         r_rows2 = NamedSharding(mesh, P(*r_rows.spec, None)) if r_rows.spec else replicated
         pix, vi = vision(b)
-        mi = dict(prompt_ids=_sds((b, s.prompt_len), jnp.int32, p_rows),
-                  prompt_mask=_sds((b, s.prompt_len), jnp.int32, p_rows),
+        micro_inputs = dict(prompt_ids=_sds((b, shapes.prompt_len), jnp.int32, p_rows),
+                  prompt_mask=_sds((b, shapes.prompt_len), jnp.int32, p_rows),
                   positions=_sds((3, rows, length), jnp.int32,
                                  NamedSharding(mesh, P(None, *r_rows.spec)) if r_rows.spec else replicated),
-                  tokens=_sds((rows, s.response_len), jnp.int32, r_rows2),
-                  resp_mask=_sds((rows, s.response_len), jnp.float32, r_rows2),
+                  tokens=_sds((rows, shapes.response_len), jnp.int32, r_rows2),
+                  resp_mask=_sds((rows, shapes.response_len), jnp.float32, r_rows2),
                   advantages=_sds((rows,), jnp.float32, r_rows),
-                  old_logp=_sds((rows, s.response_len), jnp.float32, r_rows2))
+                  old_logp=_sds((rows, shapes.response_len), jnp.float32, r_rows2))
         if pix is not None:
-            mi.update(pixel_values=pix, vision_inputs=vi)
+            micro_inputs.update(pixel_values=pix, vision_inputs=vi)
         if rl.kl_coef > 0:
-            mi["ref_logp"] = mi["old_logp"]
+            micro_inputs["ref_logp"] = micro_inputs["old_logp"]
         denoms = {"tokens": _sds((), jnp.float32, replicated), "seqs": _sds((), jnp.float32, replicated)}
         vi_flops = vision_forward_flops(v, vi)
-        fwd = text_forward_flops(t, rows, length, length, rows * s.response_len) + vi_flops
+        fwd = text_forward_flops(t, rows, length, length, rows * shapes.response_len) + vi_flops
         pad = padding(rows)
 
         micro = ProgramReport("update micro-step", per_step=rl.ppo_epochs * num_micro, resident=opt_bytes)
         if "micro" in wanted:
-            _compile(micro, lambda: fns.accumulate.lower(master, master, mi, denoms), verbose)
+            _compile(micro, lambda: fns.accumulate.lower(master, master, micro_inputs, denoms), verbose)
             micro.model_flops = 3 * fwd
             micro.hw_flops = (3 + remat_extra(remat)) * fwd * pad
+            if remat in ("dots", "offload"):
+                notes.append(f"update micro-step: the recompute of remat={remat} is an estimate, "
+                             f"{remat_extra(remat)} of a forward (XLA's cost analysis counts a scanned layer once)")
             reports.append(micro)
 
         state = TrainState(step=_sds((), jnp.int32, replicated), params=master, opt_state=opt_state,
@@ -246,22 +210,22 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
 
     # ------------------------------------------------------------------------------------ rollout
     if wanted & {"prefill", "decode"}:
-        b, g = s.rollout_prompts, s.group_size
-        rows, slots = b * g, s.prompt_len + s.response_len
-        cache_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.rollout.cache_dtype or "", dtype)
+        b, g = shapes.rollout_prompts, shapes.group_size
+        rows, slots = b * g, shapes.prompt_len + shapes.response_len
+        cache_dtype = dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else dtype
         sampling = SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                   top_p=float(config.rollout.top_p))
-        rcfg = RolloutConfig(max_new_tokens=s.response_len, prompt_buckets=(s.prompt_len,), max_cache_len=slots,
+        rcfg = RolloutConfig(max_new_tokens=shapes.response_len, prompt_buckets=(shapes.prompt_len,),
+                             max_cache_len=slots,
                              group_size=g, sampling=sampling, cache_dtype=cache_dtype)
-        cache_names = _cache_names(abstract, t, cache_dtype)
-        cache_spec = logical_to_spec(cache_names, rules)
+        cache_spec = logical_to_spec(abstract.language_model.cache_axes, rules)  # init_cache's layout
         cache_sh = NamedSharding(mesh, cache_spec)
         p_rows = rows_sharding(b, "rollout prompts")
         pix, vi = vision(b)
 
-        def prefill(params, ids, mask, positions, pixel_values, vision_inputs):
+        def prefill_program(params, ids, mask, positions, pixel_values, vision_inputs):
             with use_mesh(mesh, rules):  # as GRPOLearner.step runs generate
-                return _prefill.fun(nnx.merge(graphdef, params), ids, mask, positions, pixel_values, vision_inputs, rcfg)
+                return prefill.fun(nnx.merge(graphdef, params), ids, mask, positions, pixel_values, vision_inputs, rcfg)
 
         shape_c = jax.eval_shape(lambda: abstract.init_cache(b, slots, cache_dtype))["k"].shape
         try:
@@ -269,14 +233,16 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         except ValueError as e:
             raise PlanError(str(e)) from None
         p = ProgramReport("rollout prefill", resident=opt_bytes)
-        args = (master, _sds((b, s.prompt_len), jnp.int32, p_rows), _sds((b, s.prompt_len), jnp.int32, p_rows),
-                _sds((3, b, s.prompt_len), jnp.int32, NamedSharding(mesh, P(None, *p_rows.spec)) if p_rows.spec
+        args = (master, _sds((b, shapes.prompt_len), jnp.int32, p_rows),
+                _sds((b, shapes.prompt_len), jnp.int32, p_rows),
+                _sds((3, b, shapes.prompt_len), jnp.int32, NamedSharding(mesh, P(None, *p_rows.spec)) if p_rows.spec
                      else replicated), pix, vi)
         if "prefill" in wanted:
-            _compile(p, lambda: jax.jit(prefill, out_shardings=(p_rows if p_rows.spec else replicated,
+            _compile(p, lambda: jax.jit(prefill_program, out_shardings=(p_rows if p_rows.spec else replicated,
                                                                 {"k": cache_sh, "v": cache_sh})).lower(*args), verbose)
             # The lm_head runs on the last prompt position only (the first sampled token's logits).
-            p.model_flops = p.hw_flops = text_forward_flops(t, b, s.prompt_len, slots, b) + vision_forward_flops(v, vi)
+            p.model_flops = p.hw_flops = (text_forward_flops(t, b, shapes.prompt_len, slots, b)
+                                          + vision_forward_flops(v, vi))
             p.hw_flops *= padding(b)
             reports.append(p)
 
@@ -284,15 +250,12 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         d_rows2 = NamedSharding(mesh, P(*d_rows.spec, None)) if d_rows.spec else replicated
 
         def decode_step(params, caches, token, slot_mask, pos, slot, key_data):
-            # One iteration of the engine's `_decode` loop: the layers unrolled over one cache per layer
-            # (TextModel.layer_list / decode_with_layer_caches), then sampling.
+            # One iteration of the engine's `decode` loop (its `sample_next`): the layers unrolled over one
+            # cache per layer, then sampling.
             model = nnx.merge(graphdef, params)
             with use_mesh(mesh, rules):
-                layers = model.language_model.layer_list()
-                embeds = model.language_model.embed(token[:, None])
-                logits, caches = model.decode_with_layer_caches(layers, embeds, pos, slot_mask, caches, slot)
-                tok, lp = sample(logits[:, -1], jax.random.wrap_key_data(key_data), sampling)
-            return tok, lp, caches
+                return sample_next(model, model.language_model.layer_list(), token, pos, slot_mask, caches, slot,
+                                   jax.random.wrap_key_data(key_data), sampling)
 
         dshape = jax.eval_shape(lambda: abstract.init_cache(rows, slots, cache_dtype))["k"].shape
         try:
@@ -302,9 +265,9 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         layer_sh = NamedSharding(mesh, P(*tuple(cache_spec)[1:]))  # the stacked layout without its layers axis
         caches = [{"k": _sds(dshape[1:], cache_dtype, layer_sh), "v": _sds(dshape[1:], cache_dtype, layer_sh)}
                   for _ in range(dshape[0])]
-        # `_decode` holds the prefill's cache (its argument) while the loop runs over the G-times repeated copies.
+        # `decode` holds the prefill's cache (its argument) while the loop runs over the G-times repeated copies.
         prefill_cache = 2 * _nbytes(_sds(shape_c, cache_dtype, cache_sh))
-        d = ProgramReport("rollout decode step", per_step=s.response_len - 1, resident=opt_bytes + prefill_cache)
+        d = ProgramReport("rollout decode step", per_step=shapes.response_len - 1, resident=opt_bytes + prefill_cache)
         dargs = (master, caches, _sds((rows,), jnp.int32, d_rows),
                  _sds((rows, slots), jnp.int32, d_rows2),
                  _sds((3, rows, 1), jnp.int32, NamedSharding(mesh, P(None, *d_rows.spec)) if d_rows.spec else replicated),

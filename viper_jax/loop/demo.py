@@ -21,10 +21,12 @@ import argparse
 import importlib.util
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from viper_jax.loop.processes import command_line
+from viper_jax.loop.rounds import TASKS
 
 SIZE = 224  # side of the square demo inputs (the tiny VLM sees them at 112 x 112, 16 vision tokens)
 
@@ -88,37 +90,6 @@ def prepare_images(out_dir: Path, count: int) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-def _records(synth: Path, task: str, limit: int) -> list[Any]:
-    from viper_common import records
-
-    out = []
-    for shard in sorted(synth.glob(f"{task}-*/part-*.arrayrecord")):
-        for raw in records.read_shard(shard):
-            out.append(records.decode(raw))
-            if len(out) >= limit:
-                return out
-    return out
-
-
-def _rerender_main() -> None:
-    """Subprocess entry (torch side): re-renders stage-1 reconstructions from their records' provenance.
-    argv: a JSON list of {"t2i", "caption", "size", "seed", "settings", "out"}."""
-    import torch
-
-    from synthesis_torch.diffusion import Reconstructor
-
-    jobs = json.loads(sys.argv[1])
-    recon = None
-    for job in jobs:
-        s = job["settings"]
-        if recon is None:
-            recon = Reconstructor(job["t2i"], device=torch.device("cpu"), dtype=torch.float32, offload="none",
-                                  steps=s["steps"], true_cfg_scale=s["true_cfg_scale"],
-                                  negative_prompt=s["negative_prompt"], area=s["area"],
-                                  max_sequence_length=s["max_sequence_length"], batch_size=1)
-        recon.render([job["caption"]], [tuple(job["size"])], [job["seed"]])[0].save(job["out"])
-
 
 def _pair(left: bytes | Path, right: bytes | Path, out: Path) -> None:
     """Two images side by side at SIZE x SIZE each (small outputs upscaled without smoothing)."""
@@ -202,19 +173,20 @@ def _load_checks(ckpt: Path, export: Path) -> dict[str, str]:
 
 
 def write_report(work: Path, images: list[dict[str, str]], started: float | None = None, pairs: int = 3,
-                 rerender: bool = True, echo: Any = print) -> Path:
-    """WORK/report.md + WORK/assets/ for the round in WORK/loop/round_000."""
+                 rerender: bool = True, echo: Any = print, synth_command: str = "") -> Path:
+    """WORK/report.md + WORK/assets/ for the round in WORK/loop/round_000. synth_command: the loop's
+    `synth.command` ("" = `python -m synthesis_torch` of this interpreter)."""
+    from viper_common import records
+
     rd = work / "loop" / "round_000"
     status = json.loads((rd / "status.json").read_text())
     assets = work / "assets"
     assets.mkdir(parents=True, exist_ok=True)
-    csr, vop = _records(rd / "synth", "caption_refine", pairs), _records(rd / "synth", "visual_ops", pairs)
-    if rerender and csr:
-        jobs = [{"t2i": r.provenance["models"]["t2i"], "caption": r.caption, "size": r.provenance["reconstruction_size"],
-                 "seed": r.provenance["seeds"]["t2i"], "settings": r.provenance["t2i_settings"],
-                 "out": str(assets / f"reconstruction_{i}.png")} for i, r in enumerate(csr)]
-        subprocess.run([sys.executable, "-c", "from viper_jax.demo import _rerender_main; _rerender_main()",
-                        json.dumps(jobs)], check=True, capture_output=True)
+    csr, vop = (records.first_records(rd / "synth", task, pairs) for task in ("caption_refine", "visual_ops"))
+    if rerender and csr:  # the torch side draws them, in its own process (as the loop runs synthesis)
+        subprocess.run(command_line(synth_command, "synthesis_torch") + [
+            "rerender", "--records", str(rd / "synth"), "--out", str(assets), "--limit", str(len(csr))],
+            check=True, capture_output=True)
     metrics = [json.loads(x) for x in (rd / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plot_rewards(metrics, assets / "rewards.png")
     steps = status["steps"]
@@ -227,7 +199,7 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
         md.append(f"Wall time {time.time() - started:.0f} s on this machine (no GPU, no downloads), "
                   f"this invocation (steps finished by an earlier one are skipped).")
     stages = json.loads((rd / "train" / "config.json").read_text())["stages"]
-    rewards = sorted({st["reward"] for st in stages.values()})
+    rewards = sorted({stage["reward"] for stage in stages.values()})
     if rewards == ["caption_refine", "visual_ops"]:  # each stage's own: the ViPER reward
         about_reward = ("The tiny policy cannot write the `<think>/<answer>` format and never matches a truth "
                         "sentence, so the ViPER reward is 0 and GRPO has no signal: the round shows the pipeline end "
@@ -241,12 +213,12 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
            "reconstructions/edits are noise. " + about_reward + " With the real models: "
            "`viper loop --config configs/loop_7b.py`.", "", "## Steps", "", "| step | seconds | what it made |",
            "|---|---|---|"]
-    for name, st in steps.items():
+    for name, step in steps.items():
         made = {"synth_caption_refine": lambda s: f"{s.get('num_records')} caption_refine records, {s.get('num_rejects')} rejects",
                 "synth_visual_ops": lambda s: f"{s.get('num_records')} visual_ops records, {s.get('num_rejects')} rejects",
                 "train": lambda s: f"{s.get('steps')} GRPO steps, checkpoints in `{s.get('checkpoints')}`",
-                "export": lambda s: f"HF directory `{s.get('hf_dir')}`"}[name](st)
-        md.append(f"| {name} | {st.get('seconds')} | {made} |")
+                "export": lambda s: f"HF directory `{s.get('hf_dir')}`"}[name](step)
+        md.append(f"| {name} | {step.get('seconds')} | {made} |")
     md += ["", f"Round directory: `{rd}` (`status.json` per step, `logs/` per subprocess).", "",
            "## Inputs", "", "| file | photograph | licence |", "|---|---|---|"]
     md += [f"| {m['file']} | {m['title']} ({m['crop']} crop) | {m['licence']} |" for m in images]
@@ -284,7 +256,7 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _repo_config(name: str) -> Path:
-    path = Path(__file__).resolve().parents[1] / "configs" / name
+    path = Path(__file__).resolve().parents[2] / "configs" / name
     if not path.is_file():
         raise SystemExit(f"viper demo: {path} not found: run the demo from a clone of the repository "
                          "(pip install -e '.[demo]')")
@@ -309,7 +281,10 @@ def add_demo_args(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo_cli(args: argparse.Namespace) -> None:
-    from viper_jax.loop import Loop, load_config, run_interruptible
+    from viper_jax.loop.cli import run_interruptible
+    from viper_jax.loop.config import load_config
+    from viper_jax.loop.rounds import Loop
+    from viper_jax.train.config import override_flags
 
     start = time.time()
     _check_installed()
@@ -318,10 +293,10 @@ def run_demo_cli(args: argparse.Namespace) -> None:
     (work / "images.json").write_text(json.dumps(images, indent=1))
     config = load_config(_repo_config("loop_tiny.py"))
     config.workdir, config.images, config.rounds, config.echo = str(work / "loop"), str(work / "images"), 1, not args.quiet
-    extra = [f"--config.stages.{s}.steps={args.steps}" for s in ("caption_refine", "visual_ops")]
-    extra += [f"--config.stages.{s}.reward={args.reward}" for s in ("caption_refine", "visual_ops") if args.reward]
-    config.train.overrides = tuple(config.train.overrides) + tuple(extra)
+    values = {f"stages.{task}.steps": args.steps for task in TASKS}
+    values.update({f"stages.{task}.reward": args.reward for task in TASKS if args.reward})
+    config.train.overrides = tuple(config.train.overrides) + tuple(override_flags(values))
     print(f"viper demo: {len(images)} images in {work / 'images'}; one round in {work / 'loop'}")
     run_interruptible(Loop(config).run, "viper demo")
-    report = write_report(work, images, started=start)
+    report = write_report(work, images, started=start, synth_command=config.synth.command)
     print(f"viper demo: done in {time.time() - start:.0f} s; report: {report}")

@@ -1,81 +1,23 @@
-"""`viper loop`: ViPER's self-evolution rounds, each step a separate process (docs/loop_and_demo.md).
-
-Round r (directory WORK/round_00r/, with status.json and logs/):
-    synth_caption_refine  viper-synth caption-refine --images IMAGES --out synth/  (synthesiser VLM_r)
-    synth_visual_ops      viper-synth visual-ops --records synth/ --out synth/      (VLM_r)
-    train                 viper train --config TRAIN --workdir train/  (from VLM_r; stage 1, then stage 2)
-    export                viper convert orbax-to-hf --ckpt train/checkpoints --out export/
-VLM_0 is `models.vlm` (or the tiny VLM of `viper-synth tiny-models` when `models.tiny`); VLM_{r+1} is round
-r's export, so the trained policy synthesises the next round's data and goes on training in it.
-
-Resume: steps marked "done" in status.json are skipped; any other step reruns, and each is resumable by
-itself (synthesis skips committed chunks, training restores its latest checkpoint, the export is renamed
-into place), so rerunning an interrupted loop picks up where it stopped. `synth.mode = "wait"`
-(`--wait_for_shards`): a separate GPU job runs synthesis; the loop writes its commands to
-synth/REQUEST.json and polls until each job shard's manifest.json says `complete: true`.
-"""
+"""One round of `viper loop` after another, each step a separate process: synthesis (`viper-synth`), training
+(`viper train`), export (`viper convert`). The package docstring (viper_jax/loop/__init__.py) gives the steps."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ml_collections import ConfigDict
 
-from viper_jax.loop_steps import (STEPS, RoundStatus, StepFailed, _command, _synth_finished, _write_json,  # noqa: F401 (STEPS, StepFailed: public here too)
-                                  run_logged, run_parallel, synth_state)
+from viper_jax.loop.processes import command_line, run_logged, run_parallel
+from viper_jax.loop.status import RoundStatus, StepFailed, synth_finished, synth_state, write_json
+from viper_jax.train.config import override_flags
 
 TASKS = ("caption_refine", "visual_ops")
-
-
-def base_config() -> ConfigDict:
-    c = ConfigDict()
-    c.workdir = ""  # required (--workdir)
-    c.rounds = 1  # rounds to have finished when the loop exits (counting earlier invocations)
-    c.images = ""  # folder of unlabelled images; "{round}" in it becomes the round number
-    c.models = ConfigDict(dict(
-        vlm="",  # round 0's synthesiser VLM and starting policy: an HF Qwen2.5-VL directory
-        t2i="", editor="",  # "" = what the synthesis config names
-        tiny=False))  # write tiny random models to WORK/tiny_models and use them (CPU demo and tests)
-    c.synth = ConfigDict(dict(
-        mode="run",  # "run": the loop runs viper-synth; "wait": a separate job writes the shards
-        command="",  # "" = `python -m synthesis_torch` of this interpreter (e.g. another venv's viper-synth)
-        config="",  # synthesis config file ("" = the synthesis defaults)
-        overrides=(),  # "--config.a.b=v" flags for both stages
-        caption_refine_overrides=(), visual_ops_overrides=(),
-        num_shards=1,  # job shards per stage (run in parallel); in wait mode 0 = whatever the job used
-        devices="",  # e.g. "0,1,2,3": shard i runs with CUDA_VISIBLE_DEVICES=devices[i % len]
-        limit=0,  # images per round (0 = all)
-        wait_timeout_s=24 * 3600.0, poll_s=30.0))
-    c.train = ConfigDict(dict(
-        command="",  # "" = `python -m viper_jax` of this interpreter (also runs the export)
-        config="",  # viper train config file (required); its stages must be named caption_refine, visual_ops
-        overrides=(),  # "--config.a.b=v" flags for viper train
-        compilation_cache=True))  # JAX persistent compilation cache in WORK/jax_cache (faster resumes)
-    c.echo = True  # stream the subprocesses' output to the console (always written to R/logs/)
-    return c
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ConfigDict:
-    import importlib.util
-
-    from viper_jax.train.config import apply_overrides, check_keys
-
-    spec = importlib.util.spec_from_file_location(f"_viper_loop_config_{Path(path).stem}", path)
-    if spec is None or spec.loader is None or not Path(path).is_file():
-        raise FileNotFoundError(f"loop config {path} does not exist")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    check_keys(config, base_config())
-    apply_overrides(config, overrides)
-    return config
 
 
 class Loop:
@@ -100,7 +42,7 @@ class Loop:
             partial = self.work / "tiny_models.partial"
             shutil.rmtree(partial, ignore_errors=True)
             self.say(f"writing tiny random-init models to {root}")
-            run_logged(_command(self.c.synth.command, "synthesis_torch") + ["tiny-models", str(partial)],
+            run_logged(command_line(self.c.synth.command, "synthesis_torch") + ["tiny-models", str(partial)],
                        self.work / "logs" / "tiny_models.log", echo=False)
             # tiny_models.json names the partial paths; rewrite it for the final location
             (partial / "tiny_models.json").write_text(json.dumps(
@@ -130,7 +72,7 @@ class Loop:
 
     def _synth_commands(self, task: str, rd: Path, models: dict[str, str], index: int) -> list[list[str]]:
         s = self.c.synth
-        base = _command(s.command, "synthesis_torch")
+        base = command_line(s.command, "synthesis_torch")
         if task == "caption_refine":
             args = ["caption-refine", "--images", str(Path(self.c.images.format(round=index)).absolute())]
         else:
@@ -159,7 +101,7 @@ class Loop:
             envs = [dict(os.environ, **({"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}))
                     for i in range(len(commands))]
             run_parallel(commands, logs, envs)
-        state = _synth_finished(out, task, len(commands))
+        state = synth_finished(out, task, len(commands))
         if state is None:
             raise StepFailed(f"{task} synthesis exited without complete manifests in {out}")
         if state["num_records"] == 0:
@@ -172,12 +114,12 @@ class Loop:
         request = out / "REQUEST.json"
         payload = json.loads(request.read_text()) if request.exists() else {}
         payload[task] = [shlex.join(c) for c in commands]
-        _write_json(request, payload)
+        write_json(request, payload)
         expected = int(s.num_shards) if s.num_shards > 0 else 0
         self.say(f"waiting up to {s.wait_timeout_s} s for {task} shards in {out}; the job to run is:\n  "
                  + "\n  ".join(payload[task]))
         deadline = time.time() + float(s.wait_timeout_s)
-        while (state := _synth_finished(out, task, expected)) is None:
+        while (state := synth_finished(out, task, expected)) is None:
             if time.time() > deadline:
                 raise TimeoutError(f"no complete {task} shards in {out} after {s.wait_timeout_s} s "
                                    f"(now {synth_state(out, task)}); rerun the loop to go on waiting")
@@ -186,12 +128,13 @@ class Loop:
 
     def _train(self, rd: Path, models: dict[str, str]) -> dict[str, Any]:
         t = self.c.train
-        cmd = _command(t.command, "viper_jax") + [
-            "train", "--config", str(Path(t.config).absolute()), "--workdir", str(rd / "train"),
-            f"--config.model.path={models['vlm']}", f"--config.model.tokenizer_path={models['vlm']}",
-            "--config.model.tiny_init=False"]
+        values: dict[str, Any] = {"model.path": models["vlm"], "model.tokenizer_path": models["vlm"],
+                                  "model.tiny_init": False}
         for task in TASKS:
-            cmd.append(f"--config.stages.{task}.data_globs={(str(rd / 'synth' / f'{task}-*' / 'part-*.arrayrecord'),)!r}")
+            values[f"stages.{task}.data_globs"] = (str(rd / "synth" / f"{task}-*" / "part-*.arrayrecord"),)
+        cmd = command_line(t.command, "viper_jax") + [
+            "train", "--config", str(Path(t.config).absolute()), "--workdir", str(rd / "train"),
+            *override_flags(values)]
         env = dict(os.environ)
         if t.compilation_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.work / "jax_cache"))
@@ -207,7 +150,7 @@ class Loop:
         final, partial = rd / "export", rd / "export.partial"
         for d in (final, partial):  # an earlier attempt that did not reach "done": redo it
             shutil.rmtree(d, ignore_errors=True)
-        cmd = _command(self.c.train.command, "viper_jax") + [
+        cmd = command_line(self.c.train.command, "viper_jax") + [
             "convert", "orbax-to-hf", "--ckpt", str(rd / "train" / "checkpoints"), "--out", str(partial),
             "--tokenizer_dir", models["vlm"]]
         run_logged(cmd, rd / "logs" / "export.log", echo=self.c.echo, prefix="  [export] ")
@@ -229,55 +172,9 @@ class Loop:
 
     def run(self) -> list[RoundStatus]:
         self.work.mkdir(parents=True, exist_ok=True)
-        _write_json(self.work / "loop_config.json", json.loads(self.c.to_json_best_effort()))
+        write_json(self.work / "loop_config.json", json.loads(self.c.to_json_best_effort()))
         out = []
         for index in range(int(self.c.rounds)):
             out.append(self.run_round(index))
         self.say(f"{len(out)} round(s) done; latest policy: {self.round_dir(len(out) - 1) / 'export'}")
         return out
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def add_loop_args(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loop", help="ViPER self-evolution rounds: synthesise -> train -> export -> repeat",
-                       description="Extra arguments --config.a.b=value override single loop config fields.")
-    p.add_argument("--config", required=True, help="loop config file (configs/loop_tiny.py, configs/loop_7b.py)")
-    p.add_argument("--workdir", default=None, help="= --config.workdir")
-    p.add_argument("--rounds", type=int, default=None, help="= --config.rounds")
-    p.add_argument("--images", default=None, help="= --config.images")
-    p.add_argument("--wait_for_shards", action="store_true",
-                   help="do not run synthesis: wait for a separate job's shards (= --config.synth.mode=wait)")
-    p.add_argument("--quiet", action="store_true", help="do not echo the steps' output (logs are still written)")
-    p.set_defaults(accepts_config_overrides=True)
-
-
-def run_loop_cli(args: argparse.Namespace) -> None:
-    config = load_config(args.config, getattr(args, "overrides", []))
-    for key in ("workdir", "rounds", "images"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    if args.wait_for_shards:
-        config.synth.mode = "wait"
-    if args.quiet:
-        config.echo = False
-    run_interruptible(Loop(config).run, "viper loop")
-
-
-def run_interruptible(fn: Callable[[], Any], name: str) -> Any:
-    """Runs `fn` with SIGTERM (preemption, `kill`) handled like Ctrl-C: the running step's subprocess is
-    stopped and its status says "interrupted"; errors of a step end the program with their message."""
-    import signal
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        raise SystemExit(f"{name}: interrupted; run the same command again to resume") from None
-    except (StepFailed, TimeoutError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{name}: {e}") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from viper_jax.plan_chips import GiB, ChipSpec
-from viper_jax.plan_model import Shapes
+from viper_jax.plan.chips import GiB, ChipSpec
+from viper_jax.plan.workload import Shapes
 
 
 @dataclasses.dataclass

@@ -1,29 +1,17 @@
-"""A sharded train state and its jitted update, for any loss (the GRPO trainer supplies its own).
-
-The state is a pytree: fp32 master parameters (a pure dict, the layout Orbax checkpoints use), the
-optax state, the number of applied updates and the number of skipped ones. Where each piece lives:
+"""The trainer's state and where it lives: fp32 master parameters (a pure dict, the layout Orbax checkpoints
+use), the optax state, the number of applied updates and the number of skipped ones.
 
 - parameters: NamedShardings from their logical axis names and the rules table (`sharding.py`);
 - optimizer state: every optax leaf that mirrors a parameter (Adam's mu/nu, accumulators, ...) gets
   that parameter's sharding, found by matching tree paths and shapes; everything else (step counts,
-  scalar hyper-parameters, factored statistics whose shape differs) is replicated;
-- the batch: its leading axis split over ('data', 'fsdp'); each process feeds only its own rows.
+  scalar hyper-parameters, factored statistics whose shape differs) is replicated.
 
-`make_train_step` compiles the update once with explicit in/out shardings and the old state donated,
-so parameters and optimizer state are updated in place on every device. A non-finite loss or
-gradient leaves the state untouched (no optimizer step) and increments `skipped`.
+`apply_gradients` is the one optimizer update: a non-finite loss or gradient leaves the state untouched and
+counts a skip. The GRPO step's `UpdateFns.apply` jits it with the old state donated; `make_train_step` does the
+same for any loss (`viper sft`'s answer-token loss, the sharding tests):
 
-Typical use (see docs/sharding.md):
-
-    mesh = make_mesh((1, -1, 1))
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
-    p_sh = param_shardings(abstract, mesh)
-    model = load_hf(path, param_dtype=jnp.float32, shardings=p_sh)          # sharded from the start
-    graphdef, params = nnx.split(model)
-    shardings = train_state_shardings(optimizer, params, p_sh)
-    state = init_train_state(nnx.to_pure_dict(params), optimizer, shardings)
     step = make_train_step(lambda p, b: loss(nnx.merge(graphdef, p), b), optimizer, shardings)
-    state, metrics = step(state, shard_batch(local_rows, mesh))
+    state, metrics = step(state, batch)
 """
 
 from __future__ import annotations
@@ -39,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .sharding import DEFAULT_RULES, batch_sharding, path_str, use_mesh
+from viper_jax.sharding import DEFAULT_RULES, batch_sharding, use_mesh
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, Any]]  # (params, batch) -> (scalar loss, aux pytree)
 
@@ -123,6 +111,23 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, shard
     return fn(_pure(params))
 
 
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, optimizer: optax.GradientTransformation
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """(new state, grad_norm of the raw gradient, ok). One NaN/inf in the loss or anywhere in the gradient
+    makes ok False: parameters and optimizer state stay as they were and `skipped` counts one more."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf anywhere makes the norm non-finite
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def keep(new: Any, old: Any) -> Any:  # elementwise select: XLA updates the donated buffers in place
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
+                     opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32))
+    return new, grad_norm, ok
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, shardings: TrainState,
                     batch_shardings: Any = None, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
@@ -142,53 +147,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sh
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         # Gradients live where their parameters live (a reduce-scatter over the batch axes, not an all-reduce).
         grads = jax.lax.with_sharding_constraint(grads, shardings.params)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf anywhere makes the norm non-finite
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        def keep(new: Any, old: Any) -> Any:  # elementwise select: XLA updates the donated buffers in place
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-        new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         skipped=state.skipped + (~ok).astype(jnp.int32))
+        new, grad_norm, ok = apply_gradients(state, grads, loss, optimizer)
         return new, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok, "aux": aux}
 
     return jax.jit(step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
                    donate_argnums=(0,))
-
-
-def _batch_parts(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[int, str]:
-    axes = [a for a in jax.tree.leaves(tuple(batch_sharding(mesh, rules).spec))]
-    return int(np.prod([mesh.shape[a] for a in axes])), "x".join(axes)
-
-
-def check_batch(global_batch: int, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> None:
-    """A clear error, before any compile, when the global batch does not split over the batch mesh axes."""
-    parts, axes = _batch_parts(mesh, rules)
-    if global_batch % parts:
-        raise ValueError(f"global batch {global_batch} does not divide over mesh axes {axes} of size {parts}")
-
-
-def shard_batch(local: Any, mesh: Mesh, global_batch: int | None = None,
-                rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """Global arrays, leading axis split over the batch mesh axes, from this process's rows only
-    (`distributed.process_slice(global_batch, batch_sharding(mesh))` says which rows those are).
-    global_batch defaults to what JAX infers from the local rows and the mesh."""
-    sharding = batch_sharding(mesh, rules)
-
-    def one(path: Any, x: Any) -> jax.Array:
-        x = np.asarray(x)
-        if global_batch is None:
-            out = jax.make_array_from_process_local_data(sharding, x)
-            rows = out.shape[0]
-        else:
-            rows, out = global_batch, None
-        try:
-            check_batch(rows, mesh, rules)
-        except ValueError as e:
-            raise ValueError(f"batch leaf {path_str(path)}: {e}") from None
-        return out if out is not None else jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
-
-    return jax.tree_util.tree_map_with_path(one, local)

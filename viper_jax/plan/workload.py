@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from viper_jax.plan_chips import HUB_CONFIGS, PlanError
+from viper_jax.plan.chips import HUB_CONFIGS, PlanError
 
 
 def model_config_for(config: Any, model_config: str | None = None) -> Any:
