@@ -16,6 +16,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from synthesis_torch import caption_refine, cli, visual_ops  # noqa: E402
 from synthesis_torch.config import load_config  # noqa: E402
@@ -128,14 +129,6 @@ def test_registries():
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """N_SCENES ShapeWorld PNGs plus one PNG of the same pixels without metadata; the tiny VLM."""

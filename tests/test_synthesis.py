@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pytest.importorskip("diffusers")
 
 from synthesis_torch import caption_refine, diffband, inputs, parsing, visual_ops  # noqa: E402
@@ -44,15 +45,6 @@ def photo(w: int, h: int, seed: int) -> Image.Image:
         x0, y0 = int(r.integers(0, w // 2)), int(r.integers(0, h // 2))
         draw.ellipse([x0, y0, x0 + w // 4, y0 + h // 4], fill=tuple(int(v) for v in r.integers(0, 255, 3)))
     return image
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: oversubscribed torch threads make the tiny models ten times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,8 @@ def base_config() -> ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0  # global norm; 0 = off
     c.optim.decay_norms_and_biases = True  # torch AdamW (verl) decays every parameter
+    # Parameter path prefixes that are not trained (e.g. ("visual",)): no update, no optimizer moments.
+    c.optim.frozen = ()
 
     c.reward = get_reward_config()
 

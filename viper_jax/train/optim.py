@@ -31,10 +31,32 @@ def _decay_mask(params: Any) -> Any:
         lambda path, _: str(getattr(path[-1], "key", path[-1])) not in ("bias", "scale"), params)
 
 
+def _path_name(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_labels(params: Any, frozen: tuple[str, ...]) -> Any:
+    """"frozen" for every parameter whose dotted path starts with one of `frozen` (e.g. "visual" or
+    "visual.blocks"), "train" for the rest."""
+    def label(path: tuple, _: Any) -> str:
+        name = _path_name(path)
+        return "frozen" if any(name == f or name.startswith(f + ".") for f in frozen) else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(cfg: Any, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clip + AdamW on the trained parameters; `cfg.frozen` path prefixes get no update (and no optimizer
+    moments), e.g. a random vision tower kept fixed while a model learns to read it."""
     schedule = make_schedule(cfg, total_updates)
     adamw = optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                         weight_decay=float(cfg.weight_decay),
                         mask=None if cfg.decay_norms_and_biases else _decay_mask)
     parts = [optax.clip_by_global_norm(float(cfg.grad_clip))] if cfg.grad_clip > 0 else []
-    return optax.chain(*parts, adamw), schedule
+    tx = optax.chain(*parts, adamw)
+    frozen = tuple(cfg.get("frozen", ()))
+    if frozen:
+        # The clip sees only the trained parameters' gradients: a frozen part does not shrink their step.
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: frozen_labels(params, frozen))
+    return tx, schedule

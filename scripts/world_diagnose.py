@@ -1,0 +1,96 @@
+"""Does a ShapeWorld model read its images? Two measurements on held-out (val-range) scenes, one run.
+
+1. Open questions, answered greedily and graded against the scene (the base's own `ask` wordings, so the
+   format is the one it was trained on): the hue and the shape of the object at a named position, and the
+   number of objects. Chance: 1/8, 1/6, 1/5.
+2. Image dependence: the same question about one centred object of 8 hues; how far apart are the model's
+   next-token distributions (max |logit difference| between hues), and how collapsed are the vision tower's
+   features (their spread across the image's tokens, against their overall scale). A model that ignores its
+   images has near-zero logit differences; a collapsed tower gives near-constant features.
+
+    python scripts/world_diagnose.py --model runs/world_base/base_hf
+    python scripts/world_diagnose.py --model runs/world_base/sft/checkpoints --step 500 \
+        --tokenizer_dir runs/world_base/init_model
+
+Reads the scene graph only to grade (diagnostics may; the learner never does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viper_common.shapeworld import render
+from viper_common.shapeworld import scene as S
+from viper_common.shapeworld.splits import seed_block
+from viper_jax.evaluation.answers import answer_text
+from viper_jax.inference import add_model_args, generate_batch, rollout_config, session_from_args
+from viper_jax.models.qwen2_5_vl import prepare_vision
+
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+QUESTIONS = {"hue": "Tell me the colour of the object at the {where}.",
+             "shape": "What shape is the object at the {where}?", "count": "How many shapes can you see?"}
+
+
+def open_questions(session, n: int, size: int) -> dict[str, tuple[int, int]]:
+    prompts, truths = [], []
+    for k, seed in enumerate(seed_block("val", 99, n * 3)):  # a block the benchmark's categories do not use
+        rng = np.random.default_rng(seed)
+        scene = S.sample_scene(rng)
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        kind = ("hue", "shape", "count")[k % 3]
+        prompts.append(session.prompt([render.render(scene, seed, size)], QUESTIONS[kind].format(where=obj.position)))
+        truths.append((kind, {"hue": obj.hue, "shape": obj.shape, "count": NUMBERS[len(scene.objects)]}[kind]))
+    cfg = rollout_config(session, 32, (64, 96, 128))
+    hits, totals = collections.Counter(), collections.Counter()
+    for b in range(0, len(prompts), 48):
+        out = generate_batch(session, prompts[b:b + 48], cfg)
+        for r, (kind, want) in enumerate(truths[b:b + 48]):
+            words = re.findall(r"[a-z]+", answer_text(session.decode(out.tokens[r], out.lengths[r])).lower())
+            hits[kind] += want in words
+            totals[kind] += 1
+    return {k: (hits[k], totals[k]) for k in totals}
+
+
+def image_dependence(session, size: int) -> dict[str, float]:
+    model, cfg = session.model, session.model.config
+    logits, spread, scale = [], [], []
+    for hue in S.HUES:
+        scene = S.Scene("white", (S.Obj(shape="circle", hue=hue, shade="dark", size="large", pattern="solid",
+                                        label="", cell=4, dx=0.0, dy=0.0),))
+        prompt = session.prompt([render.render(scene, 0, size)], QUESTIONS["hue"].format(where="center"))
+        ids = np.asarray(prompt.input_ids)[None]
+        vision = prepare_vision(prompt.image_grid_thw, cfg.vision)
+        feats = np.asarray(model.get_image_features(jnp.asarray(prompt.pixel_values), vision))
+        spread.append(float(np.abs(feats - feats.mean(0)).mean()))
+        scale.append(float(np.abs(feats).mean()))
+        out = model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
+                    image_grid_thw=prompt.image_grid_thw)
+        logits.append(np.asarray(out[0, -1]))
+    logits = np.stack(logits)
+    return {"max_logit_diff_between_hues": float(np.abs(logits - logits[0]).max()),
+            "feature_spread_over_tokens": float(np.mean(spread)), "feature_scale": float(np.mean(scale))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--n", type=int, default=64, help="questions per kind")
+    parser.add_argument("--size", type=int, default=112, help="image side; the processor keeps it as is")
+    args = parser.parse_args()
+    args.min_pixels = args.max_pixels = args.size * args.size  # one image grid, as the base was trained
+    session = session_from_args(args)
+    for kind, (hit, total) in open_questions(session, args.n, args.size).items():
+        chance = {"hue": 1 / 8, "shape": 1 / 6, "count": 1 / 5}[kind]
+        print(f"open {kind:<6} {hit}/{total} = {100 * hit / total:5.1f}%  (chance {100 * chance:.1f}%)")
+    for key, value in image_dependence(session, args.size).items():
+        print(f"{key}: {value:.4g}")
+
+
+if __name__ == "__main__":
+    main()
