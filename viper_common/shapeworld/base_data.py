@@ -239,10 +239,12 @@ def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[st
 
 
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
-                    weights: dict[str, float] | None = None, workers: int = 1, log: Any = sys.stderr) -> Path:
+                    weights: dict[str, float] | None = None, workers: int = 1, log: Any = None) -> Path:
     """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
     `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
-    `settings.json` makes sure a resumed run has the same settings."""
+    `settings.json` makes sure a resumed run has the same settings. Progress lines go to `log` (default:
+    sys.stderr at call time)."""
+    log = log or sys.stderr
     if n < 1 or shard_size < 1 or workers < 1:
         raise ValueError(f"n, shard_size and workers must be >= 1 (got {n}, {shard_size}, {workers})")
     out = Path(out_dir)

@@ -68,9 +68,10 @@ def _row(index: int, seed: int, slot: int, q: questions.Question, size: int) -> 
 
 
 def write_benchmark(out_dir: str | os.PathLike, split: str, n_per_category: int | None = None, size: int = 112,
-                    categories: tuple[str, ...] = questions.CATEGORIES, log: Any = sys.stderr) -> Path:
+                    categories: tuple[str, ...] = questions.CATEGORIES, log: Any = None) -> Path:
     """Writes `<out_dir>/shapeworld_<split>.tsv` (atomically) and the split's entry in `<out_dir>/manifest.json`;
-    returns the TSV path."""
+    returns the TSV path. Progress lines go to `log` (default: sys.stderr at call time)."""
+    log = log or sys.stderr
     if split not in DEFAULT_PER_CATEGORY:  # training and synthesis seeds never make benchmark questions
         raise ValueError(f"benchmark split must be one of {sorted(DEFAULT_PER_CATEGORY)}, got {split!r}")
     n = n_per_category if n_per_category is not None else DEFAULT_PER_CATEGORY[split]

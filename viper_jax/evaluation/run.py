@@ -65,7 +65,9 @@ def _prompts(session: Session, rows: Sequence[EvalRow], max_length: int
 
 def evaluate_file(session: Session, path: str | Path, *, batch_size: int = 8, max_new_tokens: int = 32,
                   buckets: Sequence[int] = DEFAULT_BUCKETS, limit: int | None = None,
-                  log: Any = sys.stderr) -> FileResult:
+                  log: Any = None) -> FileResult:
+    """Generates for every row of the TSV at `path`; progress lines go to `log` (default: sys.stderr at call time)."""
+    log = log or sys.stderr
     data = read_tsv(path, limit)
     cfg = rollout_config(session, max_new_tokens, buckets)  # greedy (temperature 0)
     items, skipped = _prompts(session, data.rows, cfg.prompt_buckets[-1])

@@ -37,8 +37,8 @@ from viper_jax.train.config import ConfigError, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
-from viper_jax.train.optim import make_optimizer
 from viper_jax.train.model_source import load_params, setup_model
+from viper_jax.train.optim import make_optimizer
 from viper_jax.train.resume import ModelMismatchError, gather_data_state, init_or_restore
 from viper_jax.train.stage_data import check_stage_data, make_stage_pipeline, stage_check
 from viper_jax.train.state import train_state_shardings
