@@ -15,6 +15,7 @@ TOY = ["--config.world.n_train=24", "--config.world.tokenizer_scenes=50", "--con
        "--config.world.workers=1", "--config.model.hidden=64", "--config.model.layers=1",
        "--config.model.intermediate=128", "--config.model.vision_hidden=32", "--config.model.vision_depth=1",
        "--config.model.vision_heads=2", "--config.sft.steps=3", "--config.sft.data.batch_size=4",
+       "--config.sft.sft.images_per_batch=8",
        "--config.sft.checkpoint.every_steps=2"]
 
 

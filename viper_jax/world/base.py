@@ -47,13 +47,13 @@ def base_config() -> ConfigDict:
     c.world.tokenizer_scenes = 2000
     c.world.workers = 2  # processes writing the data
     c.model = ConfigDict()  # the tiny Qwen2.5-VL's architecture
-    c.model.hidden = 256
+    c.model.hidden = 128
     c.model.layers = 4
     c.model.heads = 4
     c.model.kv_heads = 2
-    c.model.intermediate = 768
-    c.model.vision_hidden = 128
-    c.model.vision_depth = 4
+    c.model.intermediate = 384
+    c.model.vision_hidden = 96
+    c.model.vision_depth = 3
     c.model.vision_heads = 4
     c.model.seed = 0
     c.sft = sft_config.base_config()  # workdir, model.path and data.shard_globs are set by `build_base`
