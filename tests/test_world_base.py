@@ -28,11 +28,16 @@ def _run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_world_base_builds_resumes_and_exports(tmp_path):
     work = tmp_path / "base"
+    # What a run killed while saving the tokenizer or the init model leaves: half-written .tmp folders.
+    for half in (work / "data" / "tokenizer.tmp", work / "init_model.tmp"):
+        half.mkdir(parents=True)
+        (half / "config.json").write_text("{")
     out = _run(work)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((work / "base.json").read_text())
     assert summary["sft"]["steps"] == 3 and summary["sft"]["tokens_per_s"] > 0
     assert set(summary["seconds"]) == {"data", "tokenizer", "init_model", "sft"}
+    assert not (work / "init_model.tmp").exists() and not (work / "data" / "tokenizer.tmp").exists()
     manifest = json.loads((work / "data" / "base_data" / "manifest.json").read_text())
     assert manifest["num_records"] == sum(manifest["shards"].values()) == 24
     # The export is the world tokenizer's model: its vocabulary is the trained BPE's, not the byte tokenizer's.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,12 @@ def _write_tokenizer(config: ConfigDict, tok_dir: Path) -> Any:
 
     from viper_jax.world import tokenizer as world_tokenizer
 
-    if not (tok_dir / "tokenizer.json").exists():
-        world_tokenizer.build_world_tokenizer(tok_dir, world_tokenizer.world_texts(int(config.world.tokenizer_scenes)),
+    if not tok_dir.exists():
+        tmp = tok_dir.with_name(tok_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        world_tokenizer.build_world_tokenizer(tmp, world_tokenizer.world_texts(int(config.world.tokenizer_scenes)),
                                               int(config.world.vocab_size))
+        tmp.rename(tok_dir)  # as the model below: a kill mid-save leaves only the .tmp folder
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
@@ -158,6 +162,7 @@ def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> No
     if (model_dir / "config.json").exists() and any(model_dir.glob("*.safetensors")):
         return
     tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
     write_random_model(tmp, model_config(tokenizer, config.model), tokenizer, seed=int(config.model.seed))
     tmp.rename(model_dir)  # a half-written model directory is never mistaken for a finished one
 
