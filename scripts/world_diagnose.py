@@ -3,8 +3,9 @@
 1. Open questions, answered greedily and graded against the scene (the base's own `ask` wordings, so the
    format is the one it was trained on): the hue and the shape of the object at a named position, and the
    number of objects. Chance: 1/8, 1/6, 1/5.
-2. Image dependence: the same question about one centred object of 8 hues; how far apart are the model's
-   next-token distributions (max |logit difference| between hues), and how collapsed are the vision tower's
+2. Image dependence: the same question about one centred object of 8 hues, answered up to the colour word
+   ("... <answer>It is"); how far apart are the model's logits for that word (max |difference| between
+   hues), and which hue wins how often; and how collapsed are the vision tower's
    features (their spread across the image's tokens, against their overall scale). A model that ignores its
    images has near-zero logit differences; a collapsed tower gives near-constant features.
 
@@ -33,6 +34,7 @@ from viper_jax.inference import add_model_args, generate_batch, rollout_config, 
 from viper_jax.models.qwen2_5_vl import prepare_vision
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+ANSWER_PREFIX = "<think>I look at the center.</think><answer>It is"
 QUESTIONS = {"hue": "Tell me the colour of the object at the {where}.",
              "shape": "What shape is the object at the {where}?", "count": "How many shapes can you see?"}
 
@@ -64,7 +66,9 @@ def image_dependence(session, size: int) -> dict[str, float]:
         scene = S.Scene("white", (S.Obj(shape="circle", hue=hue, shade="dark", size="large", pattern="solid",
                                         label="", cell=4, dx=0.0, dy=0.0),))
         prompt = session.prompt([render.render(scene, 0, size)], QUESTIONS["hue"].format(where="center"))
-        ids = np.asarray(prompt.input_ids)[None]
+        # The base's own answer up to the colour word, so the next token is the one that names the hue.
+        ids = np.concatenate([prompt.input_ids, session.tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids])
+        ids = ids.astype(np.int32)[None]
         vision = prepare_vision(prompt.image_grid_thw, cfg.vision)
         feats = np.asarray(model.get_image_features(jnp.asarray(prompt.pixel_values), vision))
         spread.append(float(np.abs(feats - feats.mean(0)).mean()))
@@ -73,7 +77,10 @@ def image_dependence(session, size: int) -> dict[str, float]:
                     image_grid_thw=prompt.image_grid_thw)
         logits.append(np.asarray(out[0, -1]))
     logits = np.stack(logits)
+    hue_ids = [session.tokenizer(" " + h, add_special_tokens=False).input_ids[0] for h in S.HUES]
+    named = sum(int(np.argmax(row[hue_ids]) == k) for k, row in enumerate(logits))
     return {"max_logit_diff_between_hues": float(np.abs(logits - logits[0]).max()),
+            "hues_named_right_of_8": float(named),
             "feature_spread_over_tokens": float(np.mean(spread)), "feature_scale": float(np.mean(scale))}
 
 
