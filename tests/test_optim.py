@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from viper_jax.train.config import base_config
 from viper_jax.train.optim import frozen_labels, make_optimizer
@@ -23,6 +24,8 @@ def test_frozen_labels_match_whole_path_components():
     assert labels == {"visual": {"blocks": {"w": "frozen"}, "merger": {"w": "train"}},
                       "visual_extra": {"w": "train"}, "language_model": {"w": "train"}}
     assert frozen_labels(_params(), ("visual",))["visual_extra"]["w"] == "train"
+    with pytest.raises(ValueError, match=r"config optim.frozen: \['visaul'\] match no parameter"):
+        frozen_labels(_params(), ("visual", "visaul"))
 
 
 def test_frozen_parameters_do_not_move_and_the_rest_is_adamw():

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import optax
 
+from viper_common.config_overrides import ConfigError
+
 
 def make_schedule(cfg: Any, total_updates: int) -> optax.Schedule:
     """Linear warmup from 0 over `warmup_steps` updates, then constant or cosine to lr * final_lr_fraction."""
@@ -38,11 +40,19 @@ def _path_name(path: tuple) -> str:
 def frozen_labels(params: Any, frozen: tuple[str, ...]) -> Any:
     """"frozen" for every parameter whose dotted path starts with one of `frozen` (e.g. "visual" or
     "visual.blocks"), "train" for the rest."""
+    matched: set[str] = set()
+
     def label(path: tuple, _: Any) -> str:
         name = _path_name(path)
-        return "frozen" if any(name == f or name.startswith(f + ".") for f in frozen) else "train"
+        hits = {f for f in frozen if name == f or name.startswith(f + ".")}
+        matched.update(hits)
+        return "frozen" if hits else "train"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if set(frozen) - matched:  # a typo must not silently train what was meant to stay fixed
+        raise ConfigError(f"config optim.frozen: {sorted(set(frozen) - matched)} match no parameter; "
+                         f"top-level names: {sorted(params) if isinstance(params, dict) else '?'}")
+    return labels
 
 
 def make_optimizer(cfg: Any, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
