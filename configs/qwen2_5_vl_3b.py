@@ -1,7 +1,8 @@
-"""ViPER on Qwen2.5-VL-3B-Instruct: the 7B config's settings (the paper uses the same for both sizes).
+"""ViPER on Qwen2.5-VL-3B-Instruct: the 7B config's settings (the paper uses the same for both sizes),
+per-sample loss normalisation and the BGE-M3 reward embeddings (tau 0.85) included.
 
     viper train --config configs/qwen2_5_vl_3b.py --workdir /ckpt/viper3b \
-        --config.model.path=/models/Qwen2.5-VL-3B-Instruct
+        --config.model.path=/models/Qwen2.5-VL-3B-Instruct --config.reward.embedding_model=/models/bge-m3
 """
 
 import importlib.util

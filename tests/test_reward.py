@@ -268,3 +268,15 @@ def test_missing_reward_extra_is_named(monkeypatch):
         rw.get_reward("caption_refine")
     toy = rw.get_reward("toy_letters")
     assert toy(["abc1", ""], [(), ()]).reward.tolist() == [0.75, 0.0]
+
+
+def test_absent_embedding_model_directory_is_refused_when_built(tmp_path):
+    """A configured directory that is not there: refused when the reward is built, naming the key (no download,
+    no late failure after a rollout); an injected embedder needs no directory."""
+    cfg = rw.get_reward_config()
+    cfg.embedding_model = str(tmp_path / "bge-m3")
+    with pytest.raises(rw.EmbeddingModelMissingError, match=r"config reward\.embedding_model: .*bge-m3 is not a directory"):
+        rw.get_reward("visual_ops", cfg)
+    (tmp_path / "bge-m3").mkdir()
+    rw.check_embedding_model(cfg.embedding_model)  # present: accepted
+    rw.ViperReward(cfg, embedder=FakeEmbedder())

