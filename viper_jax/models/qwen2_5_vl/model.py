@@ -67,17 +67,21 @@ class Qwen2_5_VL(nnx.Module):
     holds each layer as its own module (parameters `layers.<i>.*`, `blocks.<i>.*`) and runs them as an unrolled
     loop instead of a scan over stacked parameters (faster steps for small models, compile time grows with depth);
     attention_query_chunk > 0 bounds the decoder's attention scores to that many queries at a time
-    (long sequences: 5120 positions need it to fit a 7B GRPO micro-step on 32 GiB chips).
+    (long sequences: 5120 positions need it to fit a 7B GRPO micro-step on 32 GiB chips); attention
+    ("xla" | "splash" | "cudnn", resolved by attention_kernels.resolve_attention) is the decoder's attention in
+    forward passes and prefills (decode steps run xla; the kernels ignore attention_query_chunk).
     """
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", scan_layers: bool = True, attention_query_chunk: int = 0, rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = True, attention_query_chunk: int = 0,
+                 attention: str = "xla", rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                    scan=scan_layers, rngs=rngs)
         self.language_model = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                        scan=scan_layers, query_chunk=attention_query_chunk, rngs=rngs)
+                                        scan=scan_layers, query_chunk=attention_query_chunk, attention=attention,
+                                        rngs=rngs)
         if not config.tie_word_embeddings:
             t = config.text
             self.lm_head = LMHead(t.vocab_size, t.hidden_size, t.initializer_range, param_dtype, rngs)

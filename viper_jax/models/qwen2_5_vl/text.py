@@ -23,6 +23,7 @@ from flax import nnx
 from ...sharding import constrain
 from .config import TextConfig
 from .attention import attend
+from .attention_kernels import KernelMask, kernel_attend, kernel_mask, resolve_attention
 from .layers import GatedMLP, Linear, RMSNorm, param, rotate_half, scan_layers, stacked
 
 Cache = dict[str, jax.Array]
@@ -39,7 +40,8 @@ class Embed(nnx.Module):
 
 
 class TextAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0,
+                 attention: str = "xla", rngs: nnx.Rngs):
         d, hd, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         kw = dict(std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, h * hd, ("embed", "heads"), bias=True, **kw)
@@ -48,6 +50,7 @@ class TextAttention(nnx.Module):
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.query_chunk = query_chunk  # see attention.attend; decode steps (T = 1) never chunk
+        self.attention = attention  # "xla" | "splash" | "cudnn": see attention_kernels (used with a KernelMask)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0,
@@ -63,8 +66,12 @@ class TextAttention(nnx.Module):
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
         q = q.reshape(b, t, kvh, self.num_heads // kvh, hd)
+        kernel = isinstance(mask, KernelMask)  # the T tokens attend among themselves (no cache, or a prefill)
+        if kernel:
+            out = kernel_attend(self.attention, q, k, v, mask, hd**-0.5)
         if cache is None:
-            out = attend(q, k, v, mask, hd**-0.5, query_chunk=self.query_chunk)
+            if not kernel:
+                out = attend(q, k, v, mask, hd**-0.5, query_chunk=self.query_chunk)
         elif layer is None:  # this layer's own cache [B, KV, S, hd] (the unrolled decode)
             cache = {name: jax.lax.dynamic_update_slice(
                 cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), (0, 0, cache_index, 0))
@@ -75,16 +82,19 @@ class TextAttention(nnx.Module):
             cache = {name: jax.lax.dynamic_update_slice(
                 cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), start)
                 for name, new in (("k", k), ("v", v))}
-            k_all, v_all = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in ("k", "v"))
-            out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, hd**-0.5, heads_first=True,
-                         query_chunk=self.query_chunk)
+            if not kernel:
+                k_all, v_all = (jax.lax.dynamic_index_in_dim(cache[n], layer, keepdims=False) for n in ("k", "v"))
+                out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, hd**-0.5, heads_first=True,
+                             query_chunk=self.query_chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, query_chunk: int = 0,
+                 attention: str = "xla", rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=rngs)
+        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk,
+                                       attention=attention, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
                             std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -98,12 +108,19 @@ class DecoderLayer(nnx.Module):
 
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", scan: bool = True, query_chunk: int = 0, rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = True, query_chunk: int = 0, attention: str = "xla",
+                 rngs: nnx.Rngs):
+        if attention == "auto":
+            attention = resolve_attention(attention, dtype=dtype)
+        if attention not in ("xla", "splash", "cudnn"):
+            raise ValueError(f"attention: {attention!r} is not one of 'xla', 'splash', 'cudnn', 'auto'")
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, param_dtype, rngs)
         self.layers = stacked(cfg.num_hidden_layers, lambda r: DecoderLayer(
-            cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, rngs=r), rngs, stack=scan)
+            cfg, dtype=dtype, param_dtype=param_dtype, query_chunk=query_chunk, attention=attention, rngs=r),
+            rngs, stack=scan)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.attention = attention  # the kernel of forward passes and prefills; decode steps always run xla
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         # The lookup gathers whole rows: unshard the embed axis first (as FSDP does for any weight), so
@@ -163,8 +180,12 @@ class TextModel(nnx.Module):
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
         """inputs_embeds [B, T, D], position_ids [3, B, T] -> (final-normed hidden [B, T, D], cache)."""
-        t = inputs_embeds.shape[1]
-        mask = _mask(t, attention_mask, None if cache is None else cache["k"].shape[3], cache_index)
+        b, t = inputs_embeds.shape[:2]
+        # A kernel attends without a cache, or in a prefill (cache_index 0: the T tokens are all the cache holds).
+        if self.attention != "xla" and t > 1 and (cache is None or (isinstance(cache_index, int) and cache_index == 0)):
+            mask = kernel_mask(attention_mask, b, t)
+        else:
+            mask = _mask(t, attention_mask, None if cache is None else cache["k"].shape[3], cache_index)
         cos, sin = self.rope(position_ids)
 
         x = constrain(inputs_embeds.astype(self.dtype), HIDDEN)
