@@ -6,6 +6,9 @@ import pytest
 
 # Tests are CPU-only and numerically pinned (fp32 parity against transformers); set before jax loads.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# `viper train/sft/generate/eval` turn JAX's persistent compilation cache on by default (compile_cache.py); tests
+# (and the commands they run as subprocesses) keep to the caches they set themselves, not the user's folder.
+os.environ.setdefault("VIPER_JAX_CACHE_DIR", "off")
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
+    from viper_jax import compile_cache
     from viper_jax.inference import run_generate
 
+    compile_cache.enable()  # $VIPER_JAX_CACHE_DIR or ~/.cache/viper_jax/jax_cache ("off": none)
     run_generate(args)
 
 
@@ -57,8 +59,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
+    from viper_jax import compile_cache
     from viper_jax.evaluation.run import run_eval
 
+    compile_cache.enable()  # $VIPER_JAX_CACHE_DIR or ~/.cache/viper_jax/jax_cache ("off": none)
     run_eval(args)
 
 

@@ -22,6 +22,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.workdir = ""  # checkpoints/, metrics.jsonl, tensorboard/, config.json (required)
     c.steps = 100  # optimizer updates, one per batch
+    c.compile_cache_dir = ""  # viper_jax/compile_cache.py: "" = $VIPER_JAX_CACHE_DIR, else ~/.cache/viper_jax/jax_cache; "off"
     # model.path: HF directory or Orbax checkpoint; model.tiny_init writes the tiny model there first.
     c.model = grpo.model
     c.mesh = grpo.mesh

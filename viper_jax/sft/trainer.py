@@ -17,6 +17,7 @@ train_meta (JSON, in each checkpoint): step, updates (applied), skipped (non-fin
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from viper_jax import checkpoint
+from viper_jax import checkpoint, compile_cache
 from viper_jax.data.pipeline import TooManySkippedError
 from viper_jax.sft.config import ConfigError, validate
 from viper_jax.sft.data import SFTCollator, SFTProcessor
@@ -90,6 +91,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
     if meta:
         log.message(f"resumed from {ckpt.directory}/{step} (step {step} of {total})")
     metrics: dict[str, Any] = {}
+    first = True
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -114,6 +116,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
                        "lr": lr, "seconds": seconds, "tokens_per_s": tokens / seconds,
                        "answer_tokens_per_s": answer_tokens / seconds, "skipped_nonfinite": int(out["skipped"]),
                        "data/seen": pipeline.stats.seen, "data/skipped": pipeline.stats.num_skipped}
+            if first:  # this run's first step: its compiles (or cache loads) included
+                metrics["first_step_seconds"], first = seconds, False
             extra = {"record_ids": [str(i) for i in batch["id"]]} if config.logging.record_ids else None
             log.write(step, metrics, extra)
             if step % config.checkpoint.every_steps == 0 or step == total:
@@ -145,6 +149,8 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
         apply_overrides(config, overrides)
         if workdir:
             config.workdir = workdir
+        cache = compile_cache.enable(config.compile_cache_dir)  # before the first compile
+        logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
         result = train(config)
     except (ConfigError, ModelMismatchError, TooManySkippedError) as e:
         print(f"viper sft: {e}", file=sys.stderr)
