@@ -14,6 +14,7 @@ same steps, so `viper convert orbax-to-hf` reads a trainer checkpoint and a conv
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -141,6 +142,24 @@ class TrainCheckpointer:
                  MODEL_CONFIG: ocp.args.JsonRestore(), TRAIN_META: ocp.args.JsonRestore(),
                  DATA_STATE: ocp.args.JsonRestore()}
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
+
+    def set_aside(self, step: int) -> Path:
+        """Moves step `step` (one that does not restore) out of the manager's directory, to
+        `<directory>.corrupt/<step>` (kept for inspection, never deleted), so that the run can write that
+        step again. Only process 0 moves it; every process then re-reads the step list."""
+        aside = self.directory.with_name(self.directory.name + ".corrupt") / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while aside.exists():  # the same step set aside by an earlier restart
+                aside, n = aside.with_name(f"{step}.{n}"), n + 1
+            shutil.move(str(self.directory / str(step)), str(aside))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"viper_jax.checkpoint.set_aside.{step}")
+        self.manager.reload()
+        return aside
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

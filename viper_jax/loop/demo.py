@@ -27,6 +27,7 @@ from typing import Any
 
 from viper_jax.loop.processes import command_line
 from viper_jax.loop.rounds import TASKS
+from viper_jax.train.metrics import read_metrics
 
 SIZE = 224  # side of the square demo inputs (the tiny VLM sees them at 112 x 112, 16 vision tokens)
 
@@ -187,7 +188,7 @@ def write_report(work: Path, images: list[dict[str, str]], started: float | None
         subprocess.run(command_line(synth_command, "synthesis_torch") + [
             "rerender", "--records", str(rd / "synth"), "--out", str(assets), "--limit", str(len(csr))],
             check=True, capture_output=True)
-    metrics = [json.loads(x) for x in (rd / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = read_metrics(rd / "train" / "metrics.jsonl")
     plot_rewards(metrics, assets / "rewards.png")
     steps = status["steps"]
     ckpt, export = Path(steps["train"]["checkpoints"]), Path(steps["export"]["hf_dir"])

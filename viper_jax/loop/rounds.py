@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 from viper_jax.loop.processes import command_line, run_logged, run_parallel
 from viper_jax.loop.status import RoundStatus, StepFailed, synth_finished, synth_state, write_json
 from viper_jax.train.config import override_flags
+from viper_jax.train.metrics import read_metrics
 
 TASKS = ("caption_refine", "visual_ops")
 
@@ -139,7 +140,7 @@ class Loop:
         if t.compilation_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", str(self.work / "jax_cache"))
         run_logged(cmd + list(t.overrides), rd / "logs" / "train.log", env, echo=self.c.echo, prefix="  [train] ")
-        metrics = [json.loads(line) for line in (rd / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = read_metrics(rd / "train" / "metrics.jsonl")  # without a half-written last line
         last = {}
         for m in metrics:
             last[m.get("stage", "?")] = {k: m[k] for k in ("step", "reward/mean", "format_rate") if k in m}

@@ -1,18 +1,25 @@
 """Per-step metrics to the console, `metrics.jsonl` and TensorBoard event files, plus the progress bar.
 
 Only the main process writes (the caller passes enabled=False elsewhere). On resume from step k the
-JSONL file is cut back to steps <= k and TensorBoard purges later events (`purge_step`), so after a
-kill and restart each step appears exactly once, with the values of the run that finished it.
+JSONL file is cut back to steps <= k (rewritten atomically) and TensorBoard purges later events
+(`purge_step`), so after a kill and restart each step appears exactly once, with the values of the run that
+finished it. A kill during a write can leave the file's last line half-written: `read_metrics` (every
+reader of a metrics.jsonl) and the resume drop it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
+
+from viper_common.atomic_files import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 # Shown on the console line (the rest goes to JSONL / TensorBoard only).
 CONSOLE_KEYS = ("reward/mean", "reward/std", "format_rate", "response_length/mean", "update/grad_norm",
@@ -25,6 +32,35 @@ def _scalar(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every line of a JSONL file, skipping blank lines. A last line that does not parse
+    (cut short by a kill mid-write) is dropped with a warning; a bad line before it is an error naming it."""
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if number == len(lines):
+                logger.warning("%s: its last line is cut short (a run killed while writing it) and is dropped: %r",
+                               path, line[:200])
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object ({e}): {line[:200]!r}") from None
+        out.append((line, row))
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl`, without a half-written last line (see `_rows`)."""
+    return [row for _, row in _rows(Path(path))]
 
 
 class MetricsLogger:
@@ -43,10 +79,9 @@ class MetricsLogger:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "metrics.jsonl"
-        if path.exists():  # drop steps the checkpoint does not cover (they will be redone)
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if path.exists():  # drop steps the checkpoint does not cover (they will be redone), and a cut last line
+            kept = [line for line, row in _rows(path) if row.get("step", 0) <= start_step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter

@@ -5,6 +5,7 @@ and the data iterators' positions (one per process)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,25 @@ from viper_jax.train.model_source import ModelSetup, load_params
 from viper_jax.train.state import TrainState, init_train_state
 
 
+logger = logging.getLogger(__name__)
+
+
 class ModelMismatchError(ValueError):
     """The workdir's checkpoint belongs to a different model than the configured one."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """The workdir has checkpoint steps and none of them restores."""
+
+
+def _short(error: BaseException, limit: int = 600) -> str:
+    """The innermost cause of a restore error, on one line: Orbax wraps TensorStore's own message (which
+    names the item's folder, the array and what is wrong with its file) in a page of TensorStore spec."""
+    seen = [error]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    text = " ".join(f"{type(seen[-1]).__name__}: {seen[-1]}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -97,16 +115,43 @@ def own_data_state(saved: dict[str, Any] | None) -> dict[str, Any] | None:
     return saved["processes"][jax.process_index()] if "processes" in saved else saved
 
 
+def _restore_step(ckpt: Any, step: int, setup: ModelSetup, config: ConfigDict, optimizer: Any, shardings: Any
+                  ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    check_same_model(ckpt.restore_json(step), setup.config, ckpt.directory, step, setup.path)
+    check_layer_layout(ckpt.directory, step, config.model.scan_layers)
+    return restore_train_state(ckpt, step, optimizer, setup.abstract_params, shardings)
+
+
 def init_or_restore(ckpt: Any, setup: ModelSetup, config: ConfigDict, optimizer: Any, shardings: Any
                     ) -> tuple[TrainState, dict[str, Any] | None, dict[str, Any] | None]:
     """(TrainState, train_meta, this process's data state): from model.path when the workdir has no
-    checkpoint yet (meta and data state None), else from its latest checkpoint, after refusing one of
-    another model or layer layout."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    checkpoint yet (meta and data state None), else from its latest checkpoint that restores, after refusing
+    one of another model or layer layout (those errors stop the run: they are the config's, not the disk's).
+
+    A step that fails to restore (a truncated or missing file: what a crash or a full disk leaves) is named in
+    a warning with its error and the step before it is tried; once one restores, the failed later steps are
+    moved to `<checkpoints>.corrupt/` so the run can write those steps again. Steps exist but none restores:
+    CheckpointRestoreError (nothing is moved; the run does not silently start over)."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
         params = load_params(setup.path, setup.dtype, setup.param_shardings, config.model.scan_layers)
         return init_train_state(params, optimizer, shardings), None, None
-    check_same_model(ckpt.restore_json(latest), setup.config, ckpt.directory, latest, setup.path)
-    check_layer_layout(ckpt.directory, latest, config.model.scan_layers)
-    state, meta, data_state = restore_train_state(ckpt, latest, optimizer, setup.abstract_params, shardings)
-    return state, meta, own_data_state(data_state)
+    failed: list[tuple[int, BaseException]] = []
+    for step in steps:
+        try:
+            state, meta, data_state = _restore_step(ckpt, step, setup, config, optimizer, shardings)
+        except (ModelMismatchError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any read error of this step's files: try the one before
+            logger.warning("checkpoint %s/%d does not restore (%s); trying the step before it",
+                           ckpt.directory, step, _short(e))
+            failed.append((step, e))
+            continue
+        for bad, _ in failed:
+            aside = ckpt.set_aside(bad)
+            logger.warning("resuming from step %d: checkpoint step %d, which does not restore, moved to %s",
+                           step, bad, aside)
+        return state, meta, own_data_state(data_state)
+    shown = "; ".join(f"step {s}: {_short(e, 300)}" for s, e in failed)
+    raise CheckpointRestoreError(f"no checkpoint in {ckpt.directory} restores ({shown}). Move the folder away "
+                                 f"to start over, or restore the files.")

@@ -168,7 +168,9 @@ def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> No
 
 
 def _sft_summary(metrics_path: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    from viper_jax.train.metrics import read_metrics  # a half-written last line (a killed run) is dropped
+
+    rows = read_metrics(metrics_path)
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return {}
