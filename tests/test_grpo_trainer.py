@@ -178,3 +178,94 @@ def test_per_layer_modules_train_resume_and_export(root):
     flipped = [a.replace("scan_layers=False", "scan_layers=True") for a in args]
     with pytest.raises(ConfigError, match=r"holds its layers per layer .*model\.scan_layers=True"):
         train(tiny_config(work, root / "data", [*flipped, "--config.stages.caption_refine.steps=3"]))
+
+
+def test_update_batch_splits_the_rollout_batch(root):
+    """rl.update_prompts U = R/2: the rollout batch of R prompts x G responses gives two optimizer updates
+    (state.step advances by 2), both against the old log-probs taken once from the rollout policy; the first
+    update's loss and parameters are those of a single update on the same rows alone. U = R is the default."""
+    from transformers import AutoTokenizer
+
+    from viper_jax.data import make_pipeline
+    from viper_jax.sharding import make_mesh, param_shardings
+    from viper_jax.train.config import apply_overrides, updates_per_step, validate
+    from viper_jax.train.grpo_batch import RolloutBatch, response_mask
+    from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
+    from viper_jax.train.optim import make_optimizer
+    from viper_jax.train.stage_data import stage_data_config
+    from viper_jax.train.state import init_train_state, train_state_shardings
+
+    path = root / "model"
+    if not (path / "config.json").exists():
+        write_tiny_model(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = load_hf(path)
+    overrides = ["--config.optim.learning_rate=3e-2", "--config.optim.warmup_steps=0",
+                 "--config.rl.recompute_old_logprobs=true"]
+
+    def configured(*flags):
+        c = tiny_config(root / "unused", root / "data", [*overrides, *flags])
+        validate(c)
+        return c
+
+    default = configured("--config.rl.num_minibatches=1")
+    halves = configured("--config.rl.num_minibatches=1", "--config.rl.update_prompts=2")
+    whole = configured("--config.rl.num_minibatches=1", "--config.rl.update_prompts=4")
+    temp = default.rollout.temperature
+    s_default, s_halves, s_whole = (GRPOSettings.from_config(c.rl, temp) for c in (default, halves, whole))
+    assert (s_default.num_minibatches, s_halves.num_minibatches) == (1, 2)
+    assert s_whole == s_default  # U = R explicitly: the settings (so the update) of the default
+    assert (updates_per_step(default.rl), updates_per_step(halves.rl)) == (1, 2)
+
+    batch = next(make_pipeline(stage_data_config(default, "caption_refine", 0), tok))
+    g, n, r = default.rl.group_size, default.rollout.max_new_tokens, len(batch["input_ids"])
+    assert r == 4
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, n + 1, size=r * g)
+    mask = response_mask(lengths, n)
+    tokens = rng.integers(3, 200, size=(r * g, n)).astype(np.int32)
+    adv = rng.normal(size=r * g).astype(np.float32)
+    grid, per = np.asarray(batch["image_grid_thw"]), np.asarray(batch["images_per_sample"])
+    pix = np.asarray(batch["pixel_values"])[:int(batch["num_patches"])]
+
+    def rollout_batch(stop):  # prompts [0, stop) and their rows
+        images = int(per[:stop].sum())
+        return RolloutBatch(np.asarray(batch["input_ids"])[:stop], np.asarray(batch["attention_mask"])[:stop],
+                            pix[:int(grid[:images].prod(axis=1).sum())], grid[:images], per[:stop],
+                            tokens[:stop * g], mask[:stop * g], adv[:stop * g], np.zeros_like(mask[:stop * g]), g)
+
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    mesh = make_mesh((1, 1, 1))
+    optimizer, schedule = make_optimizer(default.optim, 10)
+    shardings = train_state_shardings(optimizer, params, param_shardings(model, mesh))
+    fns = UpdateFns(graphdef, optimizer, shardings, s_halves, mesh)
+    applied = []
+    apply = fns.apply
+
+    def recording(st, grads, loss):  # every optimizer update: its minibatch loss and the new parameters
+        new, stats = apply(st, grads, loss)
+        applied.append((float(loss), jax.device_get(new.params)))
+        return new, stats
+
+    fns.apply = recording
+
+    def run(settings, rb):
+        applied.clear()
+        learner = GRPOLearner(graphdef, init_train_state(params, optimizer, shardings, donate=False), fns, settings,
+                              None, None, schedule, model.config)
+        out = learner._update(rb)
+        return out, int(learner.state.step), list(applied)
+
+    out, steps, two = run(s_halves, rollout_batch(4))
+    assert steps == 2 and len(two) == 2 and out["update/updates"] == 2 and out["update/optimizer_steps"] == 2
+    # The second minibatch's ratios are against the rollout policy's log-probs, not the updated policy's.
+    assert out["update/approx_kl_old"] > 0
+    _, steps, one = run(s_default, rollout_batch(2))  # prompts 0, 1 alone: one update
+    assert steps == 1 and len(one) == 1
+    assert two[0][0] == one[0][0] and two[0][0] != 0
+    for a, b in zip(jax.tree.leaves(two[0][1]), jax.tree.leaves(one[0][1])):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(two[1][1]), jax.tree.leaves(two[0][1])))
+    _, steps, single = run(s_default, rollout_batch(4))  # the default: one update over all four prompts
+    assert steps == 1 and len(single) == 1 and single[0][0] != two[0][0]

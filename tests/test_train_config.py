@@ -155,3 +155,20 @@ def test_override_flags_round_trip_and_refuse_unknown_keys():
         override_flags({"model.pth": "/m"})
     with pytest.raises(ConfigError, match=r"stages.visual_ops.stepz"):
         override_flags({"stages.visual_ops.stepz": 3})
+
+
+@pytest.mark.parametrize("flags,culprit", [(("--config.rl.update_prompts=3",), r"rl\.update_prompts: 3 does not divide"),
+                                           (("--config.rl.update_prompts=8",), r"rl\.update_prompts: 8 does not divide"),
+                                           (("--config.rl.update_prompts=-1",), r"rl\.update_prompts"),
+                                           (("--config.rl.update_prompts=1", "--config.rl.num_minibatches=2"),
+                                            r"rl\.num_minibatches: 2 contradicts rl\.update_prompts 1")])
+def test_update_batch_must_divide_the_rollout_batch(tmp_path, flags, culprit):
+    from viper_jax.train.config import minibatches_per_pass, updates_per_step
+
+    c = tiny_config(tmp_path, tmp_path)  # 4 prompts per step, 2 minibatches
+    apply_overrides(c, ["--config.rl.num_minibatches=1", *flags])
+    with pytest.raises(ConfigError, match=culprit):
+        validate(c)
+    apply_overrides(c, ["--config.rl.num_minibatches=1", "--config.rl.update_prompts=2", "--config.rl.ppo_epochs=2"])
+    validate(c)
+    assert (minibatches_per_pass(c.rl), updates_per_step(c.rl)) == (2, 4)

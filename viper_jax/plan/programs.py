@@ -84,7 +84,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     from viper_jax.rollout.sampling import SamplingConfig
     from viper_jax.sharding import (batch_sharding, check_divisible, logical_to_spec, mesh_from_config,
                                     param_shardings, rules_from_config, use_mesh)
-    from viper_jax.train.config import model_options
+    from viper_jax.train.config import minibatches_per_pass, model_options
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
     from viper_jax.train.state import TrainState, train_state_shardings
@@ -151,7 +151,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         raise PlanError(f"unknown programs {sorted(unknown)}; choose from {sorted(PROGRAM_GROUPS)}, "
                         f"{list(PROGRAM_GROUPS['all'])}")
     reports: list[ProgramReport] = []
-    num_micro = rl.num_minibatches * (rl.prompts_per_step // rl.num_minibatches) // shapes.micro_prompts
+    minibatches = minibatches_per_pass(rl)
+    num_micro = minibatches * (rl.prompts_per_step // minibatches) // shapes.micro_prompts
     if shapes.rollout_prompts != rl.prompts_per_step:
         num_micro = max(1, shapes.rollout_prompts // shapes.micro_prompts)
 
@@ -194,7 +195,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
 
         state = TrainState(step=_sds((), jnp.int32, replicated), params=master, opt_state=opt_state,
                            skipped=_sds((), jnp.int32, replicated))
-        apply = ProgramReport("optimizer apply", per_step=rl.ppo_epochs * rl.num_minibatches)
+        apply = ProgramReport("optimizer apply", per_step=rl.ppo_epochs * minibatches)
         if "apply" in wanted:
             _compile(apply, lambda: fns.apply.lower(state, master, _sds((), jnp.float32, replicated)), verbose)
             apply.hbm_traffic = 4 * _nbytes(master) + 2 * opt_bytes  # read params, grads, moments; write them back
@@ -290,7 +291,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     for p in reports:
         p.seconds = max(p.hw_flops / len(devices) / peak, p.hbm_traffic / bw)
     settings = {"dtype": config.model.dtype, "remat": remat, "prompts_per_step": rl.prompts_per_step,
-                "num_minibatches": rl.num_minibatches, "micro_batch_prompts": rl.micro_batch_prompts,
+                "num_minibatches": minibatches, "micro_batch_prompts": rl.micro_batch_prompts,
                 "logit_chunk": rl.logit_chunk}
     return PlanReport(topology=topology, chip=chip, num_devices=len(devices), chips=chips, mesh=dict(mesh.shape),
                       settings=settings, shapes=shapes, programs=reports, notes=notes)

@@ -62,7 +62,9 @@ class Shapes:
 
 def default_shapes(config: Any, **override: int | None) -> Shapes:
     rl = config.rl
-    per_minibatch = rl.prompts_per_step // rl.num_minibatches
+    from viper_jax.train.config import minibatches_per_pass  # light: no model, no jax arrays
+
+    per_minibatch = rl.prompts_per_step // minibatches_per_pass(rl)
     prompt_len = override.get("prompt_len") or max(config.data.length_buckets)
     images = override.get("images_per_prompt")
     images = 2 if images is None else images  # visual_ops: the original and the edited image

@@ -17,7 +17,7 @@ from ml_collections import ConfigDict
 from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError, apply_overrides, load_config_file  # noqa: F401 (re-exported)
 from viper_jax.data.config import get_data_config
-from viper_jax.dtypes import DTYPE_NAMES
+from viper_jax.dtypes import DTYPE_NAMES, dtype_named
 from viper_jax.rl.reward import get_reward_config
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -26,6 +26,7 @@ SCHEDULES = ("constant", "cosine")
 # layers.remat_policy: offload keeps what dots keeps, in pinned host memory (frees HBM on TPU; on CPU a copy).
 REMATS = ("none", "full", "dots", "offload")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+ATTENTIONS = ("xla", "splash", "cudnn", "auto")  # = models.qwen2_5_vl.attention_kernels.ATTENTIONS (kept light here)
 
 
 def stage(task: str, data_globs: Sequence[str] = (), steps: int = 1, reward: str = "") -> ConfigDict:
@@ -44,6 +45,9 @@ def base_config() -> ConfigDict:
     # `viper train` on the CPU backend: glibc keeps freed memory, so XLA's per-step temporaries are not
     # mapped and page-faulted in again every step (viper_jax/host_memory.py; the process stays at its peak).
     c.keep_freed_host_memory = False
+    # JAX's persistent compilation cache (viper_jax/compile_cache.py): "" = $VIPER_JAX_CACHE_DIR, else
+    # ~/.cache/viper_jax/jax_cache; "off" = none. A rerun loads its compiled programs instead of compiling.
+    c.compile_cache_dir = ""
     c.seed = 0  # the rollout RNG of step s is fold_in(key(seed), s): resumable without stored RNG streams
 
     c.model = ConfigDict()
@@ -58,6 +62,11 @@ def base_config() -> ConfigDict:
     # Decoder attention over this many queries at a time (0 = all): bounds the fp32 scores of long
     # sequences (GRPO's prompt + response) to [heads, chunk, T] per row; same result, one more score pass.
     c.model.attention_query_chunk = 0
+    # The decoder's attention in training forward passes and rollout prefills (decode steps always run xla):
+    # "xla" (attention.py, the matmul form), "splash" (Pallas splash attention; TPU), "cudnn"
+    # (jax.nn.dot_product_attention's cuDNN kernel; GPU, bf16/fp16), "auto" (splash on TPU, cudnn on GPU with a
+    # bf16/fp16 compute dtype, xla otherwise). See models/qwen2_5_vl/attention_kernels.py.
+    c.model.attention = "xla"
     # Write a random-init tiny Qwen2.5-VL (+ byte-level tokenizer) to model.path, or <workdir>/tiny_model
     # when model.path is empty, if no model is there yet (CPU demo and tests).
     c.model.tiny_init = False
@@ -86,10 +95,14 @@ def base_config() -> ConfigDict:
     c.rollout.cache_dtype = ""  # default: the compute dtype
 
     c.rl = ConfigDict()
-    c.rl.prompts_per_step = 128
+    c.rl.prompts_per_step = 128  # the rollout batch R: prompts sampled (x group_size) per step
     c.rl.group_size = 5
     c.rl.ppo_epochs = 1  # passes over each rollout batch
-    c.rl.num_minibatches = 1  # optimizer updates per pass (each a whole number of prompt groups)
+    # The update batch U: prompts (x group_size responses) per optimizer update. The rollout batch is cut
+    # into R / U mini-batches, one update each, all against the old log-probs of the rollout policy
+    # (EasyR1: 512 rolled out, updates of 128). 0 = R / num_minibatches (by default U = R: one update).
+    c.rl.update_prompts = 0
+    c.rl.num_minibatches = 1  # optimizer updates per pass when update_prompts is 0 (whole prompt groups each)
     c.rl.micro_batch_prompts = 0  # prompts per forward/backward (gradient accumulation); 0 = whole minibatch
     c.rl.eps_low = 0.2
     c.rl.eps_high = 0.28
@@ -146,10 +159,29 @@ def override_flags(values: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ values
 
-def model_options(config: ConfigDict) -> dict[str, Any]:
-    """The `Qwen2_5_VL(...)` keyword arguments that `config.model` sets beside the dtypes (trainer, plan)."""
+def model_options(config: ConfigDict, platform: str | None = None) -> dict[str, Any]:
+    """The `Qwen2_5_VL(...)` keyword arguments that `config.model` sets beside the dtypes (trainer, plan).
+    model.attention is resolved for `platform` (default: this process's backend): a kernel the platform
+    lacks is a ConfigError naming the key."""
+    from viper_jax.models.qwen2_5_vl.attention_kernels import resolve_attention
+
     m = config.model
-    return dict(remat=m.remat, scan_layers=m.scan_layers, attention_query_chunk=m.attention_query_chunk)
+    try:
+        attention = resolve_attention(m.attention, platform, dtype_named(m.dtype))
+    except ValueError as e:
+        raise ConfigError(f"config {e}") from None
+    return dict(remat=m.remat, scan_layers=m.scan_layers, attention_query_chunk=m.attention_query_chunk,
+                attention=attention)
+
+
+def minibatches_per_pass(rl: ConfigDict) -> int:
+    """Optimizer updates per pass over a rollout batch: R / U with rl.update_prompts, else rl.num_minibatches."""
+    return rl.prompts_per_step // rl.update_prompts if rl.update_prompts > 0 else rl.num_minibatches
+
+
+def updates_per_step(rl: ConfigDict) -> int:
+    """Optimizer updates per GRPO step (the learning-rate schedule counts these)."""
+    return rl.ppo_epochs * minibatches_per_pass(rl)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -164,6 +196,8 @@ def validate_shared(config: ConfigDict) -> None:
     _require(config.model.dtype in DTYPE_NAMES, "model.dtype", f"must be one of {DTYPE_NAMES}")
     _require(config.model.remat in REMATS, "model.remat", f"must be one of {REMATS}")
     _require(config.model.attention_query_chunk >= 0, "model.attention_query_chunk", "must be >= 0 (0 = off)")
+    _require(config.model.attention in ATTENTIONS, "model.attention",
+             f"{config.model.attention!r} is not one of {ATTENTIONS}")
     _require(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
     _require(config.optim.learning_rate > 0, "optim.learning_rate", "must be positive")
     _require(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1, "checkpoint",
@@ -177,9 +211,17 @@ def validate(config: ConfigDict) -> None:
     rl = config.rl
     _require(rl.group_size >= 2, "rl.group_size", "must be at least 2 (GRPO compares responses in a group)")
     _require(rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be positive")
-    _require(rl.prompts_per_step % rl.num_minibatches == 0, "rl.num_minibatches",
+    _require(rl.update_prompts >= 0, "rl.update_prompts", "must be >= 0 (0 = rl.prompts_per_step / rl.num_minibatches)")
+    if rl.update_prompts > 0:
+        _require(rl.update_prompts <= rl.prompts_per_step and rl.prompts_per_step % rl.update_prompts == 0,
+                 "rl.update_prompts", f"{rl.update_prompts} does not divide the rollout batch rl.prompts_per_step "
+                                      f"{rl.prompts_per_step}")
+        _require(rl.num_minibatches in (1, rl.prompts_per_step // rl.update_prompts), "rl.num_minibatches",
+                 f"{rl.num_minibatches} contradicts rl.update_prompts {rl.update_prompts} "
+                 f"({rl.prompts_per_step // rl.update_prompts} updates per pass); set only one of the two")
+    _require(rl.num_minibatches >= 1 and rl.prompts_per_step % rl.num_minibatches == 0, "rl.num_minibatches",
              f"{rl.num_minibatches} does not divide rl.prompts_per_step {rl.prompts_per_step}")
-    per_minibatch = rl.prompts_per_step // rl.num_minibatches
+    per_minibatch = rl.prompts_per_step // minibatches_per_pass(rl)
     _require(rl.micro_batch_prompts >= 0 and (rl.micro_batch_prompts == 0 or per_minibatch % rl.micro_batch_prompts == 0),
              "rl.micro_batch_prompts", f"{rl.micro_batch_prompts} does not divide the {per_minibatch} prompts of a minibatch")
     _require(rl.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")

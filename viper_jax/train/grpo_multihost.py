@@ -30,7 +30,7 @@ from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from viper_jax.distributed import ProcessBlocks, allgather, block_vision_inputs, pad_rows
 from viper_jax.rollout.engine import RolloutConfig, RolloutResult, generate
 from viper_jax.rollout.global_rollout import GlobalPrompts, gather_prompts, generate_global
-from viper_jax.train.config import ConfigError
+from viper_jax.train.config import ConfigError, minibatches_per_pass
 from viper_jax.models.qwen2_5_vl.rope_index import prompt_positions
 from viper_jax.train.grpo_batch import RolloutBatch, full_positions, update_inputs
 
@@ -143,9 +143,9 @@ def check_split(rl: ConfigDict, blocks: ProcessBlocks) -> None:
     """With several processes every micro-batch is a global array whose prompts split evenly over the
     batch shards (data x fsdp), each process holding the same number: refused before loading."""
     n, shards = blocks.count, blocks.count * blocks.per_process
-    per_minibatch = rl.prompts_per_step // rl.num_minibatches
+    per_minibatch = rl.prompts_per_step // minibatches_per_pass(rl)
     micro = rl.micro_batch_prompts or per_minibatch
     if micro % shards:
         raise ConfigError(f"config rl: with {n} processes the prompts of every micro-batch (rl.micro_batch_prompts, "
-                          f"or rl.prompts_per_step / rl.num_minibatches = {micro}) must be a multiple of the mesh's "
+                          f"or else the update batch rl.update_prompts = {micro}) must be a multiple of the mesh's "
                           f"{shards} batch shards (data x fsdp): each process feeds its share to its own devices")

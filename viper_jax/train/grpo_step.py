@@ -1,8 +1,10 @@
 """One GRPO step: rollout -> reward -> group advantages -> clipped policy updates (formulas in
 grpo_loss.py; shared/reference/qwen2_5_vl_grpo_diffusers.md section C).
 
-Update structure: the rollout batch is cut into `num_minibatches` minibatches of whole prompt groups
-(one optimizer update each, `ppo_epochs` passes), each minibatch into micro-batches (one
+Update structure: the rollout batch (rl.prompts_per_step prompts) is cut into `num_minibatches`
+minibatches of whole prompt groups (rl.update_prompts prompts each when set: config.minibatches_per_pass),
+one optimizer update each, `ppo_epochs` passes, every one against the old log-probs taken once from the
+rollout policy before the first update (PPO-style); each minibatch is cut into micro-batches (one
 forward/backward each). Micro-batch losses use the minibatch's token (or sequence) count as their
 denominator, so the summed gradients equal the gradient of the whole minibatch's loss. Gradients are
 accumulated in a donated fp32 buffer by a host loop rather than a `lax.scan`, because micro-batches
@@ -28,6 +30,7 @@ from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
 from viper_jax.rl import grpo_loss
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.sharding import DEFAULT_RULES, use_mesh
+from viper_jax.train.config import minibatches_per_pass
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
 from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
 from viper_jax.train.state import TrainState, apply_gradients
@@ -39,7 +42,7 @@ class GRPOSettings:
     temperature, as static data of the jitted update."""
 
     group_size: int
-    num_minibatches: int
+    num_minibatches: int  # resolved: rl.prompts_per_step / rl.update_prompts, or rl.num_minibatches
     micro_batch_prompts: int
     ppo_epochs: int
     eps_low: float
@@ -58,8 +61,9 @@ class GRPOSettings:
 
     @classmethod
     def from_config(cls, rl: Any, temperature: float) -> "GRPOSettings":
-        names = {f.name for f in dataclasses.fields(cls)} - {"temperature"}
-        return cls(temperature=float(temperature), **{k: rl[k] for k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"temperature", "num_minibatches"}
+        return cls(temperature=float(temperature), num_minibatches=minibatches_per_pass(rl),
+                   **{k: rl[k] for k in names})
 
     @classmethod
     def with_defaults(cls, **changes: Any) -> "GRPOSettings":

@@ -33,7 +33,7 @@ from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig
 from viper_jax.rollout.sampling import SamplingConfig
-from viper_jax.train.config import ConfigError, validate
+from viper_jax.train.config import ConfigError, updates_per_step, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
 from viper_jax.train.metrics import MetricsLogger
@@ -101,13 +101,12 @@ def train(config: ConfigDict) -> dict[str, Any]:
     stage_ends = _stage_ends(config)
     total_steps = stage_ends[-1]
     rl = config.rl
-    updates_per_step = rl.ppo_epochs * rl.num_minibatches
-    optimizer, schedule = make_optimizer(config.optim, total_steps * updates_per_step)
+    optimizer, schedule = make_optimizer(config.optim, total_steps * updates_per_step(rl))
     shardings = train_state_shardings(optimizer, setup.abstract_params, p_sh)
     ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                         keep_steps=stage_ends, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
     state, meta, data_state = init_or_restore(ckpt, setup, config, optimizer, shardings)
-    latest = None if meta is None else int(meta["step"])  # the step restored (a later one may not restore)
     if meta is None:
         meta = {"step": 0, "stage_index": 0, "stage_name": config.stage_order[0], "stage_step": 0}
     elif meta["stage_index"] >= len(config.stage_order) or \
