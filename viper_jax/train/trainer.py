@@ -105,8 +105,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
     shardings = train_state_shardings(optimizer, setup.abstract_params, p_sh)
     ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                         keep_steps=stage_ends, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
     state, meta, data_state = init_or_restore(ckpt, setup, config, optimizer, shardings)
+    latest = None if meta is None else int(meta["step"])  # the step restored (a later one may not restore)
     if meta is None:
         meta = {"step": 0, "stage_index": 0, "stage_name": config.stage_order[0], "stage_step": 0}
     elif meta["stage_index"] >= len(config.stage_order) or \
