@@ -28,6 +28,7 @@ def get_config():
     c.vlm.max_new_tokens_caption = 160
     c.vlm.max_new_tokens_critique = 128
     c.vlm.max_new_tokens_edit = 96
+    c.vlm.max_new_tokens_refine = 160  # a caption's length
     c.vlm.min_pixels = c.vlm.max_pixels = 0
     c.vlm.repetition_penalty = 1.0  # the base was trained without it; the world's sentences repeat words
 

@@ -1,6 +1,12 @@
 """Stage 1, Caption Self-Refining data: image -> caption C_g -> reconstruction from C_g alone -> the VLM
 compares original and reconstruction and lists C_g's errors and omissions -> `caption_refine` record.
 
+The record's provenance also holds the refined description stage 2 picks its hard entities from: with
+`vlm.rewrite_refined` (default) the VLM, shown the image, rewrites C_g with its corrections into one
+description (prompt "refine"); otherwise, or when the rewrite is unusable (empty, or shorter than
+`filter.min_caption_words` under strict parsing; counted as `refine_fallback`), C_g with the corrections
+appended. `provenance.refined_by` says which ("vlm" or "appended").
+
 Per chunk of images, each model runs once over the whole chunk (captions for all images, then all
 reconstructions, then all critiques), so with CPU offload every pipeline component moves to the GPU once
 per chunk rather than once per image.
@@ -108,6 +114,7 @@ class CaptionRefiner:
         raw_critiques = self._generate(prompts, [it.key for it, *_ in kept], "critique",
                                        cfg.vlm.max_new_tokens_critique)
 
+        parsed = []
         for (item, data, image, caption), size, seed, raw, report in zip(kept, sizes, t2i_seeds, raw_critiques,
                                                                           reports):
             corrections, dropped = parsing.parse_corrections(raw, self.rules, cfg.filter.max_corrections)
@@ -116,6 +123,26 @@ class CaptionRefiner:
                 detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "empty output"
                 result.rejects.append(Reject(item.key, item.rel, "no_corrections", detail))
                 continue
+            parsed.append((item, data, image, caption, size, seed, raw, report, corrections, dropped))
+
+        # 4. The refined description (stage 2's input): the VLM's rewrite, or the caption + corrections.
+        rewrites: list[str | None] = [None] * len(parsed)
+        if cfg.vlm.rewrite_refined and parsed:
+            prompts = [([image], self.prompts["refine"].format(
+                caption=caption, corrections="\n".join(f"- {c}" for c in corrections)))
+                for _, _, image, caption, *_, corrections, _ in parsed]
+            rewrites = self._generate(prompts, [p[0].key for p in parsed], "refine", cfg.vlm.max_new_tokens_refine)
+
+        for (item, data, image, caption, size, seed, raw, report, corrections, dropped), raw_refine in zip(parsed,
+                                                                                                       rewrites):
+            refined, refined_by = parsing.refined_description(caption, corrections), "appended"
+            if raw_refine is not None:
+                rewrite = parsing.clean_caption(raw_refine)
+                short = not self.rules.lenient and len(rewrite.split()) < cfg.filter.min_caption_words
+                if rewrite and not short:
+                    refined, refined_by = rewrite, "vlm"
+                else:
+                    result.dropped["refine_fallback"] += 1
             rec = ViperRecord(
                 id=f"csr-{item.key}", task=TASK, images=(data,), caption=caption, truth=tuple(corrections),
                 provenance={
@@ -125,8 +152,10 @@ class CaptionRefiner:
                     "seeds": {"base": cfg.seed, "t2i": seed,
                               "vlm": derive_seed(cfg.seed, item.key, "caption") if cfg.vlm.temperature > 0 else None},
                     "vlm_settings": vlm_settings(cfg), "t2i_settings": self.recon.settings(),
-                    # Stage 2 reads this: the caption followed by its corrections.
-                    "refined_description": parsing.refined_description(caption, corrections),
+                    # Stage 2 reads this: the VLM's rewrite of the caption with its corrections, or the caption
+                    # followed by its corrections (refined_by: "vlm" | "appended").
+                    "refined_description": refined, "refined_by": refined_by,
+                    **({"raw_refine": raw_refine[:MAX_RAW_CHARS]} if raw_refine is not None else {}),
                     "raw_critique": raw[:MAX_RAW_CHARS], "dropped": dict(dropped), "lenient": self.rules.lenient,
                     **({"t2i_report": report} if report is not None else {})})
             result.records.append(rec)

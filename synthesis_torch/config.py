@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.vlm.max_new_tokens_caption = 512
     c.vlm.max_new_tokens_critique = 384
     c.vlm.max_new_tokens_edit = 256
+    c.vlm.max_new_tokens_refine = 512
     c.vlm.temperature = 0.0  # 0 = greedy: deterministic whatever the batching; > 0 samples (seeded per batch)
     c.vlm.top_p = 1.0
     c.vlm.repetition_penalty = 1.05  # Qwen2.5-VL's own generation_config value; avoids list loops
@@ -47,6 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.vlm.max_pixels = 1280 * 28 * 28
     c.vlm.attn_implementation = "sdpa"
     c.vlm.show_image_for_edits = True  # stage 2: show the image with the description when asking for edits
+    # Stage 1's refined description (stage 2 picks its hard entities from it): True = the VLM, shown the image,
+    # rewrites the caption with its corrections into one description (prompt "refine"); False = the caption
+    # with the corrections appended. An unusable rewrite falls back to the latter (counted: refine_fallback).
+    c.vlm.rewrite_refined = True
 
     # Stage-1 reconstruction (text-to-image from the caption alone).
     c.t2i = ml_collections.ConfigDict()
@@ -129,6 +134,7 @@ def tiny_config(vlm: str, t2i: str, editor: str) -> ml_collections.ConfigDict:
     c.chunk_size = 2
     c.vlm.batch_size = 4
     c.vlm.max_new_tokens_caption = c.vlm.max_new_tokens_critique = c.vlm.max_new_tokens_edit = 24
+    c.vlm.max_new_tokens_refine = 24
     c.vlm.min_pixels, c.vlm.max_pixels = 0, 0  # keep the tiny processor's small saved range
     c.t2i.steps = c.editor.steps = 2
     c.t2i.true_cfg_scale = c.editor.true_cfg_scale = 1.0  # no CFG: half the work

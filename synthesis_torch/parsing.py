@@ -203,5 +203,6 @@ def parse_edit_ops(text: str, rules: SentenceRules, allowed_types: Iterable[str]
 
 
 def refined_description(caption: str, corrections: Iterable[str]) -> str:
-    """Stage 2's input text: the caption followed by its corrections (kept in stage-1 provenance)."""
+    """The caption followed by its corrections: stage 2's input text when the VLM does not rewrite them into
+    one description (vlm.rewrite_refined off, or an unusable rewrite; kept in stage-1 provenance)."""
     return " ".join([caption.strip(), *(c.strip() for c in corrections)]).strip()

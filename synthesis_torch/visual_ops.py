@@ -165,7 +165,8 @@ class OpsSynthesizer:
                 truth=tuple(op.sentence for op in kept),
                 provenance={
                     "source": source, "image_key": ref.key, "source_record": rec.id, "source_shard": str(ref.shard),
-                    "description": description, "entities": [dataclasses.asdict(e) for e in entities],
+                    "description": description, "description_by": rec.provenance.get("refined_by", "appended"),
+                    "entities": [dataclasses.asdict(e) for e in entities],
                     "entity_names": names, "ops": log, **total.as_dict(), "mode": cfg.editor.mode,
                     "models": {"vlm": self.vlm.path, "editor": self.editor.settings()},
                     "seeds": {"base": cfg.seed, "edits": [entry["seed"] for entry in log]},

@@ -185,7 +185,8 @@ def test_viper_synth_both_stages_with_tiny_vlm(world, tmp_path, capsys):
 
 class ScriptedVLM:
     """Well-formed world sentences in place of a trained VLM (a test double: it reads the scene, which
-    only a test may do): captions from the grammar, a fixed critique, edit lines from `edits`."""
+    only a test may do): captions from the grammar, a fixed critique, a refined description that is the
+    grammar's caption of the scene (a perfect rewrite), edit lines from `edits`."""
 
     path = "scripted-vlm"
     OPS = ("attribute", "remove", "move", "text", "replace")  # edits whose result needs no random draw
@@ -202,6 +203,8 @@ class ScriptedVLM:
                 out.append(language.caption(scene, rng) if scene else "")  # no scene: "empty_caption"
             elif text.startswith(self.prompts.critique[:40]):
                 out.append("- The circle at the top left is dark red, not light red.")
+            elif text.startswith(self.prompts.refine.split("{")[0]):
+                out.append(language.caption(scene, rng))
             else:
                 lines = []
                 for op in rng.permutation(self.OPS):
@@ -221,11 +224,18 @@ def test_both_stages_strict_with_scripted_vlm(world, tmp_path):
     stage1 = caption_refine.CaptionRefiner(cfg, vlm=vlm, reconstructor=ShapeWorldReconstructor())
     m1 = caption_refine.run(cfg, world["images"], tmp_path, refiner=stage1)
     assert m1["num_records"] == N_SCENES and m1["rejects_by_reason"] == {"empty_caption": 1}  # plain.png
+    refined_by_key = {}
     for r in all_records(tmp_path / job_dir_name("caption_refine", 0, 1)):
         scene = render.read_scene(r.images[0])
         assert r.provenance["t2i_report"]["objects_read"] == len(scene.objects)
         assert r.truth == ("The circle at the top left is dark red, not light red.",)
-        assert r.provenance["refined_description"].startswith(r.caption)
+        # The VLM's rewrite (configs/synth_shapeworld.py keeps vlm.rewrite_refined on): the scripted one
+        # writes the scene's caption for the refine seed, not the caption with the correction appended.
+        refined = language.caption(scene, np.random.default_rng(
+            caption_refine.derive_seed(cfg.seed, r.provenance["image_key"], "refine") % 2**32))
+        assert r.provenance["refined_by"] == "vlm" and r.provenance["refined_description"] == refined
+        assert "dark red, not light red" not in refined
+        refined_by_key[r.provenance["image_key"]] = refined
 
     stage2 = visual_ops.OpsSynthesizer(cfg, vlm=vlm, editor=ShapeWorldEditor(failure_rate=0.0))
     m2 = visual_ops.run(cfg, [tmp_path], tmp_path, synthesizer=stage2)
@@ -236,4 +246,6 @@ def test_both_stages_strict_with_scripted_vlm(world, tmp_path):
         assert op["editor_report"]["outcome"] == "applied" and op["kept"]
         assert after == edits.apply_edit(before, edits.parse_instruction(op["instruction"], before))
         assert r.truth == (op["instruction"],) and op["instruction"].endswith(".")
+        assert r.provenance["description"] == refined_by_key[r.provenance["image_key"]]  # entities from it
+        assert r.provenance["description_by"] == "vlm"
         assert cfg.diff.min <= r.provenance["changed_fraction"] <= cfg.diff.max

@@ -120,10 +120,16 @@ def test_caption_refine_end_to_end(stage1, image_dir):
     for r in recs:
         assert r.task == "caption_refine" and r.caption and r.truth
         assert r.images[0] == (image_dir / r.provenance["source_rel"]).read_bytes()  # verbatim bytes
-        assert r.provenance["refined_description"].startswith(r.caption)
+        # vlm.rewrite_refined (default): the VLM's own rewrite of caption + corrections (lenient: any text).
+        if r.provenance["refined_by"] == "vlm":
+            assert r.provenance["refined_description"] == parsing.clean_caption(r.provenance["raw_refine"])
+        else:
+            assert r.provenance["refined_description"] == parsing.refined_description(r.caption, r.truth)
         assert r.provenance["lenient"] is True and r.provenance["seeds"]["t2i"] >= 0
     # The job manifest lists every part shard with its record count.
     assert sum(manifest["shards"].values()) == len(recs)
+    appended = sum(r.provenance["refined_by"] == "appended" for r in recs)
+    assert manifest["dropped_by_reason"].get("refine_fallback", 0) == appended
 
 
 def test_strict_parsing_flow_with_fixed_outputs(tiny_dirs, image_dir, refiner, tmp_path):
@@ -159,25 +165,73 @@ def test_visual_ops_end_to_end(stage1, refiner, tiny_dirs, tmp_path):
 
 
 class FakeVLM:
-    """Fixed, well-formed model outputs keyed on which synthesis prompt is asked."""
+    """Fixed, well-formed model outputs keyed on which synthesis prompt is asked (every prompt text kept)."""
 
     path = "fake-vlm"
+    REFINED = ('<think>I apply the corrections.</think><answer>A red car is parked next to a small wooden sign that '
+               'reads "OPEN". A tall green metal lamp stands behind the car. Two black dogs sit on the grass.</answer>')
 
-    def __init__(self, cfg, edits: str = ""):
+    def __init__(self, cfg, edits: str = "", refined: str = REFINED):
         self.prompts = cfg.prompts
-        self.edits = edits
+        self.edits, self.refined = edits, refined
+        self.asked: list[str] = []
 
     def generate(self, prompts, batch_size, seeds, **kwargs):
         out = []
         for images, text in prompts:
+            self.asked.append(text)
             if text == self.prompts.caption:
                 out.append("A red car is parked next to a small wooden sign. Two black dogs sit on the grass.")
             elif text.startswith(self.prompts.critique[:40]):
                 out.append('Corrections:\n- The car is red, not blue.\n* the car is red, NOT blue\n'
                            '2. A small wooden sign that reads "OPEN" stands next to the door.\n- No other errors.')
+            elif text.startswith(self.prompts.refine.split("{")[0]):
+                assert len(images) == 1  # the original image, shown with the caption and its corrections
+                out.append(self.refined)
             else:
                 out.append(self.edits)
         return out
+
+
+@pytest.mark.parametrize("mode", ["rewrite", "appended", "fallback"])
+def test_refined_description_is_the_vlms_rewrite_and_stage_2_reads_it(tiny_dirs, image_dir, refiner, tmp_path, mode):
+    """vlm.rewrite_refined (default): the VLM, shown the image, rewrites the caption with the corrections it found
+    into one description; stage 2 picks its hard entities from it (the lamp exists only in the rewrite). Off: the
+    caption with the corrections appended. An unusable rewrite falls back to that, counted."""
+    cfg = make_config(tiny_dirs, filter__lenient=False, ops__fallback_entities="", diff__min=0.002, diff__max=0.7)
+    assert cfg.vlm.rewrite_refined is True  # the default
+    cfg.vlm.rewrite_refined = mode != "appended"
+    fake = FakeVLM(cfg, refined="Too short." if mode == "fallback" else FakeVLM.REFINED)
+    stage1 = caption_refine.CaptionRefiner(cfg, vlm=fake, reconstructor=refiner.recon)
+    m1 = caption_refine.run(cfg, image_dir, tmp_path / "s1", refiner=stage1)
+    refine_asked = [t for t in fake.asked if t.startswith(cfg.prompts.refine.split("{")[0])]
+    assert len(refine_asked) == (0 if mode == "appended" else len(GOOD))
+    if refine_asked:
+        assert ('"A red car is parked next to a small wooden sign. Two black dogs sit on the grass."' in refine_asked[0]
+                and '- The car is red, not blue.\n- A small wooden sign that reads "OPEN" stands next to the door.'
+                in refine_asked[0])
+    rewrite = ('A red car is parked next to a small wooden sign that reads "OPEN". A tall green metal lamp stands '
+               'behind the car. Two black dogs sit on the grass.')
+    recs = all_records(tmp_path / "s1" / job_dir_name("caption_refine", 0, 1))
+    assert len(recs) == len(GOOD)
+    for r in recs:
+        appended = parsing.refined_description(r.caption, r.truth)
+        expected = rewrite if mode == "rewrite" else appended
+        assert r.provenance["refined_description"] == expected
+        assert r.provenance["refined_by"] == ("vlm" if mode == "rewrite" else "appended")
+    assert m1["dropped_by_reason"].get("refine_fallback", 0) == (len(GOOD) if mode == "fallback" else 0)
+
+    synth = visual_ops.OpsSynthesizer(cfg, vlm=FakeVLM(cfg, "attribute: Change the red car to blue."),
+                                      editor=FakeEditor())
+    visual_ops.run(cfg, [tmp_path / "s1"], tmp_path / "s2", synthesizer=synth)
+    recs2 = all_records(tmp_path / "s2" / job_dir_name("visual_ops", 0, 1))
+    assert len(recs2) == len(GOOD)
+    for r in recs2:
+        phrases = [e["phrase"] for e in r.provenance["entities"]]
+        assert r.provenance["description"] == (rewrite if mode == "rewrite" else appended)
+        assert r.provenance["description_by"] == ("vlm" if mode == "rewrite" else "appended")
+        assert ("a tall green metal lamp" in phrases) == (mode == "rewrite")
+        assert ("a tall green metal lamp" in r.provenance["entity_names"]) == (mode == "rewrite")
 
 
 class FakeEditor:
@@ -314,7 +368,12 @@ def test_stable_ids_seeds_and_split():
     parts = [inputs.select_shard(items, i, 3) for i in range(3)]
     assert sorted(x.key for p in parts for x in p) == sorted(x.key for x in items)
     assert all(parts)
-    assert inputs.derive_seed(0, "abc", "t2i") == inputs.derive_seed(0, "abc", "t2i")
+    # Golden values: record ids and seeds must not change between versions (resumed jobs, rerender).
+    assert inputs.stable_key("img0.jpg") == "79416b992e910ae8"
+    assert inputs.stable_key("photos/ü.png") == "164856da177bb68b"  # UTF-8 bytes of the path
+    assert inputs.derive_seed(0, "abc", "t2i") == 8866174640538084307
+    assert inputs.derive_seed(7, "abc", "caption") == 7723659991231531758
+    assert inputs.shard_of("abc", 3) == 2
     assert len({inputs.derive_seed(0, "abc", p) for p in ("t2i", "caption", "edit0")}) == 3
     with pytest.raises(ValueError):
         inputs.select_shard(items, 3, 3)

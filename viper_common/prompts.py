@@ -43,6 +43,14 @@ SYNTHESIS_PROMPTS: dict[str, str] = {
         "about the real photograph (object attributes, text, spatial relations), one correction per line, "
         "each line starting with '- '. Write only the list."
     ),
+    # Stage 1 step 4 (synthesis `vlm.rewrite_refined`): shown the original image, the VLM rewrites its
+    # caption with the corrections it found into one refined description, stage 2's input text.
+    "refine": (
+        "Here is a description of the image:\n\"{caption}\"\nComparing it with the image showed these errors "
+        "and omissions:\n{corrections}\nRewrite the description into one refined description of the image: "
+        "apply every correction, keep what was right and add what was missing. Write one paragraph and "
+        "nothing else."
+    ),
     # Stage 2: edit instructions of typed operations for selected hard entities.
     "edit_instructions": (
         "Here is a detailed description of an image:\n\"{description}\"\n"
