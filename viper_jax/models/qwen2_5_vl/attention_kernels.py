@@ -11,7 +11,8 @@ Kernels serve the forward passes without a cache (training, the log-prob passes)
 Splash runs inside `jax.shard_map` over the active mesh (sharding.use_mesh): the batch split over the
 "batch" rule's axes and the heads over the "kv_heads" rule's axes where they divide (a Mosaic kernel cannot
 be partitioned automatically). Sequences are padded to a multiple of 128 for its blocks. Away from a TPU it
-runs in Pallas interpret mode (tests only: the config refuses `splash` there).
+runs in Pallas interpret mode (tests only: the config refuses `splash` there). The cudnn path takes the
+segments as a [B, 1, T, T] mask (cuDNN wants a full-size bias; its sequence lengths cannot say left padding).
 """
 
 from __future__ import annotations
@@ -123,12 +124,14 @@ def _mesh_axes(mesh: Any, entry: Any, size: int, taken: tuple[str, ...] = ()) ->
 def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
                   interpret: bool | None = None) -> jax.Array:
     """Splash attention (causal, segment ids [B, T]); q [B, T, K, G, d], k/v [B, T, K, d] -> [B, T, K, G, d].
-    interpret=None: interpret mode unless on a TPU."""
+    interpret=None: interpret mode unless the active mesh's devices (else this process's backend) are TPUs,
+    so an ahead-of-time compile for an absent TPU topology (`viper plan`) gets the Mosaic kernel."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     from ...sharding import _ACTIVE, logical_to_spec
 
-    interpret = platform() != "tpu" if interpret is None else bool(interpret)
+    if interpret is None:
+        interpret = (_ACTIVE[-1][0].devices.flat[0].platform if _ACTIVE else platform()) != "tpu"
     b, t, kvh, g, d = q.shape
     length = -(-t // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
     qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh * g, d).transpose(0, 2, 1, 3)  # [B, H, T, d]
