@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from viper_jax import checkpoint, distributed
+from viper_jax import checkpoint, compile_cache, distributed
 from viper_jax.distributed import ProcessBlocks, allgather_json
 from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
@@ -141,6 +142,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
         log.message(f"resumed from {ckpt.directory}/{latest} (stage {meta['stage_name']}, step {step})")
     base_key = jax.random.key(int(config.seed))
     metrics: dict[str, Any] = {}
+    first = True
     try:
         for index in range(int(meta["stage_index"]), len(config.stage_order)):
             name = config.stage_order[index]
@@ -154,9 +156,12 @@ def train(config: ConfigDict) -> dict[str, Any]:
             reward_fn = get_reward(stage.reward, config.reward)
             try:
                 for stage_step in range(done + 1, stage.steps + 1):
+                    t0 = time.perf_counter()
                     batch = next(pipeline)
                     stage_check(name, stage.task, batch)
                     metrics = learner.step(batch, jax.random.fold_in(base_key, step), reward_fn)
+                    if first:  # this run's first step, data and compiles (or cache loads) included
+                        metrics["first_step_seconds"], first = time.perf_counter() - t0, False
                     step += 1
                     ids, seen, skipped = _batch_log(batch, pipeline, processes)
                     metrics.update({"stage_index": index, "data/seen": seen, "data/skipped": skipped})
@@ -210,6 +215,8 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
         from viper_jax.host_memory import keep_freed_host_memory
 
         keep_freed_host_memory()
+    cache = compile_cache.enable(config.compile_cache_dir)  # before the first compile
+    logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
     result = train(config)
     if distributed.is_main_process():
         print(f"finished at step {result['step']}; workdir {Path(config.workdir).absolute()}")
