@@ -42,6 +42,10 @@ def get_config():
     c.filter.max_chars = 200
     c.ops.min_words = 3
     c.ops.num_ops = 2
+    # The VLM checks every edit that changed enough pixels (the simulated editor sometimes edits another
+    # object: the band cannot tell, the before/after images can).
+    c.ops.verify = True
+    c.vlm.max_new_tokens_verify = 24  # the base answers <think>...</think><answer>Yes.</answer>
 
     # The simulated editor: how often it fails, and how a failure looks (see shapeworld_sim.py).
     c.editor.failure_rate = 0.15

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.vlm.max_new_tokens_critique = 384
     c.vlm.max_new_tokens_edit = 256
     c.vlm.max_new_tokens_refine = 512
+    c.vlm.max_new_tokens_verify = 16  # stage 2's yes/no check of an edit (ops.verify)
     c.vlm.temperature = 0.0  # 0 = greedy: deterministic whatever the batching; > 0 samples (seeded per batch)
     c.vlm.top_p = 1.0
     c.vlm.repetition_penalty = 1.05  # Qwen2.5-VL's own generation_config value; avoids list loops
@@ -112,6 +113,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Used as the entity list when the rules find none. Empty (default) = reject "no_entities".
     # The tiny demo sets it because gibberish descriptions contain no noun phrases.
     c.ops.fallback_entities = ""
+    # The VLM checks each edit that passed the difference band: shown the image before and after it, does
+    # the edited image show the instruction's result (prompt "verify_edit", a yes/no answer; anything but
+    # "yes" is a no)? Sequential mode: an edit it denies is dropped (op_not_verified) and its output
+    # discarded; combined mode, and sequential with every edit denied: the sample is rejected
+    # (edit_not_verified). Off by default (a real editor's output is trusted); on in configs/synth_shapeworld.py.
+    c.ops.verify = False
 
     # Difference band (see diffband.py for the measures and the values they take).
     c.diff = ml_collections.ConfigDict()

@@ -206,3 +206,12 @@ def refined_description(caption: str, corrections: Iterable[str]) -> str:
     """The caption followed by its corrections: stage 2's input text when the VLM does not rewrite them into
     one description (vlm.rewrite_refined off, or an unusable rewrite; kept in stage-1 provenance)."""
     return " ".join([caption.strip(), *(c.strip() for c in corrections)]).strip()
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True / False for an answer whose first word is yes / no (after <think> blocks and <answer> tags, case
+    and punctuation ignored); None for anything else."""
+    words = re.sub(r"[^\w\s]+", " ", clean_text(text)).casefold().split()
+    if not words:
+        return None
+    return {"yes": True, "no": False}.get(words[0])

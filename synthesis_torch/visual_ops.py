@@ -11,8 +11,15 @@ Editing modes (`editor.mode`):
 - "combined": one editor call with all instructions; only the final band check applies.
 Finally the original and the final image must differ within the band.
 
+With `ops.verify`, the VLM checks every edit that passed the band (prompt "verify_edit": the image before
+and after it, does the second show the instruction's result? anything but "yes" is a no). Sequential: a
+denied edit is dropped from the truth and its output discarded, as an ignored one (counted
+`op_not_verified`); combined: one denied instruction rejects the sample. A pixel band cannot tell an edit
+of the wrong object from the right one; the check can.
+
 Rejects: unreadable (stage-1 image bytes do not decode), no_entities, no_valid_ops, editor_error (the
-editor raised EditorError: it cannot use this input), edit_no_change, edit_too_large.
+editor raised EditorError: it cannot use this input), edit_no_change, edit_too_large, edit_not_verified
+(every edit denied by the check, or one in combined mode).
 """
 
 from __future__ import annotations
@@ -72,6 +79,15 @@ class OpsSynthesizer:
         diff = diffband.image_difference(a, b, d.size, d.pixel_threshold)
         return diff, diffband.band_verdict(diff, d.metric, d.min, d.max)
 
+    def _verify(self, before: Image.Image, after: Image.Image, instruction: str, key: str, purpose: str
+                ) -> tuple[bool, str]:
+        """(the VLM says `after` shows `instruction` applied to `before`, its raw answer)."""
+        cfg = self.config
+        prompt = ([before, after], self.prompts["verify_edit"].format(instruction=instruction))
+        (raw,) = self.vlm.generate([prompt], batch_size=1, seeds=[derive_seed(cfg.seed, key, purpose)],
+                                   max_new_tokens=cfg.vlm.max_new_tokens_verify, **vlm_settings(cfg))
+        return parsing.parse_yes_no(raw) is True, raw[:200]
+
     def _apply(self, image: Image.Image, ops: list[parsing.EditOp], key: str
                ) -> tuple[Image.Image, list[dict[str, Any]], str | None]:
         """Runs the editor; returns the final image, a log entry per operation, and a reject reason."""
@@ -81,8 +97,16 @@ class OpsSynthesizer:
             instruction = " ".join(op.sentence for op in ops)
             out = self.editor.edit(image, instruction, seed)
             report = getattr(self.editor, "last_report", None)
-            return out, [{"type": op.type, "instruction": op.instruction, "kept": True, "seed": seed,
-                          **({"editor_report": report} if report is not None else {})} for op in ops], None
+            log = [{"type": op.type, "instruction": op.instruction, "kept": True, "seed": seed,
+                    **({"editor_report": report} if report is not None else {})} for op in ops]
+            reason = None
+            if cfg.ops.verify and self._band(image, out)[1] is None:  # outside the band: rejected anyway
+                for k, (op, entry) in enumerate(zip(ops, log)):
+                    entry["verified"], entry["verify_answer"] = self._verify(image, out, op.instruction, key,
+                                                                             f"verify{k}")
+                    if not entry["verified"]:
+                        entry["kept"], entry["verdict"], reason = False, "not_verified", "edit_not_verified"
+            return out, log, reason
         current, log = image, []
         for k, op in enumerate(ops):
             seed = derive_seed(cfg.seed, key, f"edit{k}")
@@ -90,8 +114,13 @@ class OpsSynthesizer:
             report = getattr(self.editor, "last_report", None)
             diff, verdict = self._band(current, out)
             verdict = verdict if cfg.diff.per_op else None
+            entry: dict[str, Any] = {}
+            if verdict is None and cfg.ops.verify:
+                entry["verified"], entry["verify_answer"] = self._verify(current, out, op.instruction, key,
+                                                                         f"verify{k}")
+                verdict = None if entry["verified"] else "not_verified"
             log.append({"type": op.type, "instruction": op.instruction, "seed": seed,
-                        "kept": verdict is None, "verdict": verdict, **diff.as_dict(),
+                        "kept": verdict is None, "verdict": verdict, **diff.as_dict(), **entry,
                         **({"editor_report": report} if report is not None else {})})
             if verdict == "too_large":
                 return out, log, "edit_too_large"
@@ -152,8 +181,13 @@ class OpsSynthesizer:
             ignored = sum(entry.get("verdict") == "no_change" for entry in log)
             if ignored:
                 result.dropped["op_no_change"] += ignored
+            denied = sum(entry.get("verdict") == "not_verified" for entry in log)
+            if denied and cfg.editor.mode == "sequential":
+                result.dropped["op_not_verified"] += denied
             total, verdict = self._band(image, edited)
-            if reason is None and (not kept or verdict == "no_change"):
+            if reason is None and not kept and denied:
+                reason = "edit_not_verified"
+            elif reason is None and (not kept or verdict == "no_change"):
                 reason = "edit_no_change"
             elif reason is None and verdict == "too_large":
                 reason = "edit_too_large"

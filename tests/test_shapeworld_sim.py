@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,13 +187,15 @@ def test_viper_synth_both_stages_with_tiny_vlm(world, tmp_path, capsys):
 class ScriptedVLM:
     """Well-formed world sentences in place of a trained VLM (a test double: it reads the scene, which
     only a test may do): captions from the grammar, a fixed critique, a refined description that is the
-    grammar's caption of the scene (a perfect rewrite), edit lines from `edits`."""
+    grammar's caption of the scene (a perfect rewrite), edit lines from `edits`, and a truthful yes/no
+    to the edit check (does the edited scene equal the instruction applied to the original?)."""
 
     path = "scripted-vlm"
     OPS = ("attribute", "remove", "move", "text", "replace")  # edits whose result needs no random draw
 
     def __init__(self, cfg):
         self.prompts = cfg.prompts
+        self.verified = 0  # edit checks asked (ops.verify)
 
     def generate(self, prompts, batch_size, seeds, **kwargs):
         out = []
@@ -205,6 +208,15 @@ class ScriptedVLM:
                 out.append("- The circle at the top left is dark red, not light red.")
             elif text.startswith(self.prompts.refine.split("{")[0]):
                 out.append(language.caption(scene, rng))
+            elif text.startswith(self.prompts.verify_edit.split("{")[0]):
+                self.verified += 1
+                instruction = re.search(r'instruction:\n"(.*)"\nDoes', text, re.S).group(1)
+                after = render.read_scene(images[1])
+                try:
+                    shown = after == edits.apply_edit(scene, edits.parse_instruction(instruction, scene))
+                except edits.EditError:
+                    shown = False
+                out.append(f"<think>I compare the two images.</think><answer>{'Yes' if shown else 'No'}.</answer>")
             else:
                 lines = []
                 for op in rng.permutation(self.OPS):
@@ -248,4 +260,35 @@ def test_both_stages_strict_with_scripted_vlm(world, tmp_path):
         assert r.truth == (op["instruction"],) and op["instruction"].endswith(".")
         assert r.provenance["description"] == refined_by_key[r.provenance["image_key"]]  # entities from it
         assert r.provenance["description_by"] == "vlm"
+        assert op["verified"] is True  # configs/synth_shapeworld.py: ops.verify
+    assert vlm.verified == N_SCENES
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_edit_check_rejects_edits_of_the_wrong_object(world, tmp_path, verify):
+    """An editor that always edits another object: every edit passes the difference band. With ops.verify
+    (configs/synth_shapeworld.py) the VLM's check denies each one: the edit is dropped, the sample rejected
+    (edit_not_verified), both counted in the manifest and the summary. Without it the wrong edits become
+    ground truth."""
+    from synthesis_torch import summary
+
+    cfg = load_config(CONFIG)
+    assert cfg.ops.verify is True
+    cfg.chunk_size, cfg.ops.num_ops, cfg.ops.verify = 2, 1, verify
+    vlm = ScriptedVLM(cfg)
+    stage1 = caption_refine.CaptionRefiner(cfg, vlm=vlm, reconstructor=ShapeWorldReconstructor())
+    caption_refine.run(cfg, world["images"], tmp_path, refiner=stage1)
+    stage2 = visual_ops.OpsSynthesizer(cfg, vlm=vlm, editor=ShapeWorldEditor(failure_rate=1.0, wrong_object_share=1.0))
+    m2 = visual_ops.run(cfg, [tmp_path], tmp_path, synthesizer=stage2)
+    recs = all_records(tmp_path / job_dir_name("visual_ops", 0, 1))
+    if verify:
+        assert m2["num_records"] == 0 and m2["rejects_by_reason"] == {"edit_not_verified": N_SCENES}
+        assert m2["dropped_by_reason"] == {"op_not_verified": N_SCENES} and vlm.verified == N_SCENES
+        text = summary.format_summary(summary.summarize(tmp_path))
+        assert f"edit_not_verified {N_SCENES}" in text and f"op_not_verified {N_SCENES}" in text
+    else:
+        assert m2["num_records"] == N_SCENES and vlm.verified == 0
+        for r in recs:
+            (op,) = r.provenance["ops"]
+            assert op["editor_report"]["outcome"] == "wrong_object" and r.truth == (op["instruction"],)
         assert cfg.diff.min <= r.provenance["changed_fraction"] <= cfg.diff.max

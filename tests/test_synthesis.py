@@ -171,9 +171,9 @@ class FakeVLM:
     REFINED = ('<think>I apply the corrections.</think><answer>A red car is parked next to a small wooden sign that '
                'reads "OPEN". A tall green metal lamp stands behind the car. Two black dogs sit on the grass.</answer>')
 
-    def __init__(self, cfg, edits: str = "", refined: str = REFINED):
+    def __init__(self, cfg, edits: str = "", refined: str = REFINED, verify: str = "Yes."):
         self.prompts = cfg.prompts
-        self.edits, self.refined = edits, refined
+        self.edits, self.refined, self.verify = edits, refined, verify
         self.asked: list[str] = []
 
     def generate(self, prompts, batch_size, seeds, **kwargs):
@@ -188,6 +188,9 @@ class FakeVLM:
             elif text.startswith(self.prompts.refine.split("{")[0]):
                 assert len(images) == 1  # the original image, shown with the caption and its corrections
                 out.append(self.refined)
+            elif text.startswith(self.prompts.verify_edit.split("{")[0]):
+                assert len(images) == 2  # before and after the edit
+                out.append(self.verify)
             else:
                 out.append(self.edits)
         return out
@@ -278,6 +281,39 @@ def test_visual_ops_band_and_strict_ops(tiny_dirs, image_dir, refiner, tmp_path)
                                         editor=FakeEditor())
     manifest = visual_ops.run(cfg, [tmp_path / "s1"], tmp_path / "s4", synthesizer=nothing)
     assert manifest["rejects_by_reason"] == {"edit_no_change": len(GOOD)}
+
+
+@pytest.mark.parametrize("mode,answer,expect", [("sequential", "<think>It is blue now.</think><answer>Yes</answer>", "kept"),
+                                                ("sequential", "No, the car is still red.", "edit_not_verified"),
+                                                ("sequential", "maybe", "edit_not_verified"),
+                                                ("combined", "Yes.", "kept"), ("combined", "NO.", "edit_not_verified")])
+def test_edit_check_by_the_vlm(tiny_dirs, image_dir, refiner, tmp_path, mode, answer, expect):
+    """ops.verify: the VLM is shown the image before and after each edit that passed the band and asked whether
+    it shows the instruction's result; anything but yes denies it (dropped, then the sample rejected, counted)."""
+    cfg = make_config(tiny_dirs, filter__lenient=False, ops__fallback_entities="", diff__min=0.002, diff__max=0.7,
+                      editor__mode=mode, ops__verify=True)
+    assert default_config().ops.verify is False  # off by default: on in configs/synth_shapeworld.py
+    caption_refine.run(cfg, image_dir, tmp_path / "s1",
+                       refiner=caption_refine.CaptionRefiner(cfg, vlm=FakeVLM(cfg), reconstructor=refiner.recon))
+    vlm = FakeVLM(cfg, "attribute: Change the red car to blue.", verify=answer)
+    synth = visual_ops.OpsSynthesizer(cfg, vlm=vlm, editor=FakeEditor())
+    manifest = visual_ops.run(cfg, [tmp_path / "s1"], tmp_path / "s2",
+                              synthesizer=synth)
+    asked = [t for t in vlm.asked if t.startswith(cfg.prompts.verify_edit.split("{")[0])]
+    assert len(asked) == len(GOOD) and '"Change the red car to blue."' in asked[0]
+    recs = all_records(tmp_path / "s2" / job_dir_name("visual_ops", 0, 1))
+    if expect == "kept":
+        assert len(recs) == len(GOOD) and manifest["num_rejects"] == 0
+        assert all(r.provenance["ops"][0]["verified"] is True for r in recs)
+    else:
+        assert not recs and manifest["rejects_by_reason"] == {expect: len(GOOD)}
+        assert manifest["dropped_by_reason"].get("op_not_verified", 0) == (len(GOOD) if mode == "sequential" else 0)
+
+
+def test_parse_yes_no():
+    assert parsing.parse_yes_no("Yes.") is True and parsing.parse_yes_no("<think>x</think><answer>no</answer>") is False
+    assert parsing.parse_yes_no("  YES, it does") is True and parsing.parse_yes_no("Nope") is None
+    assert parsing.parse_yes_no("") is None and parsing.parse_yes_no("The answer is yes") is None
 
 
 # ------------------------------------------------------------------------------------- jobs at scale

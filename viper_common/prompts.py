@@ -58,6 +58,13 @@ SYNTHESIS_PROMPTS: dict[str, str] = {
         "Each line has the form '<type>: <instruction>' where <type> is one of attribute, add, remove, "
         "replace, move, count, text. Write only the lines."
     ),
+    # Stage 2's check of an edit (synthesis `ops.verify`): the image before the edit, then after it. Ends as
+    # the yes/no questions the ShapeWorld base model was trained on do.
+    "verify_edit": (
+        "The first image is the original and the second image is the result of this editing instruction:\n"
+        "\"{instruction}\"\nDoes the second image show the result of the instruction, applied to the first "
+        "image? Please answer yes or no."
+    ),
 }
 
 
