@@ -3,10 +3,10 @@
 
     viper world base --workdir runs/world_base --config configs/world_base.py
 
-These are the settings of the measured runs in docs/shapeworld.md (text 128 wide x 4 layers, vision 96 wide x
-3 blocks, batch 32, lr 3e-3 cosine; 0.8-1.4 s per step here). No setting tried so far gives a base that reads
-its images: after SFT it answers fluently at chance. Add `--config.sft.optim.frozen='("visual",)'` for the
-frozen-vision run. Lengths cover the longest base example (a five-object description, about 200 tokens).
+Text 128 wide x 4 layers, vision 96 wide x 3 blocks. The vision tower is pretrained first on the world's
+coarse content (world/vision_pretrain.py) and stays frozen during the SFT, which teaches the decoder to read
+it: trained end to end from random init, the base never read its images (docs/shapeworld.md). Lengths cover
+the longest base example (a five-object description, about 200 tokens).
 """
 
 from viper_jax.world.base import base_config
@@ -14,9 +14,11 @@ from viper_jax.world.base import base_config
 
 def get_config():
     c = base_config()
-    c.world.n_train = 24000
+    c.world.n_train = 16000
+    c.vision.steps = 300
     s = c.sft
-    s.steps = 1500
+    s.steps = 800
+    s.optim.frozen = ("visual",)
     s.model.scan_layers = False  # per-layer modules: faster steps for a small model on CPU
     s.data.batch_size = 32
     s.sft.images_per_batch = 64  # 1- and 2-image examples: one compiled program per length bucket

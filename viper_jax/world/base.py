@@ -10,7 +10,8 @@ Steps, each skipped when its output is already complete (so a killed run resumes
 itself resumes from its last checkpoint):
   1. DIR/data/base_data   the SFT records (seeds from the base_train range; written in `world.workers` processes)
      DIR/data/tokenizer   a byte-level BPE tokenizer trained on the world's text, Qwen2 specials and template
-  2. DIR/init_model       the random-init model (architecture from `config.model`) as an HF directory
+  2. DIR/init_model       the random-init model (architecture from `config.model`) as an HF directory, its
+                          vision tower pretrained on the world's coarse content (world/vision_pretrain.py)
   3. DIR/sft              `viper sft` (checkpoints, metrics.jsonl); its export is DIR/base_hf
   4. DIR/base.json        what was built, with the wall time of each step and the SFT's tokens/s
 DIR/base_hf is an ordinary HF directory: `viper-synth` (transformers), `viper train` and `viper eval` load it.
@@ -57,6 +58,11 @@ def base_config() -> ConfigDict:
     c.model.vision_depth = 3
     c.model.vision_heads = 4
     c.model.seed = 0
+    # Vision pretraining (world/vision_pretrain.py): without it the base never reads its images (measured).
+    c.vision = ConfigDict()
+    c.vision.steps = 300  # 0 = keep the random tower
+    c.vision.batch_size = 32
+    c.vision.learning_rate = 1e-3
     c.sft = sft_config.base_config()  # workdir, model.path and data.shard_globs are set by `build_base`
     return c
 
@@ -156,15 +162,26 @@ def _write_tokenizer(config: ConfigDict, tok_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> None:
+def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> dict[str, Any]:
+    """The random-init model with its vision tower pretrained; returns the pretraining's summary."""
     from viper_jax.tiny import write_random_model
+    from viper_jax.world.vision_pretrain import pretrain_vision
 
+    summary_path = model_dir / "vision_pretrain.json"
     if (model_dir / "config.json").exists() and any(model_dir.glob("*.safetensors")):
-        return
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
     write_random_model(tmp, model_config(tokenizer, config.model), tokenizer, seed=int(config.model.seed))
+    v = config.vision
+    summary = {"steps": 0}
+    if int(v.steps) > 0:
+        summary = pretrain_vision(tmp, steps=int(v.steps), batch_size=int(v.batch_size),
+                                  learning_rate=float(v.learning_rate), size=int(config.world.size),
+                                  seed=int(config.model.seed))
+    write_json_atomic(tmp / "vision_pretrain.json", summary)
     tmp.rename(model_dir)  # a half-written model directory is never mistaken for a finished one
+    return summary
 
 
 def _sft_summary(metrics_path: Path) -> dict[str, Any]:
@@ -190,11 +207,11 @@ def build_base(config: ConfigDict) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     _timed(seconds, "data", _write_data, config, workdir / "data")
     tokenizer = _timed(seconds, "tokenizer", _write_tokenizer, config, workdir / "data" / "tokenizer")
-    _timed(seconds, "init_model", _write_init_model, config, tokenizer, workdir / "init_model")
+    vision = _timed(seconds, "init_model", _write_init_model, config, tokenizer, workdir / "init_model")
     sft = sft_settings(config, workdir)
     # The init model directory carries the world tokenizer, so the export does too.
     _timed(seconds, "sft", sft_train, sft)
     summary = {"base_hf": str(workdir / "base_hf"), "seconds": seconds, "settings": config.to_dict(),
-               "sft": _sft_summary(Path(sft.workdir) / "metrics.jsonl")}
+               "vision_pretrain": vision, "sft": _sft_summary(Path(sft.workdir) / "metrics.jsonl")}
     write_json_atomic(workdir / "base.json", summary)
     return summary

@@ -1,0 +1,148 @@
+"""Pretraining the ShapeWorld base's vision tower: the world's stand-in for the image-text pretraining that
+gives a real Qwen2.5-VL its vision encoder before any instruction tuning.
+
+Why it exists (measured, docs/shapeworld.md "Why the base needs a pretrained vision tower"): a tiny
+Qwen2.5-VL trained end to end from random init never learns to read its images on this machine's budget.
+At init the decoder's attention is uniform, so what reaches an answer token is the MEAN of the image's
+tokens, in which one object is a few percent of the signal against a varying background; even a per-patch
+MLP read through a mean pool stays at chance on "which colour is the one object" after 150 steps, while
+the same MLP read through a max pool reaches 85%. With a tower pretrained here and then frozen, the
+decoder learns that question in about 75 steps.
+
+The objective is dense and coarse: for every merged visual token (a 28 px cell at 112 px), the hue, shape
+and size of the object whose centre lies in that cell (or "none"), and the image's background, read by a
+linear head that is thrown away afterwards. Fine attributes (shade, pattern, label letter) are NOT targets:
+the tower encodes them only as far as the coarse task makes it, so the base is mediocre at fine detail, as
+real VLMs are, and ViPER has room to improve it.
+
+Scenes come from their own block of the base_train seed range (never val / test / synth); reading their
+scene graph is what building the base's data does anyway (the describe answers are captions of it).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from viper_common.shapeworld import render
+from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, SIZES, Scene, sample_scene
+from viper_common.shapeworld.splits import seed_block
+
+# Per-token targets: index len(choices) means "no object centre in this token".
+TARGETS = {"hue": HUES, "shape": SHAPES, "size": SIZES}
+SEED_BLOCK = 50  # base_train seeds 50M..51M; base_data uses seeds from 0 up (n_train < 50M)
+BLOCK_SIZE = 1_000_000
+MERGED_PX = 28  # 14 px patches, 2x2 merge
+
+
+def token_targets(scene: Scene, size: int) -> dict[str, np.ndarray]:
+    """{'hue'|'shape'|'size': [T] int32 per merged token, row-major; 'background': [] int32}."""
+    side = size // MERGED_PX
+    out = {k: np.full(side * side, len(v), np.int32) for k, v in TARGETS.items()}
+    cell_px = size / 3
+    for obj in scene.objects:
+        row, col = divmod(obj.cell, 3)
+        x, y = (col + 0.5 + obj.dx) * cell_px, (row + 0.5 + obj.dy) * cell_px
+        t = min(int(y // MERGED_PX), side - 1) * side + min(int(x // MERGED_PX), side - 1)
+        for k, choices in TARGETS.items():
+            out[k][t] = choices.index(getattr(obj, k))
+    out["background"] = np.asarray(BACKGROUNDS.index(scene.background), np.int32)
+    return out
+
+
+def batches(image_processor: Any, size: int, batch_size: int, seeds: range) -> Iterator[dict[str, np.ndarray]]:
+    """Rendered scenes (seed i draws and renders scene i) -> pixel rows, grids and per-token targets."""
+    it = iter(seeds)
+    while True:
+        images, targets = [], []
+        for _ in range(batch_size):
+            seed = next(it)
+            scene = sample_scene(np.random.default_rng(seed))
+            images.append(render.render(scene, seed, size))
+            targets.append(token_targets(scene, size))
+        out = image_processor(images=images, return_tensors="np")
+        batch = {k: np.stack([t[k] for t in targets]) for k in targets[0]}
+        batch["pixel_values"] = np.asarray(out["pixel_values"], np.float32)
+        batch["image_grid_thw"] = np.asarray(out["image_grid_thw"], np.int32)
+        yield batch
+
+
+class Head(nnx.Module):
+    """Linear readouts of the merged tokens (the tower's output, out_hidden_size wide)."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.tokens = nnx.Dict({k: nnx.Linear(dim, len(v) + 1, rngs=rngs) for k, v in TARGETS.items()})
+        self.background = nnx.Linear(dim, len(BACKGROUNDS), rngs=rngs)
+
+
+def _loss(tower: Any, head: Head, batch: dict[str, Any], vision_inputs: Any, tokens_per_image: int
+          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    feats = tower(batch["pixel_values"], vision_inputs).reshape(-1, tokens_per_image, head.background.in_features)
+    losses, acc = {}, {}
+    for k, layer in head.tokens.items():
+        logits = layer(feats)
+        losses[k] = optax.softmax_cross_entropy_with_integer_labels(logits, batch[k]).mean()
+        is_object = batch[k] < len(TARGETS[k])  # accuracy where an object's centre is: "none" is most tokens
+        acc[k] = ((logits.argmax(-1) == batch[k]) * is_object).sum() / jnp.maximum(is_object.sum(), 1)
+    logits = head.background(feats.mean(1))
+    losses["background"] = optax.softmax_cross_entropy_with_integer_labels(logits, batch["background"]).mean()
+    acc["background"] = (logits.argmax(-1) == batch["background"]).mean()
+    return sum(losses.values()), acc
+
+
+def pretrain_vision(model_dir: str | Path, *, steps: int, batch_size: int, learning_rate: float, size: int,
+                    seed: int = 0, log: Any = None) -> dict[str, Any]:
+    """Trains the vision tower of the HF model in `model_dir` in place (only `visual.*` changes); returns
+    {steps, seconds, accuracy: per target on the last 10 batches (at object tokens for the token targets)}."""
+    from viper_jax.data.processing import make_image_processor
+    from viper_jax.models.qwen2_5_vl import load_hf, prepare_vision, save_hf
+
+    log = log or sys.stderr
+    model = load_hf(model_dir, scan_layers=False)
+    cfg = model.config
+    processor = make_image_processor(size * size, size * size)
+    tokens_per_image = (size // MERGED_PX) ** 2
+    head = Head(cfg.vision.out_hidden_size, nnx.Rngs(seed))
+    warmup = min(50, steps // 5)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
+                                                  learning_rate * 0.1)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    graphdef, params = nnx.split((model.visual, head), nnx.Param)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, vision_inputs):
+        def loss_fn(p):
+            tower, h = nnx.merge(graphdef, p)
+            return _loss(tower, h, batch, vision_inputs, tokens_per_image)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    data = batches(processor, size, batch_size, seed_block("base_train", SEED_BLOCK, BLOCK_SIZE))
+    start, recent = time.perf_counter(), []
+    vision_inputs = None
+    for k in range(1, steps + 1):
+        batch = next(data)
+        grid = batch.pop("image_grid_thw")
+        vision_inputs = vision_inputs or prepare_vision(grid, cfg.vision)  # every image has the same grid
+        params, opt_state, loss, acc = step(params, opt_state, batch, vision_inputs)
+        recent = (recent + [jax.device_get(acc)])[-10:]
+        if k % 50 == 0 or k == steps:
+            means = {n: round(float(np.mean([a[n] for a in recent])), 3) for n in recent[0]}
+            print(f"  vision pretraining {k}/{steps}: loss {float(loss):.3f} accuracy {means} "
+                  f"({time.perf_counter() - start:.0f} s)", file=log, flush=True)
+    tower, _ = nnx.merge(graphdef, params)
+    model.visual = tower
+    save_hf(model, None, model_dir)  # the tokenizer files stay where they are
+    accuracy = {n: round(float(np.mean([a[n] for a in recent])), 3) for n in recent[0]} if recent else {}
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "accuracy": accuracy}
