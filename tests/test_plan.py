@@ -7,7 +7,6 @@ remat tests run on the CPU backend in fp32.
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import jax
@@ -142,14 +141,17 @@ def test_unknown_remat_policy_is_refused():
 
 
 def test_scan_compile_time_does_not_grow_with_depth():
-    """Layers are scanned: a 28-layer model compiles in about the time of a 4-layer one (CPU backend)."""
-    times = {}
-    for layers in (4, 28, 4):  # 4 twice: the first compile also pays one-off warm-up costs
+    """Layers are scanned: the compiled gradient of a 28-layer model is the program of a 4-layer one (the
+    same instructions, one while loop forward and one backward, only the stacked shapes differ), so XLA
+    compiles the same amount of code whatever the depth. Structural, not a clock on shared cores."""
+    programs = {}
+    for layers in (4, 28):
         loss, params = _text_loss_and_params(_cfg(layers=layers), "full", batch=2, length=32)
-        t0 = time.perf_counter()
-        jax.jit(jax.grad(loss)).lower(params).compile()
-        times[layers] = time.perf_counter() - t0
-    assert times[28] < 2.5 * times[4] + 1.0, times
+        programs[layers] = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    lines = {n: len(text.splitlines()) for n, text in programs.items()}
+    loops = {n: text.count(" while(") for n, text in programs.items()}
+    assert loops[4] == loops[28] == 2, loops
+    assert abs(lines[28] - lines[4]) <= 0.01 * lines[4], lines
 
 
 # ------------------------------------------------------------------------------------------------ plan (TPU AOT)
@@ -247,6 +249,10 @@ def test_offload_policy_compiles_for_tpu():
     r = plan(c, "v5p:2x2x1", programs=("micro",), prompt_len=64, response_len=8, images_per_prompt=0)
     (p,) = r.programs
     assert not p.error, p.error
+    assert p.host_temp > 0, p  # the saved activations are in host memory: offloading happened
+    c.model.remat = "dots"  # the same residuals kept on the device: no host bytes
+    (d,) = plan(c, "v5p:2x2x1", programs=("micro",), prompt_len=64, response_len=8, images_per_prompt=0).programs
+    assert not d.error and d.host_temp == 0, d
 
 
 @needs_libtpu
