@@ -7,6 +7,14 @@
       DIR/base_data/ (instruct records, resumable shards + manifest.json), DIR/tokenizer/ (HF tokenizer),
       DIR/tokenizer_report.json (tokens per caption, world tokenizer vs byte tokenizer)
 
+  viper world images --out DIR --n N [--block K] [--size PX]
+      DIR/*.png: N unlabelled source images for ViPER's synthesis, block K of the `synth` seed range (a round
+      of `viper loop` takes its own block); each PNG carries its scene for the simulators only
+
+  viper world shuffle-truth --records DIR --out DIR [--seed S]
+      the shuffled-truth control (issue 18): every shard under DIR rewritten with the truth sentences permuted
+      across records of the same task, nothing else changed (viper_common/shapeworld/controls.py)
+
   viper world base --workdir DIR [--config configs/world_base.py] [--config.a.b=value ...]
       the base model: data + tokenizer + a random-init tiny Qwen2.5-VL trained with `viper sft`, exported
       to DIR/base_hf (viper_jax/world/base.py)
@@ -39,6 +47,16 @@ def add_world_args(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--size", type=int, default=112, help="image side in pixels")
     data.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 1024)")
     data.add_argument("--tokenizer_scenes", type=int, default=2000, help="scenes whose text trains the tokenizer")
+    images = action.add_parser("images", help="write unlabelled source images for synthesis (synth seed range)")
+    images.add_argument("--out", required=True, help="folder for the PNGs")
+    images.add_argument("--n", type=int, required=True, help="number of images")
+    images.add_argument("--block", type=int, default=0, help="block of --n seeds of the synth range (default 0)")
+    images.add_argument("--size", type=int, default=112, help="image side in pixels")
+    shuffle = action.add_parser("shuffle-truth", help="copy synthesised records with truth permuted across records "
+                                                      "of the same task (the shuffled-truth control)")
+    shuffle.add_argument("--records", required=True, help="synthesis output folder (its <task>-*/part-* shards)")
+    shuffle.add_argument("--out", required=True, help="folder for the shuffled copy (same layout)")
+    shuffle.add_argument("--seed", type=int, default=0, help="seed of the permutation")
     base = action.add_parser("base", help="build the base model: data, tokenizer, `viper sft` from random init",
                              description="Extra arguments --config.a.b=value override single config fields.")
     base.add_argument("--workdir", required=True, help="data/, init_model/, sft/, base_hf/ and base.json go here")
@@ -133,6 +151,29 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def run_images(args: argparse.Namespace) -> Path:
+    import numpy as np
+
+    from viper_common.atomic_files import write_bytes_atomic
+    from viper_common.shapeworld import render
+    from viper_common.shapeworld.scene import sample_scene
+    from viper_common.shapeworld.splits import seed_block
+
+    _positive("--n", args.n)
+    try:
+        seeds = seed_block("synth", args.block, args.n)
+    except ValueError as e:
+        raise SystemExit(f"viper world: --block / --n: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:  # a rerun rewrites nothing it already has
+        path = out / f"synth-{seed}.png"
+        if not path.exists():
+            write_bytes_atomic(path, render.render_png(sample_scene(np.random.default_rng(seed)), seed, args.size))
+    print(f"{args.n} source images (synth seeds {seeds.start}..{seeds.stop - 1}) in {out}")
+    return out
+
+
 def run_base(args: argparse.Namespace) -> dict[str, Any]:
     from viper_common.config_overrides import ConfigError, apply_overrides
     from viper_jax.data.pipeline import TooManySkippedError
@@ -153,6 +194,21 @@ def run_base(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def run_shuffle_truth(args: argparse.Namespace) -> dict[str, Any]:
+    from viper_common.records import RecordError
+    from viper_common.shapeworld.controls import shuffle_truth
+
+    try:
+        summary = shuffle_truth(args.records, args.out, args.seed)
+    except (FileNotFoundError, ValueError, RecordError) as e:
+        raise SystemExit(f"viper world shuffle-truth: {e}") from None
+    for task, t in summary["tasks"].items():
+        print(f"  {task}: {t['records']} records, truth permuted (unshuffled {t['unshuffled']}, "
+              f"same content {t['same_content']})")
+    print(f"shuffled copy of {args.records} in {args.out}")
+    return summary
+
+
 def run_world(args: argparse.Namespace) -> Any:
     if args.world_action == "base":  # its own errors name the config key or the workdir
         return run_base(args)
@@ -161,6 +217,10 @@ def run_world(args: argparse.Namespace) -> Any:
             return run_bench(args)
         if args.world_action == "data":
             return run_data(args)
+        if args.world_action == "shuffle-truth":
+            return run_shuffle_truth(args)
+        if args.world_action == "images":
+            return run_images(args)
     except OSError as e:  # an --out that is a file, a full or read-only disk
         raise SystemExit(f"viper world {args.world_action}: cannot write {args.out}: {e}") from None
     raise SystemExit(f"viper world: unknown action {args.world_action!r}")  # argparse's choices prevent this
