@@ -295,6 +295,7 @@ def test_two_processes_match_one_and_resume_after_sigkill(tmp_path):
 
     hf_ref, hf_multi = load_file(ref / "hf" / "model.safetensors"), load_file(multi / "hf" / "model.safetensors")
     assert hf_ref.keys() == hf_multi.keys() and len(hf_ref) > 10
-    for name in hf_ref:
-        if "k_proj.bias" not in name:
-            np.testing.assert_allclose(hf_multi[name], hf_ref[name], rtol=0, atol=1e-5, err_msg=name)
+    assert any(name.endswith("k_proj.bias") for name in hf_ref)
+    for name in hf_ref:  # the zero-gradient key bias to the noise bound above, every other tensor to 1e-5
+        atol = 1e-3 if name.endswith("k_proj.bias") else 1e-5
+        np.testing.assert_allclose(hf_multi[name], hf_ref[name], rtol=0, atol=atol, err_msg=name)
