@@ -32,6 +32,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="viper-synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from viper_common.cli_errors import DEBUG_HELP
+
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     cr = sub.add_parser("caption-refine", help="stage 1: images -> caption_refine records")
     cr.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png/.webp images (searched recursively)")
@@ -75,6 +78,12 @@ def _print_result(manifest: dict[str, Any], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`viper-synth ARGS`. From the console (argv None): a user's mistake (missing file, bad config key) is
+    one line and exit status 1, `--debug` shows its traceback; main(argv) from Python raises."""
+    if argv is None:
+        from viper_common.cli_errors import run_console
+
+        sys.exit(run_console("viper-synth", main))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args, overrides = _parser().parse_known_args(argv)
     if args.command == "caption-refine":

@@ -151,7 +151,16 @@ COMMANDS.update(world=(_add_world, _run_world))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`viper ARGS`. From the console (argv None): a user's mistake (missing file, bad config key, unreadable
+    checkpoint) is one line and exit status 1, `--debug` shows its traceback; main(argv) from Python raises."""
+    if argv is None:
+        from viper_common.cli_errors import run_console
+
+        sys.exit(run_console("viper", main))
     parser = argparse.ArgumentParser(prog="viper", description=__doc__)
+    from viper_common.cli_errors import DEBUG_HELP
+
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from viper_common.cli_errors import debugging
 from viper_jax import checkpoint, compile_cache
 from viper_jax.data.pipeline import TooManySkippedError
 from viper_jax.sft.config import ConfigError, validate
@@ -35,7 +36,7 @@ from viper_jax.sft.step import make_sft_step, model_inputs
 from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.model_source import setup_model
 from viper_jax.train.optim import make_optimizer
-from viper_jax.train.resume import ModelMismatchError, init_or_restore
+from viper_jax.train.resume import CheckpointRestoreError, ModelMismatchError, init_or_restore
 from viper_jax.train.stage_data import data_pipeline
 from viper_jax.train.state import train_state_shardings
 from viper_jax.train.trainer import log_to_console, write_config
@@ -152,7 +153,9 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
         cache = compile_cache.enable(config.compile_cache_dir)  # before the first compile
         logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
         result = train(config)
-    except (ConfigError, ModelMismatchError, TooManySkippedError) as e:
+    except (ConfigError, ModelMismatchError, TooManySkippedError, CheckpointRestoreError) as e:
+        if debugging():  # viper --debug: the traceback
+            raise
         print(f"viper sft: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"finished at step {result['step']}; workdir {Path(config.workdir).absolute()}")
