@@ -341,3 +341,21 @@ def test_controls_wait_for_round_0_synthesis_and_evals_for_their_model(tmp_path)
     assert steps["sft_s0"].ready() and steps["shuffle_truth_s0"].ready()
     assert steps["eval_viper_s0_r0"].requires == (str(rd / "export" / "config.json"),)
     assert steps["eval_viper_s0_r0"].needs == ("bench",)
+
+
+def test_quick_shares_the_full_runs_base(tmp_path, monkeypatch):
+    from viper_jax.world.reproduce import parse_args, settings_from_args
+
+    monkeypatch.chdir(tmp_path)
+    plan = Plan(settings_from_args(parse_args(["--quick"])), viper=["viper"])
+    assert plan.w == tmp_path / "runs" / "reproduce_quick"
+    assert plan.base == tmp_path / "runs" / "reproduce" / "base" / "base_hf"
+    assert plan.steps[0].cmd[:5] == ["viper", "world", "base", "--workdir", str(tmp_path / "runs" / "reproduce" / "base")]
+    full = Plan(settings_from_args(parse_args(["--seeds", "4,5", "--rounds", "3", "--controls", "sft,shuffled"])),
+                viper=["viper"])
+    assert full.base == tmp_path / "runs" / "reproduce" / "base" / "base_hf" and full.s.seeds == (4, 5)
+    assert full.s.steps == {"caption_refine": 12, "visual_ops": 12} and full.s.prompts_per_step == 8
+    names = [st.name for st in full.steps]
+    assert "stage1_train_s4" not in names and "shuffled_train_s5" in names and "eval_viper_s5_r2" in names
+    with pytest.raises(SystemExit, match="unknown"):
+        settings_from_args(parse_args(["--controls", "sft,bogus"]))

@@ -1,6 +1,7 @@
 """The ViPER experiment of issue 18 in ShapeWorld, as a list of subprocess steps (scripts/reproduce.py runs it).
 
-    base      viper world base (unless WORK/base/base_hf exists, or --base_hf names one)
+    base      viper world base (unless WORK/base/base_hf exists, or --base_hf names one; --quick builds or
+              reuses runs/reproduce/base, the full run's)
     bench     viper world bench
     images    viper world images, one block of synth seeds per round
     per seed  viper loop (R rounds: synthesis -> GRPO stage 1 -> stage 2 -> export; round r+1 synthesises with
@@ -15,6 +16,8 @@
 Every step is skipped when its output exists, so a killed run resumes: a step that writes a folder writes it under
 `<name>.partial` and the driver renames it when the command succeeded; a training run gets a DONE file. Each
 step's output goes to WORK/logs/<step>.log; WORK/steps.json records each step's state, wall time and command.
+Every step runs with VIPER_JAX_CACHE_DIR=WORK/jax_cache (unless set): one JAX compilation cache for all runs.
+A failed step skips the steps that need it; the others go on, and the exit status is 1.
 
 The single-stage controls get the whole GRPO budget (both stages' steps) by default (`single_stage_steps=total`),
 so that "both stages beat either alone" is not a comparison of 24 steps against 12; `own` gives them their
@@ -52,7 +55,8 @@ class Settings:
     controls: tuple[str, ...] = CONTROLS
     single_stage_steps: str = "total"  # "total": both stages' steps; "own": the stage's own
     bench: tuple[int | None, int | None] = (None, None)  # --n_per_category, --val_per_category (None: defaults)
-    base_hf: Path | None = None  # an existing base to use instead of building WORK/base
+    base_hf: Path | None = None  # an existing base to use instead of building one
+    base_workdir: Path | None = None  # where `viper world base` builds it (None: WORK/base)
     base_config: Path = CONFIGS / "world_base.py"
     loop_config: Path = CONFIGS / "loop_world.py"
     grpo_config: Path = CONFIGS / "world_grpo.py"
@@ -114,7 +118,8 @@ class Plan:
         self.s = s
         self.w = Path(s.workdir).absolute()
         self.viper = list(viper or viper_command())
-        self.base = Path(s.base_hf).absolute() if s.base_hf else self.w / "base" / "base_hf"
+        self.base_dir = Path(s.base_workdir).absolute() if s.base_workdir else self.w / "base"
+        self.base = Path(s.base_hf).absolute() if s.base_hf else self.base_dir / "base_hf"
         self.steps: list[Step] = []
         self.specs: list[dict[str, Any]] = []  # the report's models
         self.curve_runs: dict[str, dict[str, str]] = {}
@@ -192,7 +197,7 @@ class Plan:
         s, w = self.s, self.w
         base_needs: tuple[str, ...] = ()
         if s.base_hf is None:
-            base_dir = w / "base"
+            base_dir = self.base_dir
             self.add(Step("base", self.viper + ["world", "base", "--workdir", str(base_dir), "--config",
                                                 str(s.base_config)], self.base,
                           check=lambda: self.base.exists() and ((base_dir / "base.json").exists()
@@ -273,7 +278,10 @@ class Plan:
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         states: dict[str, str] = {}
         env = dict(os.environ)
-        for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                     # one persistent compilation cache for every run (viper_jax/compile_cache.py): the controls
+                     # and later seeds load the loop's compiled programs instead of compiling them again
+                     ("VIPER_JAX_CACHE_DIR", str(self.w / "jax_cache"))):
             env.setdefault(k, v)
         for st in self.steps:
             if st.is_done():
@@ -386,7 +394,10 @@ def parse_args(argv: Sequence[str] | None = None):
                                                     "quick without sft); 'none' for none")
     p.add_argument("--single_stage_steps", choices=("total", "own"), default="total",
                    help="steps of the stage-1-only / stage-2-only controls: both stages' (default) or the stage's own")
-    p.add_argument("--base_hf", default=None, help="use this base HF directory instead of building WORKDIR/base")
+    p.add_argument("--base_hf", default=None, help="use this base HF directory instead of building one")
+    p.add_argument("--base_workdir", default=None, help="where `viper world base` builds the base (default "
+                                                        "WORKDIR/base; with --quick runs/reproduce/base, the full "
+                                                        "run's, so that both share one base)")
     p.add_argument("--dry_run", action="store_true", help="print the commands (and whether each is done); run nothing")
     p.add_argument("--report_only", action="store_true", help="only (re)write results.json and report.md")
     p.add_argument("--quiet", action="store_true", help="do not echo the steps' output (always in WORKDIR/logs)")
@@ -425,6 +436,10 @@ def settings_from_args(args) -> Settings:
     s.single_stage_steps = args.single_stage_steps
     if args.base_hf:
         s.base_hf = Path(args.base_hf)
+    if args.base_workdir:
+        s.base_workdir = Path(args.base_workdir)
+    elif args.quick:
+        s.base_workdir = Path("runs/reproduce/base")
     return s
 
 
