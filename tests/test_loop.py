@@ -65,7 +65,9 @@ def round_one(tmp_path_factory):
         start = time.time()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         facts[name] = {"code": done.returncode, "output": done.stdout + done.stderr, "status": status(work),
-                       "seconds": time.time() - start, "train_log": (work / "round_000/logs/train.log").stat().st_size}
+                       "seconds": time.time() - start, "train_log": (work / "round_000/logs/train.log").stat().st_size,
+                       "files": {str(p.relative_to(work)): (p.stat().st_size, p.stat().st_mtime_ns)
+                                 for p in work.rglob("*") if p.is_file()}}
     return work, images, facts
 
 
@@ -98,7 +100,13 @@ def test_second_invocation_does_nothing(round_one):
     assert run3["output"].count("already done, skipped") == len(loop.STEPS)
     assert run3["status"] == facts["run2"]["status"]
     assert run3["train_log"] == facts["run2"]["train_log"]  # no subprocess ran
-    assert run3["seconds"] < 30
+    # Nothing was redone: no file appeared, went or changed, but the loop's own config and status records.
+    rewritten = {"loop_config.json", "round_000/status.json"}
+    before, after = facts["run2"]["files"], run3["files"]
+    assert before.keys() == after.keys(), sorted(before.keys() ^ after.keys())
+    changed = sorted(k for k in before if before[k] != after[k] and k not in rewritten)
+    assert not changed, changed
+    assert any(k.startswith("round_000/train/checkpoints/") for k in before)  # not vacuous
 
 
 @slow
@@ -186,7 +194,8 @@ def test_demo_inputs_and_report(round_one, tmp_path):
     text = report.read_text()
     assets = tmp_path / "demo" / "assets"
     for name in ("rewards.png", "csr_0.png", "vop_0.png", "reconstruction_0.png"):
-        assert (assets / name).stat().st_size > 0 and f"assets/{name}" in text or name == "reconstruction_0.png"
+        assert (assets / name).stat().st_size > 0, name  # every asset written, the reconstruction too
+        assert f"assets/{name}" in text or name == "reconstruction_0.png", name  # shown inside csr_0.png
     assert "restored with viper_jax.convert.load_model: step 2" in text
     assert "loaded with transformers" in text and "FAILED" not in text
 
