@@ -15,7 +15,8 @@ from viper_jax.world.base import base_config
 def get_config():
     c = base_config()
     c.world.n_train = 16000
-    c.vision.steps = 300
+    c.world.one_object_share = 0.25
+    c.vision.steps = 600
     s = c.sft
     s.steps = 800
     s.optim.frozen = ("visual",)
@@ -24,7 +25,7 @@ def get_config():
     s.sft.images_per_batch = 64  # 1- and 2-image examples: one compiled program per length bucket
     s.data.length_buckets = (96, 128, 160, 224)
     s.data.read_threads = 1
-    s.optim.learning_rate = 3e-3
+    s.optim.learning_rate = 2e-3
     s.optim.warmup_steps = 50
     s.optim.schedule = "cosine"
     s.optim.final_lr_fraction = 0.1

@@ -262,6 +262,25 @@ def test_base_data_answers_are_true(tmp_path):
     assert checked >= 10
 
 
+def test_one_object_scenes_are_asked_about_the_object():
+    """one_object_share=1: every scene holds one object, and its shape / colour questions name no position; the
+    default (0) leaves the data as it was (no extra random draw)."""
+    asked = 0
+    for ex in base_data.examples(120, one_object_share=1.0):
+        scene = render.read_scene(ex.images[0])
+        assert len(scene.objects) == 1
+        if ex.prompt in ("Tell me the colour of the object.", "Which colour does the object have?"):
+            assert ex.answer.endswith(f"<answer>It is {scene.objects[0].hue}.</answer>")
+            asked += 1
+        if ex.prompt in ("Which shape do you see?", "Tell me the shape of the object."):
+            assert f" {scene.objects[0].shape}.</answer>" in ex.answer
+            asked += 1
+    assert asked >= 5
+    assert [e.answer for e in base_data.examples(20)] == [e.answer for e in base_data.examples(20, one_object_share=0)]
+    with pytest.raises(ValueError, match="one_object_share"):
+        base_data.write_base_data("/nonexistent-never-written", 1, one_object_share=1.5)
+
+
 def test_base_data_shards_round_trip_and_resume(tmp_path):
     out = base_data.write_base_data(tmp_path / "d", 30, size=56, shard_size=12)
     manifest = records.read_manifest(out)

@@ -32,7 +32,8 @@ from viper_common import records
 from viper_common.atomic_files import write_json_atomic
 from viper_common.prompts import SYNTHESIS_PROMPTS
 from viper_common.shapeworld import language, render
-from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, Obj, Scene, sample_object, sample_scene
+from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, MAX_OBJECTS, SHAPES, Obj, Scene, sample_object,
+                                           sample_scene)
 from viper_common.shapeworld.splits import SEED_RANGES
 
 KINDS = ("describe", "ask", "compare", "choose")
@@ -102,6 +103,13 @@ def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     if facet == "background":
         return _pick(rng, ("Name the colour of the background.", "Which colour is the background?")), respond(
             "I look at the background.", f"The background is {scene.background}.")
+    if len(scene.objects) == 1 and facet in ("shape", "hue"):  # nothing to point at: ask about "the object"
+        obj = scene.objects[0]
+        if facet == "shape":
+            return _pick(rng, ("Which shape do you see?", "Tell me the shape of the object.")), respond(
+                "I look at the object.", f"It is {language.article(obj.shape)} {obj.shape}.")
+        return _pick(rng, ("Tell me the colour of the object.", "Which colour does the object have?")), respond(
+            "I look at the object.", f"It is {obj.hue}.")
     cell = int(rng.integers(9))
     where = language.region_phrase(cell, rng)
     i = scene.object_at(cell)
@@ -211,14 +219,17 @@ def _draw_kind(rng: np.random.Generator, weights: dict[str, float] | None) -> st
     return KINDS[int(rng.choice(len(KINDS), p=p / p.sum()))]
 
 
-def example(index: int, size: int = 112, weights: dict[str, float] | None = None) -> Example:
-    """Example `index`, drawn from seed base_train.start + index (deterministic)."""
+def example(index: int, size: int = 112, weights: dict[str, float] | None = None,
+            one_object_share: float = 0.0) -> Example:
+    """Example `index`, drawn from seed base_train.start + index (deterministic). `one_object_share` of the
+    scenes hold a single object: the easiest reading of an image, where a fresh decoder starts to look."""
     seed = SEED_RANGES["base_train"].start + index
     if seed not in SEED_RANGES["base_train"]:
         raise ValueError(f"example {index} leaves the base_train seed range")
     rng = np.random.default_rng(seed)
     kind = _draw_kind(rng, weights)
-    scene = sample_scene(rng)
+    one = one_object_share > 0 and rng.random() < one_object_share  # no draw at 0: older data unchanged
+    scene = sample_scene(rng, max_objects=1 if one else MAX_OBJECTS)
     if kind == "compare":
         prompt, answer, images = compare(scene, rng, seed, size)
     else:
@@ -227,19 +238,22 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
     return Example(f"base-{index:08d}", kind, prompt, answer, tuple(images), seed)
 
 
-def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None) -> Iterator[Example]:
+def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None,
+             one_object_share: float = 0.0) -> Iterator[Example]:
     for index in range(start, start + n):
-        yield example(index, size, weights)
+        yield example(index, size, weights, one_object_share)
 
 
-def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None) -> None:
+def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None,
+                 one_object_share: float) -> None:
     with records.ShardWriter(path) as writer:
-        for ex in examples(count, start, size, weights):
+        for ex in examples(count, start, size, weights, one_object_share):
             writer.write(ex.to_record())
 
 
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
-                    weights: dict[str, float] | None = None, workers: int = 1, log: Any = None) -> Path:
+                    weights: dict[str, float] | None = None, workers: int = 1, log: Any = None,
+                    one_object_share: float = 0.0) -> Path:
     """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
     `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
     `settings.json` makes sure a resumed run has the same settings. Progress lines go to `log` (default:
@@ -247,10 +261,14 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
     log = log or sys.stderr
     if n < 1 or shard_size < 1 or workers < 1:
         raise ValueError(f"n, shard_size and workers must be >= 1 (got {n}, {shard_size}, {workers})")
+    if not 0.0 <= one_object_share <= 1.0:
+        raise ValueError(f"one_object_share must be in [0, 1], got {one_object_share}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": n, "size": size, "shard_size": shard_size, "weights": {**DEFAULT_WEIGHTS, **(weights or {})},
                 "seed_start": SEED_RANGES["base_train"].start}
+    if one_object_share:
+        settings["one_object_share"] = one_object_share
     _draw_kind(np.random.default_rng(0), weights)  # validates the weights before any work
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
@@ -262,7 +280,7 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
               for s in range(num_shards)}
     todo = [(k, name) for k, name in enumerate(shards) if not (out / name).exists()]
     print(f"  base data: {num_shards - len(todo)}/{num_shards} shards already written", file=log, flush=True)
-    jobs = [(out / name, shards[name], k * shard_size, size, weights) for k, name in todo]
+    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share) for k, name in todo]
     if workers == 1 or len(jobs) < 2:
         done = (_write_shard(*job) for job in jobs)
         pool = None

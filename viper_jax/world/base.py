@@ -48,6 +48,7 @@ def base_config() -> ConfigDict:
     c.world.vocab_size = 1024
     c.world.tokenizer_scenes = 2000
     c.world.workers = 2  # processes writing the data
+    c.world.one_object_share = 0.0  # share of one-object scenes in the base data (base_data.example)
     c.model = ConfigDict()  # the tiny Qwen2.5-VL's architecture
     c.model.hidden = 128
     c.model.layers = 4
@@ -143,7 +144,8 @@ def _write_data(config: ConfigDict, data_dir: Path) -> None:
 
     w = config.world
     try:
-        base_data.write_base_data(data_dir / "base_data", int(w.n_train), size=int(w.size), workers=int(w.workers))
+        base_data.write_base_data(data_dir / "base_data", int(w.n_train), size=int(w.size), workers=int(w.workers),
+                                  one_object_share=float(w.one_object_share))
     except ValueError as e:  # settings that contradict the data already in the folder, or bad counts
         raise ConfigError(f"config world: {e}") from None
 
