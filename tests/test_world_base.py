@@ -16,7 +16,7 @@ TOY = ["--config.world.n_train=24", "--config.world.tokenizer_scenes=50", "--con
        "--config.model.intermediate=128", "--config.model.vision_hidden=32", "--config.model.vision_depth=1",
        "--config.model.vision_heads=2", "--config.sft.steps=3", "--config.sft.data.batch_size=4",
        "--config.sft.sft.images_per_batch=8",
-       "--config.sft.checkpoint.every_steps=2"]
+       "--config.sft.checkpoint.every_steps=2", "--config.vision.steps=4", "--config.vision.batch_size=4"]
 
 
 def _run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -37,6 +37,7 @@ def test_world_base_builds_resumes_and_exports(tmp_path):
     summary = json.loads((work / "base.json").read_text())
     assert summary["sft"]["steps"] == 3 and summary["sft"]["tokens_per_s"] > 0
     assert set(summary["seconds"]) == {"data", "tokenizer", "init_model", "sft"}
+    assert summary["vision_pretrain"]["steps"] == 4  # the tower was pretrained before the SFT
     assert not (work / "init_model.tmp").exists() and not (work / "data" / "tokenizer.tmp").exists()
     manifest = json.loads((work / "data" / "base_data" / "manifest.json").read_text())
     assert manifest["num_records"] == sum(manifest["shards"].values()) == 24
