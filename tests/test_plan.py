@@ -151,7 +151,9 @@ def test_scan_compile_time_does_not_grow_with_depth():
     lines = {n: len(text.splitlines()) for n, text in programs.items()}
     loops = {n: text.count(" while(") for n, text in programs.items()}
     assert loops[4] == loops[28] == 2, loops
-    assert abs(lines[28] - lines[4]) <= 0.01 * lines[4], lines
+    # XLA's fusion and copy choices may depend on the stacked shapes (CI once compiled 2346 vs 2320 lines; here
+    # both are 2227), so 5% slack; an unrolled 28-layer stack would be about 7 times the 4-layer program.
+    assert abs(lines[28] - lines[4]) <= 0.05 * lines[4], lines
 
 
 # ------------------------------------------------------------------------------------------------ plan (TPU AOT)
