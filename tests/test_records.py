@@ -257,3 +257,23 @@ def test_old_records_unchanged():
     old = {"schema_version": 1, "id": rec.id, "task": rec.task, "caption": rec.caption, "truth": list(rec.truth),
            "provenance": rec.provenance, "image_sizes": [len(rec.images[0])]}
     assert R.decode(_raw(old, rec.images[0])) == rec
+
+
+def test_answer_focus_round_trip_and_refusals():
+    """An instruct answer's focus spans survive encode/decode; bad spans are refused by record and key;
+    a record without spans has no `answer_focus` header key (older bytes unchanged)."""
+    rec = _instruct(answer="<answer>There are three circles.</answer>", answer_focus=[(18, 23), (24, 31)])
+    back = R.decode(R.encode(rec))
+    assert back == rec and back.answer_focus == ((18, 23), (24, 31))
+    assert [back.answer[s:e] for s, e in back.answer_focus] == ["three", "circles"]
+    assert "answer_focus" not in _good_header(_instruct())
+    for spans in ([(5, 3)], [(0, 999)], [(4, 8), (6, 9)], [(1, True)], [(-1, 2)]):
+        with pytest.raises(R.RecordError, match="answer_focus spans must be sorted") as info:
+            _instruct(answer="<answer>x y z</answer>", answer_focus=spans)
+        assert info.value.reason == "bad_field" and "ins-0001" in str(info.value)
+    with pytest.raises(R.RecordError, match="'answer_focus' belongs to task 'instruct'"):
+        _csr(answer_focus=[(0, 1)])
+    h = _good_header(rec)
+    assert _reason(_raw(dict(h, answer_focus="0-5"), rec.images[0])) == "bad_field"
+    assert _reason(_raw(dict(h, answer_focus=[7]), rec.images[0])) == "bad_field"
+    assert _reason(_raw(dict(h, answer_focus=[[1, 2, 3]]), rec.images[0])) == "bad_field"

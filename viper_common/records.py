@@ -63,6 +63,9 @@ class ViperRecord:
     prompt, answer: task "instruct" only (required there, absent elsewhere): the user text without
       vision tokens (the images come first in the user turn) and the full assistant response; its
       truth may be empty.
+    answer_focus: task "instruct" only, optional: sorted, disjoint [start, end) character spans of `answer`
+      whose words state what the images show (a colour, a count, "yes"); `viper sft` can weight them
+      (sft.focus_steps / sft.focus_weight). Empty: no span is marked.
     """
 
     id: str
@@ -74,10 +77,12 @@ class ViperRecord:
     schema_version: int = SCHEMA_VERSION
     prompt: str | None = None
     answer: str | None = None
+    answer_focus: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "images", tuple(self.images))
         object.__setattr__(self, "truth", tuple(self.truth))
+        object.__setattr__(self, "answer_focus", tuple(tuple(span) for span in self.answer_focus))
         validate(self)
 
 
@@ -124,10 +129,29 @@ def validate(record: ViperRecord) -> None:
             raise RecordError("missing_field", f"task {INSTRUCT} needs a non-empty {name!r}", rid)
         elif not isinstance(value, str):
             raise RecordError("bad_field", f"{name} must be a string, got {type(value).__name__}", rid)
+    _validate_focus(record)
     if not all(isinstance(s, str) and s.strip() for s in record.truth):
         raise RecordError("missing_field", "truth sentences must be non-empty strings", rid)
     if not record.truth and record.task != INSTRUCT:
         raise RecordError("missing_field", "truth must be a non-empty list of non-empty sentences", rid)
+
+
+def _validate_focus(record: ViperRecord) -> None:
+    spans = record.answer_focus
+    if not spans:
+        return
+    if record.task != INSTRUCT:
+        raise RecordError("bad_field", f"field 'answer_focus' belongs to task {INSTRUCT!r} only, not {record.task!r}",
+                          record.id)
+    end = 0
+    for span in spans:
+        ok = (len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+              and end <= span[0] < span[1] <= len(record.answer))
+        if not ok:
+            raise RecordError("bad_field", f"answer_focus spans must be sorted, disjoint [start, end) int pairs "
+                                           f"inside the {len(record.answer)}-character answer, got {list(spans)}",
+                              record.id)
+        end = span[1]
 
 
 def encode(record: ViperRecord) -> bytes:
@@ -142,6 +166,8 @@ def encode(record: ViperRecord) -> bytes:
     }
     # Written only when set, so a ViPER record encodes to the same bytes as before instruct existed.
     header.update({k: v for k, v in (("prompt", record.prompt), ("answer", record.answer)) if v is not None})
+    if record.answer_focus:
+        header["answer_focus"] = [list(span) for span in record.answer_focus]
     head = json.dumps(header, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return b"".join([MAGIC, struct.pack("<I", len(head)), head, *record.images])
 
@@ -177,6 +203,9 @@ def decode(data: bytes) -> ViperRecord:
     # tuple("a string") would silently become a tuple of characters, so the container types are checked.
     if not isinstance(header["truth"], list):
         raise RecordError("bad_field", f"truth must be a list, got {type(header['truth']).__name__}", rid)
+    focus = header.get("answer_focus", [])
+    if not isinstance(focus, list) or not all(isinstance(span, list) for span in focus):
+        raise RecordError("bad_field", f"answer_focus must be a list of [start, end] pairs, got {focus!r}", rid)
     body = data[8 + head_len:]
     if sum(sizes) != len(body):
         raise RecordError("truncated", f"images need {sum(sizes)} bytes, {len(body)} present", rid)
@@ -188,7 +217,7 @@ def decode(data: bytes) -> ViperRecord:
         return ViperRecord(id=rid, task=header["task"], images=tuple(images), truth=tuple(header["truth"]),
                            caption=header.get("caption"), provenance=header.get("provenance") or {},
                            schema_version=header["schema_version"], prompt=header.get("prompt"),
-                           answer=header.get("answer"))
+                           answer=header.get("answer"), answer_focus=tuple(map(tuple, focus)))
     except TypeError as e:
         raise RecordError("bad_field", str(e), rid) from None
 

@@ -9,6 +9,10 @@ Kinds of example (scenes from the `base_train` seed range only):
   choose    the answer formats of benchmarks on coarse facts: a multiple-choice question in VLMEvalKit's layout
             answered with the option letter, and a yes/no question (optional: weight 0 turns it off)
 Every answer is `<think>...</think><answer>...</answer>`, the think a short statement of what is looked at.
+Each example marks its answer's content words (`focus`: colours, shapes, sizes, counts, positions, yes / no,
+the option letter; content_spans): the words that can only be right by reading the image. `viper sft` can
+put the loss on them first (sft.focus_steps): with the loss spread over the whole answer a fresh decoder fits
+the answer text and never finds its way into the image (docs/shapeworld.md).
 
 Not in here, on purpose: the benchmark's question templates (questions.py; a test checks), fine attributes
 as questions (shade, pattern, label, small objects are only in captions), and ViPER's two training tasks
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -44,6 +49,13 @@ DESCRIBE_PROMPTS = ("Describe this image.", "What do you see in this picture?", 
                     "Describe every object in the image and where it is.", SYNTHESIS_PROMPTS["caption"])
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # = evaluation.tsv's
 YES_NO_INSTRUCTION = "Please answer yes or no."
+# Words whose value is read off the image: attributes, backgrounds, counts, positions, yes / no / nothing.
+CONTENT_WORDS = (*language.LEXICON, *BACKGROUNDS, *language.NUMBER_WORDS[1:], "top", "bottom", "left", "right",
+                 "center", "centre", "middle", "upper", "lower", "yes", "no", "nothing")
+_CONTENT = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, CONTENT_WORDS), key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+_ANSWER_BODY = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
+_LETTER_ANSWER = re.compile(r"[A-D]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +67,30 @@ class Example:
     images: tuple[bytes, ...]
     seed: int
 
+    @property
+    def focus(self) -> tuple[tuple[int, int], ...]:
+        return content_spans(self.answer)
+
     def to_record(self) -> records.ViperRecord:
         return records.ViperRecord(id=self.id, task=records.INSTRUCT, images=self.images, truth=(),
-                                   prompt=self.prompt, answer=self.answer,
+                                   prompt=self.prompt, answer=self.answer, answer_focus=self.focus,
                                    provenance={"source": "shapeworld.base_data", "kind": self.kind, "seed": self.seed})
 
 
 def respond(think: str, answer: str) -> str:
     return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def content_spans(answer: str) -> tuple[tuple[int, int], ...]:
+    """[start, end) character spans of the content words inside `answer`'s <answer>...</answer>: every
+    CONTENT_WORDS word, or the whole body when it is an option letter. The think is never marked."""
+    body = _ANSWER_BODY.search(answer)
+    if body is None:
+        return ()
+    start, text = body.start(1), body.group(1)
+    if _LETTER_ANSWER.fullmatch(text):
+        return ((start, start + 1),)
+    return tuple((start + m.start(), start + m.end()) for m in _CONTENT.finditer(text))
 
 
 def _pick(rng: np.random.Generator, options):

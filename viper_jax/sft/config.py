@@ -41,6 +41,11 @@ def base_config() -> ConfigDict:
     # have one or two images (batch_size * 2 covers any batch of them). See step.model_inputs.
     c.sft.images_per_batch = 0
     c.sft.logit_chunk = 0  # positions per lm_head chunk (rematerialised); 0 = all at once
+    # A curriculum over instruct records' answer_focus tokens (the words that state what the images show):
+    # the first focus_steps updates put the loss on them only; after that every answer token counts and focus
+    # tokens weigh focus_weight. A fresh decoder trained on whole answers fits the text and ignores the image.
+    c.sft.focus_steps = 0
+    c.sft.focus_weight = 1.0
     c.optim = grpo.optim
     c.optim.learning_rate = 1e-5
     c.checkpoint = grpo.checkpoint
@@ -71,6 +76,9 @@ def validate(config: ConfigDict) -> None:
                              (len(config.data.shard_globs) > 0, "data.shard_globs", "is empty: no training data"),
                              (config.data.batch_size >= 1, "data.batch_size", "must be positive"),
                              (config.sft.logit_chunk >= 0, "sft.logit_chunk", "must be >= 0 (0 = off)"),
-                             (config.sft.images_per_batch >= 0, "sft.images_per_batch", "must be >= 0 (0 = off)")]:
+                             (config.sft.images_per_batch >= 0, "sft.images_per_batch", "must be >= 0 (0 = off)"),
+                             (0 <= config.sft.focus_steps <= config.steps, "sft.focus_steps",
+                              f"must be in [0, steps={config.steps}]"),
+                             (config.sft.focus_weight > 0, "sft.focus_weight", "must be positive")]:
         if not ok:
             raise ConfigError(f"config {key}: {message}")

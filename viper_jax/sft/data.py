@@ -9,7 +9,8 @@ prompt `<|im_start|>assistant\\n`). The answer is what the model should write th
   instruct                     the record's `answer`
 
 followed by `<|im_end|>`. Answer tokens are the answer text tokenized on its own (no special tokens
-added) plus that `<|im_end|>`: the loss covers them and nothing else.
+added) plus that `<|im_end|>`: the loss covers them and nothing else. An instruct record's `answer_focus`
+character spans mark its focus tokens (those a span overlaps): `focus_mask`, for sft.focus_steps.
 
 Batches reuse the GRPO pipeline's Collator: rows are LEFT-padded to the smallest length bucket holding
 the longest prompt + answer, so each row's answer is its last `answer_length` positions. `loss_mask`
@@ -39,6 +40,7 @@ class SFTExample(Example):
     """input_ids: prompt (image pads expanded) + answer + <|im_end|>; the answer is the last `answer_length`."""
 
     answer_length: int = 0
+    answer_focus: np.ndarray | None = None  # [answer_length] bool: the token overlaps an answer_focus span
 
 
 class SFTProcessor(RecordProcessor):
@@ -63,7 +65,9 @@ class SFTProcessor(RecordProcessor):
         record = self.decode(data)
         if isinstance(record, Skipped):
             return record
-        answer = np.asarray(self.tokenizer(self.answer_text(record), add_special_tokens=False)["input_ids"], np.int32)
+        text = self.answer_text(record)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(record.answer_focus))
+        answer = np.asarray(encoded["input_ids"], np.int32)
         if np.isin(answer, self.special).any():
             return Skipped("bad_answer", record.id, "the answer holds special tokens: "
                            f"{self.tokenizer.convert_ids_to_tokens(answer[np.isin(answer, self.special)].tolist())}")
@@ -77,13 +81,26 @@ class SFTProcessor(RecordProcessor):
                                                   f"largest bucket {self.max_length}")
         return SFTExample(id=record.id, task=record.task, truth=record.truth, input_ids=ids,
                           pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
-                          answer_length=len(answer) + 1)
+                          answer_length=len(answer) + 1,
+                          answer_focus=focus_tokens(encoded.get("offset_mapping"), record.answer_focus, len(answer) + 1))
+
+
+def focus_tokens(offsets: Sequence[tuple[int, int]] | None, spans: Sequence[tuple[int, int]], length: int) -> np.ndarray:
+    """[length] bool: token k's character range [a, b) overlaps a span (a byte-level token " red" holds
+    its leading space, so overlap rather than containment). The closing <|im_end|> is never a focus token."""
+    focus = np.zeros(length, bool)
+    if spans:
+        a, b = np.asarray(offsets, np.int64).reshape(-1, 2).T
+        for s, e in spans:
+            focus[:len(a)] |= (a < e) & (b > s)
+    return focus
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTCollator(Collator):
     """Collator's batch (`prompt_lengths` then holds the whole sequence's length) plus
-    `answer_lengths` [B] and `loss_mask` [B, T] int32: 1 where a row's answer token sits."""
+    `answer_lengths` [B], `loss_mask` [B, T] int32: 1 where a row's answer token sits, and `focus_mask`
+    [B, T] int32: 1 where a focus token sits (a subset of loss_mask)."""
 
     def __call__(self, examples: Sequence[SFTExample]) -> dict[str, Any]:
         batch = super().__call__(examples)
@@ -91,4 +108,9 @@ class SFTCollator(Collator):
         width = batch["input_ids"].shape[1]
         batch["answer_lengths"] = answer
         batch["loss_mask"] = (np.arange(width)[None, :] >= width - answer[:, None]).astype(np.int32)
+        focus = np.zeros_like(batch["loss_mask"])
+        for row, e in enumerate(examples):
+            if e.answer_focus is not None and e.answer_length:
+                focus[row, width - e.answer_length:] = e.answer_focus
+        batch["focus_mask"] = focus
         return batch

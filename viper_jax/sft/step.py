@@ -1,9 +1,10 @@
 """The SFT update: answer-token cross-entropy, one jitted, sharded, donated step per batch.
 
-loss = sum over the batch's answer tokens of -log p(token | everything before it)
-       / number of answer tokens in the batch
+loss = sum over the batch's answer tokens of w * -log p(token | everything before it)
+       / sum of w over the batch's answer tokens
 (a token mean over the whole batch, so every answer token weighs the same whatever its row's length;
-prompt, image-pad and padding positions have weight 0). The update is train.state.make_train_step's:
+prompt, image-pad and padding positions have weight 0). w is 1, or loss_weights' curriculum: only the
+focus tokens (the words that state what the images show) in a first phase, focus tokens weighted up after. The update is train.state.make_train_step's:
 gradient, global-norm clip + AdamW (train/optim.py), and a non-finite loss or gradient leaves the
 state untouched and counts one `skipped`.
 """
@@ -41,10 +42,21 @@ def pad_images(grid: np.ndarray, pixels: np.ndarray, count: int) -> tuple[np.nda
             np.concatenate([pixels, np.zeros((rows, pixels.shape[1]), pixels.dtype)]))
 
 
-def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig, images_per_batch: int = 0) -> dict[str, Any]:
+def loss_weights(batch: dict[str, Any], focus_only: bool = False, focus_weight: float = 1.0) -> np.ndarray:
+    """[B, T] float32 loss weights: the answer tokens (loss_mask), or only the focus tokens when `focus_only`
+    (rows without any weigh nothing); otherwise focus tokens weigh `focus_weight`, other answer tokens 1."""
+    answer = np.asarray(batch["loss_mask"], np.float32)
+    focus = np.asarray(batch.get("focus_mask", np.zeros_like(answer)), np.float32)
+    if focus_only:
+        return focus
+    return answer + (focus_weight - 1.0) * focus
+
+
+def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig, images_per_batch: int = 0,
+                 focus_only: bool = False, focus_weight: float = 1.0) -> dict[str, Any]:
     """Host-side: the pipeline's batch -> the jitted step's inputs (MRoPE positions over prompt +
     answer exactly as get_rope_index gives them, the vision tower's index arrays, real pixel rows,
-    padded to `images_per_batch` images by pad_images when that is > 0)."""
+    padded to `images_per_batch` images by pad_images when that is > 0, loss_weights' `loss_mask`)."""
     ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
     grid = np.asarray(batch["image_grid_thw"], np.int32).reshape(-1, 3)
     if len(grid) == 0:  # every record kind has 1 or 2 images; a text-only batch would need another program
@@ -55,12 +67,13 @@ def model_inputs(batch: dict[str, Any], config: Qwen2_5_VLConfig, images_per_bat
     positions = prompt_positions(ids, mask, grid, config).astype(np.int32)
     vision_grid, pixels = pad_images(grid, np.asarray(batch["pixel_values"])[:int(batch["num_patches"])],
                                      images_per_batch)
-    return {"input_ids": ids, "attention_mask": mask, "loss_mask": np.asarray(batch["loss_mask"]),
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_weights(batch, focus_only, focus_weight),
             "positions": positions, "pixel_values": pixels, "vision_inputs": prepare_vision(vision_grid, config.vision)}
 
 
 def answer_loss(model: Qwen2_5_VL, inputs: dict[str, Any], logit_chunk: int = 0) -> tuple[jax.Array, dict]:
-    """(mean answer-token NLL of the batch, {"answer_tokens": count}). Position t predicts token t+1."""
+    """(weighted mean answer-token NLL of the batch, {"answer_tokens": sum of weights}). Position t predicts
+    token t+1; `loss_mask` holds the weights."""
     x = model.embed(inputs["input_ids"], inputs["pixel_values"], inputs["vision_inputs"])
     hidden, _ = model.language_model(x, inputs["positions"], inputs["attention_mask"])
     logp, _ = response_logprobs(model, hidden[:, :-1], inputs["input_ids"][:, 1:], 1.0, logit_chunk)
