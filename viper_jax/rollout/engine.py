@@ -5,7 +5,8 @@ Flow for B prompts and G samples each:
   2. jit: vision tower once per prompt, prefill the B prompts into a cache of `bucket + max_new_tokens`
      slots, then repeat the cache G times (the group shares one prefill).
   3. jit: `lax.while_loop` decode: one token per row per step at position max(prompt positions) + 1 + i
-     on all three MRoPE axes (HF's rope_deltas), stopping when every row hit an end token or the limit.
+     on all three MRoPE axes (HF's rope_deltas), stopping when every row hit an end token or the limit;
+     with `shrink_rows`, ended rows leave the batch as it halves (same tokens, fewer wasted slots).
 Prompt buckets and max_new_tokens are static, so XLA compiles once per (bucket, image-grid set).
 The model's own parameters are used in place: no copy, no second model.
 """
@@ -37,6 +38,9 @@ class RolloutConfig:
     group_size: int = 1
     sampling: SamplingConfig = SamplingConfig()
     cache_dtype: Any = None  # default: the model's compute dtype
+    # 0: every row stays in the decode batch until the longest ends. k > 0: the batch halves (to multiples
+    # of k) whenever at most half its rows are still live; same tokens, fewer wasted slots (see `decode`).
+    shrink_rows: int = 0
 
 
 @dataclasses.dataclass
@@ -47,10 +51,17 @@ class RolloutResult:
     prompt_index: np.ndarray  # [B*G] which prompt each row answers (rows of a group are consecutive)
     seconds: float
     kv_cache_bytes: int
+    decode_slots: int = 0   # rows x decode steps the loop ran (every process's rows when split)
 
     @property
     def tokens_per_second(self) -> float:
         return float(self.lengths.sum()) / max(self.seconds, 1e-9)
+
+    @property
+    def useful_slot_share(self) -> float:
+        """`useful_slot_share` of this result. Split over processes, lengths are this host's rows only and the
+        slots the whole batch's: there use the gathered lengths (as the trainer does)."""
+        return useful_slot_share(self.lengths, self.decode_slots)
 
 
 def check_fits(model: Qwen2_5_VL, bucket: int, cfg: RolloutConfig) -> None:
@@ -91,20 +102,41 @@ def prefill(model: Qwen2_5_VL, ids, mask, positions, pixel_values, vision_inputs
 
 
 def sample_next(model: Qwen2_5_VL, layers: list, token: jax.Array, positions: jax.Array, slot_mask: jax.Array,
-                caches: list, slot: jax.Array | int, key: jax.Array, sampling: SamplingConfig
-                ) -> tuple[jax.Array, jax.Array, list]:
+                caches: list, slot: jax.Array | int, key: jax.Array, sampling: SamplingConfig,
+                rows: jax.Array | None = None, total_rows: int = 0) -> tuple[jax.Array, jax.Array, list]:
     """One decode step: `token` [R] written at cache `slot` (positions [3, R, 1]), the next token sampled.
-    Returns (token [R], its log-prob [R], the per-layer caches). `viper plan` compiles exactly this."""
+    Returns (token [R], its log-prob [R], the per-layer caches). `viper plan` compiles exactly this.
+    rows / total_rows: the R rows are these of a batch of total_rows (a shrunk decode loop; see `decode`)."""
     embeds = model.language_model.embed(token[:, None])
     logits, caches = model.decode_with_layer_caches(layers, embeds, positions, slot_mask, caches, slot)
-    tok, lp = sample(logits[:, -1], key, sampling)
+    tok, lp = sample(logits[:, -1], key, sampling, rows=rows, total_rows=total_rows)
     return tok, lp, caches
+
+
+def shrink_sizes(rows: int, shrink_rows: int) -> tuple[int, ...]:
+    """The decode loop's batch sizes, one per phase: `rows`, then halved while the half is a multiple of
+    `shrink_rows` (0: never). A multiple, so that a mesh of `shrink_rows` batch shards still divides it."""
+    sizes = [rows]
+    while shrink_rows > 0 and sizes[-1] % 2 == 0 and (sizes[-1] // 2) % shrink_rows == 0:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
+def useful_slot_share(lengths: Any, decode_slots: int) -> float:
+    """Real response tokens / the decode slots the loop ran (rows x steps, summed over its phases): the share
+    of sampled positions that belong to a response rather than to a row that had already ended."""
+    return float(np.asarray(lengths).sum()) / max(int(decode_slots), 1)
 
 
 @nnx.jit(static_argnames=("cfg", "prompt_len"))
 def decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: RolloutConfig, prompt_len: int):
-    """(tokens, log-probs [B*G, max_new_tokens], lengths [B*G]): G samples per prompt from the prefill's cache,
-    in one `lax.while_loop` that stops when every row has hit an end token or the limit."""
+    """(tokens, log-probs [B*G, max_new_tokens], lengths [B*G], decode slots []): G samples per prompt from
+    the prefill's cache, in `lax.while_loop`s that stop when every row has hit an end token or the limit.
+
+    With cfg.shrink_rows, once at most half of the loop's rows are still live, the live ones move (with their
+    caches) into a batch of half the size and the loop goes on there: rows that ended stop costing compute and
+    cache reads. Each row keeps its own random draw (sampling.draw's `rows`), so the tokens are those of the
+    unshrunk loop. Decode slots: rows x steps actually run, the first token's included."""
     g = cfg.group_size
     # The group shares one prefill: repeat every per-row tensor G times (rows of a group consecutive).
     last_logits = jnp.repeat(last_logits, g, axis=0)
@@ -125,29 +157,55 @@ def decode(model: Qwen2_5_VL, last_logits, cache, mask, next_pos, rng, cfg: Roll
     done = jnp.isin(tok, eos)
     lengths = jnp.ones((rows,), jnp.int32)
 
-    def cond(state):
-        i, _, _, _, _, done, _, _ = state
-        return (i < n) & ~jnp.all(done)
+    def phase(state, ids, limit: int):
+        """Steps on the loop's current rows (`ids`: which output rows they are; None: all, in order) while
+        more than `limit` of them are live."""
+        size = rows if ids is None else ids.shape[0]
 
-    def body(state):
-        i, caches, slot_mask, tokens, logprobs, done, lengths, rng = state
-        token = tokens[:, i - 1]
-        slot = prompt_len + i - 1
-        slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((rows, 1), slot_mask.dtype), (0, slot))
-        pos = jnp.broadcast_to((next_pos + i - 1)[None, :, None], (3, rows, 1))
-        rng, key = jax.random.split(rng)
-        tok, lp, caches = sample_next(model, layers, token, pos, slot_mask, caches, slot, key, cfg.sampling)
-        tok = jnp.where(done, cfg.pad_token_id, tok)
-        lp = jnp.where(done, 0.0, lp)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, eos)
-        return i + 1, caches, slot_mask, tokens, logprobs, done, lengths, rng
+        def cond(state):
+            i, _, _, _, _, done, _, _, _ = state
+            return (i < n) & (jnp.sum(~done) > limit)
 
-    state = (jnp.int32(1), caches, slot_mask, tokens, logprobs, done, lengths, rng)
-    _, _, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, logprobs, lengths
+        def body(state):
+            i, caches, slot_mask, tokens, logprobs, done, lengths, rng, slots = state
+            token = tokens[:, i - 1] if ids is None else tokens[ids, i - 1]
+            slot = prompt_len + i - 1
+            slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((size, 1), slot_mask.dtype), (0, slot))
+            pos = jnp.broadcast_to((next_pos_k + i - 1)[None, :, None], (3, size, 1))
+            rng, key = jax.random.split(rng)
+            tok, lp, caches = sample_next(model, layers, token, pos, slot_mask, caches, slot, key, cfg.sampling,
+                                          rows=ids, total_rows=rows)
+            tok = jnp.where(done, cfg.pad_token_id, tok)
+            lp = jnp.where(done, 0.0, lp)
+            if ids is None:  # the unshrunk loop writes a column in place
+                tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+                logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
+                lengths = lengths + (~done).astype(jnp.int32)
+            else:  # ids are distinct, so the scatters never collide
+                tokens = tokens.at[ids, i].set(tok)
+                logprobs = logprobs.at[ids, i].set(lp)
+                lengths = lengths.at[ids].add((~done).astype(jnp.int32))
+            done = done | jnp.isin(tok, eos)
+            return i + 1, caches, slot_mask, tokens, logprobs, done, lengths, rng, slots + size
+
+        next_pos_k = next_pos if ids is None else next_pos[ids]
+        return jax.lax.while_loop(cond, body, state)
+
+    sizes = shrink_sizes(rows, cfg.shrink_rows)
+    state = (jnp.int32(1), caches, slot_mask, tokens, logprobs, done, lengths, rng, jnp.int32(rows))
+    ids = None
+    for k, size in enumerate(sizes):
+        if k:
+            # The previous phase left at most `size` live rows; a stable sort puts them first (then ended
+            # ones as filler, which only write pads), so every live row moves along with its cache.
+            i, caches, slot_mask, tokens, logprobs, done, lengths, rng, slots = state
+            keep = jnp.argsort(done.astype(jnp.int32), stable=True)[:size]
+            caches = [{name: c[name][keep] for name in ("k", "v")} for c in caches]
+            ids = keep if ids is None else ids[keep]
+            state = (i, caches, slot_mask[keep], tokens, logprobs, done[keep], lengths, rng, slots)
+        state = phase(state, ids, sizes[k + 1] if k + 1 < len(sizes) else 0)
+    _, _, _, tokens, logprobs, _, lengths, _, slots = state
+    return tokens, logprobs, lengths, slots
 
 
 def generate(model: Qwen2_5_VL, input_ids: Any, attention_mask: Any, rng: jax.Array, cfg: RolloutConfig,
@@ -166,11 +224,12 @@ def generate(model: Qwen2_5_VL, input_ids: Any, attention_mask: Any, rng: jax.Ar
     start = time.perf_counter()
     last_logits, cache = prefill(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions),
                                   None if pixel_values is None else jnp.asarray(pixel_values), vision_inputs, cfg)
-    tokens, logprobs, lengths = decode(model, last_logits, cache, jnp.asarray(mask), jnp.asarray(next_pos),
-                                       rng, cfg, bucket)
-    tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
+    tokens, logprobs, lengths, slots = decode(model, last_logits, cache, jnp.asarray(mask), jnp.asarray(next_pos),
+                                              rng, cfg, bucket)
+    tokens, logprobs, lengths, slots = jax.device_get((tokens, logprobs, lengths, slots))
     seconds = time.perf_counter() - start
     rows = ids.shape[0] * cfg.group_size
     return RolloutResult(tokens=np.asarray(tokens), lengths=np.asarray(lengths), logprobs=np.asarray(logprobs),
                          prompt_index=np.repeat(np.arange(ids.shape[0]), cfg.group_size), seconds=seconds,
-                         kv_cache_bytes=kv_cache_bytes(model, rows, bucket + cfg.max_new_tokens, cache_dtype))
+                         kv_cache_bytes=kv_cache_bytes(model, rows, bucket + cfg.max_new_tokens, cache_dtype),
+                         decode_slots=int(slots))

@@ -82,11 +82,13 @@ def generate_global(model: Qwen2_5_VL, prompts: GlobalPrompts, rng: Any, cfg: Ro
     g_mask = blocks.put(mask)
     last_logits, cache = prefill(model, blocks.put(ids), g_mask, blocks.put(positions, axis=1), pixels,
                                   vision_inputs, cfg)
-    tokens, logprobs, lengths = decode(model, last_logits, cache, g_mask, blocks.put(next_pos), rng, cfg, bucket)
+    tokens, logprobs, lengths, slots = decode(model, last_logits, cache, g_mask, blocks.put(next_pos), rng, cfg,
+                                              bucket)
+    slots = int(np.asarray(slots.addressable_data(0)))  # a replicated scalar: the whole batch's slots
     tokens, logprobs, lengths = (blocks.local(x) for x in (tokens, logprobs, lengths))
     seconds = time.perf_counter() - start
     rows = ids.shape[0] * cfg.group_size
     return RolloutResult(tokens=tokens, lengths=lengths, logprobs=logprobs,
                          prompt_index=np.repeat(np.arange(ids.shape[0]), cfg.group_size), seconds=seconds,
                          kv_cache_bytes=kv_cache_bytes(model, rows * blocks.count, bucket + cfg.max_new_tokens,
-                                                       cache_dtype))
+                                                       cache_dtype), decode_slots=slots)

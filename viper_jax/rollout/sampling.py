@@ -62,13 +62,17 @@ def filtered_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return scaled
 
 
-def draw(logits: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array:
+def draw(logits: jax.Array, rng: jax.Array, block: int = 128, rows: jax.Array | None = None,
+         total_rows: int = 0) -> jax.Array:
     """One token per row from softmax(logits) [B, V] by inverting the CDF with one uniform per row.
 
     `jax.random.categorical` (Gumbel-max) draws V random numbers and two logs per row, which on CPU cost
     ~15x this. Two levels (blocks of `block` tokens, then tokens inside the chosen block) keep the
     cumulative sums short. A token is drawn iff cdf[j-1] <= u < cdf[j], so a zero-probability (masked)
     token is never drawn; the clamps guard against u landing past the last positive entry by rounding.
+
+    rows / total_rows: the logits are rows `rows` of a batch of `total_rows` (the decode loop's shrunk
+    batch); each row then gets the uniform the whole batch would have given it, so it draws the same token.
     """
     b, v = logits.shape
     nb = -(-v // block)
@@ -76,7 +80,11 @@ def draw(logits: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array:
     w = jnp.pad(w, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
     blocks = w.sum(-1)
     cdf_blocks = jnp.cumsum(blocks, axis=-1)
-    u = jax.random.uniform(rng, (b, 1), jnp.float32) * cdf_blocks[:, -1:]
+    if rows is None:
+        u = jax.random.uniform(rng, (b, 1), jnp.float32)
+    else:
+        u = jax.random.uniform(rng, (total_rows, 1), jnp.float32)[rows]
+    u = u * cdf_blocks[:, -1:]
     last_block = jnp.max(jnp.where(blocks > 0, jnp.arange(nb), 0), axis=-1)
     bi = jnp.minimum(jnp.sum(cdf_blocks <= u, axis=-1), last_block)
     before = jnp.take_along_axis(cdf_blocks - blocks, bi[:, None], axis=-1)
@@ -86,13 +94,15 @@ def draw(logits: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array:
     return bi * block + ii
 
 
-def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """logits [B, V] -> (tokens [B] int32, logprobs [B] float32 under logits / temperature)."""
+def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig, rows: jax.Array | None = None,
+           total_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+    """logits [B, V] -> (tokens [B] int32, logprobs [B] float32 under logits / temperature).
+    rows / total_rows: see `draw` (B of the batch's total_rows rows, by index)."""
     logits = logits.astype(jnp.float32)
     # Greedy log-probs are reported at temperature 1 when no temperature is set (T == 0).
     full = jax.nn.log_softmax(logits / (cfg.temperature or 1.0), axis=-1)
     if cfg.is_greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
-        tokens = draw(filtered_logits(logits, cfg), rng)
+        tokens = draw(filtered_logits(logits, cfg), rng, rows=rows, total_rows=total_rows)
     return tokens.astype(jnp.int32), jnp.take_along_axis(full, tokens[:, None], axis=-1)[:, 0]

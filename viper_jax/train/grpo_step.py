@@ -28,7 +28,7 @@ from flax import nnx
 
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
 from viper_jax.rl import grpo_loss
-from viper_jax.rollout.engine import RolloutConfig
+from viper_jax.rollout.engine import RolloutConfig, useful_slot_share
 from viper_jax.sharding import DEFAULT_RULES, use_mesh
 from viper_jax.train.config import minibatches_per_pass
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
@@ -258,6 +258,9 @@ class GRPOLearner:
             "throughput/rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
             "throughput/update_tokens_per_s": update_metrics.pop("processed_tokens") / max(t3 - t2, 1e-9),
             "rollout/kv_cache_mib": samples.kv_cache_bytes / 2**20, "rollout/prompt_tokens": prompt_tokens,
+            # Real response tokens over the decode slots run (rows that ended wait for the longest): the
+            # share of the rollout's decode work that was not padding; lengths are the whole batch's.
+            "rollout/useful_slot_share": useful_slot_share(lengths, samples.decode_slots),
         })
         metrics.update(update_metrics)
         return metrics

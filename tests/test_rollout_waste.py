@@ -1,0 +1,112 @@
+"""Rollout waste: the useful-slot share (real response tokens / decode slots run) against hand-computed
+values, the shrinking decode loop (rows that ended leave the batch) against the unshrunk one, and the
+trainer's metrics row carrying the share."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from viper_jax.models.qwen2_5_vl import load_hf
+from viper_jax.rollout.engine import RolloutConfig, generate, shrink_sizes, useful_slot_share
+from viper_jax.rollout.sampling import SamplingConfig
+from viper_jax.tiny import write_tiny_model
+
+NEW = 40
+
+
+def reference_slots(lengths: np.ndarray, n: int, sizes: tuple[int, ...]) -> int:
+    """Decode slots by hand: the first token costs every row; step t (token t, 0-based) runs while t < n
+    and more rows than the next phase's size are live (a row of length L is live at step t iff L > t); the
+    batch then drops to that size and the loop goes on."""
+    slots, t = len(lengths), 1
+    for k, size in enumerate(sizes):
+        limit = sizes[k + 1] if k + 1 < len(sizes) else 0
+        while t < n and int((lengths > t).sum()) > limit:
+            slots += size
+            t += 1
+    return slots
+
+
+def test_share_is_tokens_over_rows_times_steps():
+    # 4 rows of lengths 3, 1, 5, 2: the loop runs 5 steps for all 4 rows = 20 slots, 11 of them real.
+    assert useful_slot_share(np.asarray([3, 1, 5, 2]), 20) == pytest.approx(11 / 20)
+    assert reference_slots(np.asarray([3, 1, 5, 2]), 8, (4,)) == 20
+    # Shrinking to 2 rows once at most 2 are live (after step 2: lengths 3 and 5 left), then to 1 after
+    # step 3: 4 + 4 (t=1) + 2 (t=2) + 1 (t=3) + 1 (t=4) = 12 slots.
+    assert reference_slots(np.asarray([3, 1, 5, 2]), 8, (4, 2, 1)) == 12
+    assert shrink_sizes(32, 0) == (32,)
+    assert shrink_sizes(32, 1) == (32, 16, 8, 4, 2, 1)
+    assert shrink_sizes(24, 4) == (24, 12)  # 6 is not a multiple of 4 (a 4-way batch mesh)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_hf(write_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def _prompts() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(20, 200, size=(4, 10)).astype(np.int32)  # byte tokens: no image placeholders
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # one left-padded prompt
+    return ids, mask
+
+
+def _cfg(model, shrink_rows: int) -> RolloutConfig:
+    vocab = model.config.text.vocab_size
+    # A random-init policy samples near-uniformly, so ending on 1 token in 12 gives long-tailed lengths
+    # (geometric, mean ~12, cut at NEW): rows end at very different steps, the case shrinking is for.
+    eos = tuple(range(0, vocab, 12))
+    return RolloutConfig(max_new_tokens=NEW, prompt_buckets=(16,), max_cache_len=16 + NEW, eos_token_ids=eos,
+                         pad_token_id=0, group_size=4, sampling=SamplingConfig(temperature=1.0, top_p=0.95),
+                         shrink_rows=shrink_rows)
+
+
+def test_engine_counts_the_slots_it_ran(model):
+    ids, mask = _prompts()
+    for shrink in (0, 1):
+        cfg = _cfg(model, shrink)
+        out = generate(model, ids, mask, jax.random.key(5), cfg)
+        rows = len(out.lengths)
+        assert out.decode_slots == reference_slots(out.lengths, NEW, shrink_sizes(rows, shrink))
+        if shrink == 0:
+            assert out.decode_slots == rows * out.lengths.max()
+        assert out.useful_slot_share == pytest.approx(out.lengths.sum() / out.decode_slots)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_shrunk_decode_samples_what_the_full_batch_samples(model, seed):
+    """Same seed, shrink on vs off: the same tokens and lengths (every row keeps its own random draw), log-
+    probs to 1e-5 (the shrunk batch's matmuls have other shapes), and fewer slots for the same tokens."""
+    ids, mask = _prompts()
+    full = generate(model, ids, mask, jax.random.key(seed), _cfg(model, 0))
+    shrunk = generate(model, ids, mask, jax.random.key(seed), _cfg(model, 1))
+    assert len(set(full.lengths.tolist())) > 3  # the lengths really are spread
+    np.testing.assert_array_equal(shrunk.tokens, full.tokens)
+    np.testing.assert_array_equal(shrunk.lengths, full.lengths)
+    np.testing.assert_allclose(shrunk.logprobs, full.logprobs, atol=1e-5)
+    assert shrunk.decode_slots < full.decode_slots
+    assert shrunk.useful_slot_share > full.useful_slot_share
+
+
+def test_trainer_metrics_row_has_the_share(tmp_path):
+    """One GRPO step of the tiny config: its metrics row has rollout/useful_slot_share, which without
+    shrinking is mean length / max length (every row occupies the batch for the longest's steps)."""
+    from grpo_tiny import tiny_config
+    from viper_jax.tiny import write_tiny_records
+    from viper_jax.train.trainer import train
+
+    write_tiny_records(tmp_path / "data", per_task=4)
+    config = tiny_config(tmp_path / "run", tmp_path / "data", [
+        "--config.stage_order=('caption_refine',)", "--config.stages.caption_refine.steps=1",
+        "--config.stages.caption_refine.reward=toy_letters", "--config.checkpoint.every_steps=100"])
+    train(config)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    share = row["rollout/useful_slot_share"]
+    assert 0 < share <= 1
+    assert share == pytest.approx(row["response_length/mean"] / row["response_length/max"])
+
