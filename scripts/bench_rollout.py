@@ -4,6 +4,12 @@
 tokens disabled so both sides generate exactly the same number of tokens. One run; prints the ratio.
 Also prints the decode matmul floor: the weight matmuls of one step alone at the same batch, the most any
 engine built on these matmuls could reach here. Usage: python scripts/bench_rollout.py [--prompts 8 --samples 4 --new 128]
+
+--long_tail: the rollout waste instead. One token in new/4 ends a response, so the random-init policy (which
+samples near-uniformly) writes geometric lengths of mean about a quarter of --new, as ViPER's are (capped at
+2048, mostly a few hundred). Rows that ended keep their decode slots until the longest ends; printed beside
+tokens/s: the useful-slot share (real tokens / rows x steps run), with the decode batch kept whole and with
+it halving as rows end (rollout.shrink_rows), same seed, so the same tokens.
 """
 
 from __future__ import annotations
@@ -48,13 +54,51 @@ def decode_matmul_floor(model, rows: int, repeats: int = 20) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def long_tail(args: argparse.Namespace) -> None:
+    """The useful-slot share and tokens/s on long-tailed lengths, decode batch whole vs shrinking."""
+    import dataclasses
+
+    import numpy as np
+
+    _, path = build_models("sdpa")
+    ours = load_hf(path)
+    batch = image_batch(args.prompts, args.text_tokens)
+    vocab = ours.config.text.vocab_size
+    ends = tuple(range(0, vocab, max(args.new // 4, 1)))  # P(end) per step ~ 4 / new
+    base = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(96, 128, 256), max_cache_len=512,
+                         eos_token_ids=ends, pad_token_id=PAD, group_size=args.samples,
+                         sampling=SamplingConfig(temperature=1.0))
+    print(f"machine: {describe_machine()}")
+    print(f"workload: {args.prompts} prompts x {args.samples} samples, up to {args.new} new tokens, end on "
+          f"{len(ends)} of {vocab} tokens, prompt {batch['input_ids'].shape[1]} tokens (one 112x112 image)")
+    print(f"{'decode batch':22s}{'tokens':>8s}{'mean len':>10s}{'max len':>9s}{'slots':>8s}{'useful':>8s}"
+          f"{'seconds':>9s}{'tokens/s':>10s}")
+    results = {}
+    for name, shrink in (("whole (today)", 0), ("shrinking", 1)):
+        cfg = dataclasses.replace(base, shrink_rows=shrink)
+        run = lambda seed: generate(ours, batch["input_ids"], batch["attention_mask"], jax.random.key(seed), cfg,
+                                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        run(0)  # compile
+        r = results[name] = run(1)
+        print(f"{name:22s}{int(r.lengths.sum()):>8d}{r.lengths.mean():>10.1f}{int(r.lengths.max()):>9d}"
+              f"{r.decode_slots:>8d}{r.useful_slot_share:>8.0%}{r.seconds:>9.2f}{r.tokens_per_second:>10.1f}")
+    whole, shrunk = results.values()
+    same = np.array_equal(whole.tokens, shrunk.tokens) and np.array_equal(whole.lengths, shrunk.lengths)
+    print(f"same tokens and lengths: {same}; tokens/s shrinking / whole: "
+          f"{shrunk.tokens_per_second / whole.tokens_per_second:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--text_tokens", type=int, default=48)
+    ap.add_argument("--long_tail", action="store_true")
     args = ap.parse_args()
+    if args.long_tail:
+        long_tail(args)
+        return
 
     hf, path = build_models("sdpa")
     ours = load_hf(path)
@@ -95,7 +139,8 @@ def main() -> None:
     print(f"decode matmul floor (a step's weight matmuls alone, {rows} rows, no prefill): {floor_tps:.1f} "
           f"tokens/s = {floor_tps / hf_tps:.2f}x transformers; ours at {ours_tps / floor_tps:.0%} of it, "
           f"transformers at {hf_tps / floor_tps:.0%}")
-    print(f"KV cache: {result.kv_cache_bytes / 2**20:.1f} MiB for {len(result.lengths)} rows")
+    print(f"KV cache: {result.kv_cache_bytes / 2**20:.1f} MiB for {len(result.lengths)} rows; useful-slot share "
+          f"{result.useful_slot_share:.0%} (no end tokens: every row runs to {args.new}; see --long_tail)")
 
 
 if __name__ == "__main__":
