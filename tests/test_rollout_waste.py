@@ -1,6 +1,6 @@
 """Rollout waste: the useful-slot share (real response tokens / decode slots run) against hand-computed
-values, the shrinking decode loop (rows that ended leave the batch) against the unshrunk one, and the
-trainer's metrics row carrying the share."""
+values, the shrinking decode loop (rows that ended leave the batch) against the unshrunk one, on one
+device and on a batch-sharded mesh, and the trainer's metrics row carrying the share."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from viper_jax.models.qwen2_5_vl import load_hf
-from viper_jax.rollout.engine import RolloutConfig, generate, shrink_sizes, useful_slot_share
+from viper_jax.rollout.engine import RolloutConfig, auto_shrink_rows, generate, shrink_sizes, useful_slot_share
 from viper_jax.rollout.sampling import SamplingConfig
 from viper_jax.tiny import write_tiny_model
 
@@ -94,8 +94,9 @@ def test_shrunk_decode_samples_what_the_full_batch_samples(model, seed):
 
 
 def test_trainer_metrics_row_has_the_share(tmp_path):
-    """One GRPO step of the tiny config: its metrics row has rollout/useful_slot_share, which without
-    shrinking is mean length / max length (every row occupies the batch for the longest's steps)."""
+    """One GRPO step of the tiny config (16 rows, rollout.shrink_rows auto: 16, 8, 4, 2): its metrics row
+    has rollout/useful_slot_share = response tokens / decode slots, never more slots than the unshrunk
+    loop's rows x longest response."""
     from grpo_tiny import tiny_config
     from viper_jax.tiny import write_tiny_records
     from viper_jax.train.trainer import train
@@ -104,9 +105,55 @@ def test_trainer_metrics_row_has_the_share(tmp_path):
     config = tiny_config(tmp_path / "run", tmp_path / "data", [
         "--config.stage_order=('caption_refine',)", "--config.stages.caption_refine.steps=1",
         "--config.stages.caption_refine.reward=toy_letters", "--config.checkpoint.every_steps=100"])
+    rows = config.rl.prompts_per_step * config.rl.group_size
+    assert auto_shrink_rows(rows) == 2 and auto_shrink_rows(1024, 8) == 128
     train(config)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    share = row["rollout/useful_slot_share"]
+    share, slots = row["rollout/useful_slot_share"], row["rollout/decode_slots"]
     assert 0 < share <= 1
-    assert share == pytest.approx(row["response_length/mean"] / row["response_length/max"])
+    assert share == pytest.approx(row["response_length/mean"] * rows / slots)
+    assert slots <= rows * row["response_length/max"]
 
+
+MESH_SCRIPT = """
+import dataclasses, tempfile
+import jax, numpy as np
+from flax import nnx
+from viper_jax.models.qwen2_5_vl import load_hf
+from viper_jax.rollout.engine import RolloutConfig, generate
+from viper_jax.rollout.sampling import SamplingConfig
+from viper_jax.sharding import batch_shard_count, make_mesh, param_shardings, use_mesh
+from viper_jax.tiny import write_tiny_model
+
+assert jax.device_count() == 4
+model = load_hf(write_tiny_model(tempfile.mkdtemp()))
+mesh = make_mesh((4, 1, 1))
+assert batch_shard_count(mesh) == 4
+graphdef, state = nnx.split(model)
+nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), param_shardings(model, mesh)))
+model = nnx.merge(graphdef, state)
+ids = np.random.default_rng(0).integers(20, 200, size=(4, 10)).astype(np.int32)
+cfg = RolloutConfig(max_new_tokens=32, prompt_buckets=(16,), max_cache_len=48, pad_token_id=0, group_size=4,
+                    eos_token_ids=tuple(range(0, model.config.text.vocab_size, 10)),
+                    sampling=SamplingConfig(temperature=1.0))
+with use_mesh(mesh):
+    a, b = (generate(model, ids, None, jax.random.key(3), dataclasses.replace(cfg, shrink_rows=k)) for k in (0, 4))
+np.testing.assert_array_equal(a.tokens, b.tokens)
+np.testing.assert_array_equal(a.lengths, b.lengths)
+np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+assert b.decode_slots < a.decode_slots, (a.decode_slots, b.decode_slots)
+print("OK")
+"""
+
+
+def test_shrinking_on_a_batch_sharded_mesh(tmp_path):
+    """4 host devices, rows split 4 ways (data=4): the shrunk batches (16, 8, 4 rows) stay multiples of the
+    mesh's batch shards and sample what the whole batch samples. In a subprocess: the device count must be
+    set before JAX starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

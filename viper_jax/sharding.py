@@ -185,6 +185,14 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES)
     return NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
+def batch_shard_count(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+    """How many ways the logical batch axis splits on `mesh` (the product of its mesh axes' sizes)."""
+    spec = logical_to_spec(("batch",), rules)
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(int(mesh.shape[a]) for a in axes)
+
+
 _ACTIVE: list[tuple[Mesh, tuple]] = []
 
 

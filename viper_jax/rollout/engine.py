@@ -122,6 +122,13 @@ def shrink_sizes(rows: int, shrink_rows: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def auto_shrink_rows(rows: int, batch_shards: int = 1) -> int:
+    """A `shrink_rows` for `rows` decode rows split `batch_shards` ways: at most four batch sizes (rows down to
+    rows / 8), since each size is one more decode body to compile. On geometric lengths of mean max/4 that
+    leaves ~70% of the slots useful (24-29% whole, ~75% halving down to one row at log2(rows) + 1 bodies)."""
+    return batch_shards * max(1, rows // (8 * batch_shards))
+
+
 def useful_slot_share(lengths: Any, decode_slots: int) -> float:
     """Real response tokens / the decode slots the loop ran (rows x steps, summed over its phases): the share
     of sampled positions that belong to a response rather than to a row that had already ended."""

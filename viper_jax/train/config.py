@@ -93,6 +93,10 @@ def base_config() -> ConfigDict:
     c.rollout.top_k = 0
     c.rollout.eos_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2.5-VL-Instruct's generation_config
     c.rollout.cache_dtype = ""  # default: the compute dtype
+    # Rows that ended leave the decode batch as it halves (same tokens, see rollout.engine.decode), to sizes
+    # that are multiples of this. -1: auto (halving at most 3 times, multiples of the batch's mesh shards);
+    # 0: off, every row holds its slot until the longest response ends. rollout/useful_slot_share shows it.
+    c.rollout.shrink_rows = -1
 
     c.rl = ConfigDict()
     c.rl.prompts_per_step = 128  # the rollout batch R: prompts sampled (x group_size) per step
@@ -232,6 +236,7 @@ def validate(config: ConfigDict) -> None:
     _require(rl.dual_clip == 0 or rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or greater than 1")
     _require(rl.kl_coef >= 0 and rl.entropy_coef >= 0, "rl.kl_coef/entropy_coef", "must be non-negative")
     _require(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be positive")
+    _require(config.rollout.get("shrink_rows", -1) >= -1, "rollout.shrink_rows", "must be -1 (auto), 0 (off) or positive")
     _require(config.rollout.temperature > 0, "rollout.temperature",
              "must be positive (GRPO samples; log-probs are taken under it)")
     _require(len(config.stage_order) > 0, "stage_order", "lists no stage")

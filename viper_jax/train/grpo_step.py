@@ -261,6 +261,7 @@ class GRPOLearner:
             # Real response tokens over the decode slots run (rows that ended wait for the longest): the
             # share of the rollout's decode work that was not padding; lengths are the whole batch's.
             "rollout/useful_slot_share": useful_slot_share(lengths, samples.decode_slots),
+            "rollout/decode_slots": samples.decode_slots,
         })
         metrics.update(update_metrics)
         return metrics

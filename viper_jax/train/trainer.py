@@ -18,6 +18,7 @@ stage), seed, rng (the key data of step `step`'s successor), skipped (non-finite
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,8 +33,9 @@ from viper_jax import checkpoint, compile_cache, distributed
 from viper_jax.distributed import ProcessBlocks, allgather_json
 from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
-from viper_jax.rollout.engine import RolloutConfig
+from viper_jax.rollout.engine import RolloutConfig, auto_shrink_rows
 from viper_jax.rollout.sampling import SamplingConfig
+from viper_jax.sharding import batch_shard_count
 from viper_jax.train.config import ConfigError, updates_per_step, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns
@@ -127,6 +129,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
         sampling=SamplingConfig(temperature=float(config.rollout.temperature), top_k=int(config.rollout.top_k),
                                 top_p=float(config.rollout.top_p)),
         cache_dtype=dtype_named(config.rollout.cache_dtype) if config.rollout.cache_dtype else None)
+    shrink = int(config.rollout.get("shrink_rows", -1))
+    if shrink < 0:  # the decode batch is the whole step's rows, split over the mesh's batch axes
+        rows = int(rl.prompts_per_step) * int(rl.group_size)
+        shrink = auto_shrink_rows(rows, batch_shard_count(mesh, rules))
+    rollout_cfg = dataclasses.replace(rollout_cfg, shrink_rows=shrink)
     settings = GRPOSettings.from_config(rl, config.rollout.temperature)
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
