@@ -236,7 +236,8 @@ def validate(config: ConfigDict) -> None:
     _require(rl.dual_clip == 0 or rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or greater than 1")
     _require(rl.kl_coef >= 0 and rl.entropy_coef >= 0, "rl.kl_coef/entropy_coef", "must be non-negative")
     _require(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be positive")
-    _require(config.rollout.get("shrink_rows", -1) >= -1, "rollout.shrink_rows", "must be -1 (auto), 0 (off) or positive")
+    _require(config.rollout.get("shrink_rows", -1) >= -1, "rollout.shrink_rows",
+             "must be -1 (auto), 0 (off) or positive")
     _require(config.rollout.temperature > 0, "rollout.temperature",
              "must be positive (GRPO samples; log-probs are taken under it)")
     _require(len(config.stage_order) > 0, "stage_order", "lists no stage")
