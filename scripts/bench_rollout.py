@@ -9,7 +9,8 @@ engine built on these matmuls could reach here. Usage: python scripts/bench_roll
 samples near-uniformly) writes geometric lengths of mean about a quarter of --new, as ViPER's are (capped at
 2048, mostly a few hundred). Rows that ended keep their decode slots until the longest ends; printed beside
 tokens/s: the useful-slot share (real tokens / rows x steps run), with the decode batch kept whole and with
-it halving as rows end (rollout.shrink_rows), same seed, so the same tokens.
+it halving as rows end (rollout.shrink_rows: viper train's auto, and down to one row), same seed, so the same
+tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 
 from bench_common import PAD, build_models, describe_machine, image_batch  # noqa: E402
 from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
-from viper_jax.rollout.engine import RolloutConfig, generate  # noqa: E402
+from viper_jax.rollout.engine import RolloutConfig, auto_shrink_rows, generate  # noqa: E402
 from viper_jax.rollout.sampling import SamplingConfig  # noqa: E402
 
 
@@ -71,10 +72,12 @@ def long_tail(args: argparse.Namespace) -> None:
     print(f"machine: {describe_machine()}")
     print(f"workload: {args.prompts} prompts x {args.samples} samples, up to {args.new} new tokens, end on "
           f"{len(ends)} of {vocab} tokens, prompt {batch['input_ids'].shape[1]} tokens (one 112x112 image)")
-    print(f"{'decode batch':22s}{'tokens':>8s}{'mean len':>10s}{'max len':>9s}{'slots':>8s}{'useful':>8s}"
+    print(f"{'decode batch':24s}{'tokens':>8s}{'mean len':>10s}{'max len':>9s}{'slots':>8s}{'useful':>8s}"
           f"{'seconds':>9s}{'tokens/s':>10s}{'1st call s':>12s}")
     results = {}
-    for name, shrink in (("whole (today)", 0), ("shrinking", 1)):
+    rows = args.prompts * args.samples
+    auto = auto_shrink_rows(rows)  # viper train's default: 4 batch sizes, down to rows / 8
+    for name, shrink in (("whole (shrink off)", 0), (f"halving to {auto} (auto)", auto), ("halving to 1", 1)):
         cfg = dataclasses.replace(base, shrink_rows=shrink)
         run = lambda seed: generate(ours, batch["input_ids"], batch["attention_mask"], jax.random.key(seed), cfg,
                                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
@@ -82,13 +85,13 @@ def long_tail(args: argparse.Namespace) -> None:
         run(0)  # compiles: the shrinking loop holds one decode body per batch size
         first_s = time.perf_counter() - t
         r = results[name] = run(1)
-        print(f"{name:22s}{int(r.lengths.sum()):>8d}{r.lengths.mean():>10.1f}{int(r.lengths.max()):>9d}"
+        print(f"{name:24s}{int(r.lengths.sum()):>8d}{r.lengths.mean():>10.1f}{int(r.lengths.max()):>9d}"
               f"{r.decode_slots:>8d}{r.useful_slot_share:>8.0%}{r.seconds:>9.2f}{r.tokens_per_second:>10.1f}"
               f"{first_s:>12.1f}")
-    whole, shrunk = results.values()
-    same = np.array_equal(whole.tokens, shrunk.tokens) and np.array_equal(whole.lengths, shrunk.lengths)
-    print(f"same tokens and lengths: {same}; tokens/s shrinking / whole: "
-          f"{shrunk.tokens_per_second / whole.tokens_per_second:.2f}x")
+    whole, *shrunk = results.values()
+    same = all(np.array_equal(whole.tokens, r.tokens) and np.array_equal(whole.lengths, r.lengths) for r in shrunk)
+    print(f"same tokens and lengths in all three: {same}; tokens/s vs whole: "
+          + ", ".join(f"{r.tokens_per_second / whole.tokens_per_second:.2f}x" for r in shrunk))
 
 
 def main() -> None:
