@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 from PIL import Image
 
 from viper_common import records
+from viper_common.image_checks import UnusableImage, check_usable, to_rgb
 
 # PIL's format names of the files we keep verbatim (the record contract stores PNG/JPEG/WebP bytes).
 _KEPT_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -124,8 +125,11 @@ def load_image(path: Path, *, min_side: int, max_pixels: int, max_aspect: float,
                 raise BadImage("too_small", f"{w}x{h}, shorter side < {min_side}")
             if max(w, h) / min(w, h) > max_aspect:
                 raise BadImage("bad_aspect", f"{w}x{h}, aspect ratio > {max_aspect}")
+            check_usable(image)  # 16-bit or animated: the RGB conversion would read it wrongly
             image.load()  # decodes: catches truncated and corrupt files
-            return data, image.convert("RGB")
+            return data, to_rgb(image)  # transparency onto white, as the trainer's image processor does
+    except UnusableImage as e:
+        raise BadImage(e.reason, str(e)) from None
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

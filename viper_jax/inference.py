@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from viper_common.image_checks import check_usable
 from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: F401 (the pipeline's bounds)
 from viper_jax.data.processing import (Collator, Example, Prompt, VisionTokens, build_prompt, make_image_processor,
                                        vision_tokens)
@@ -146,6 +147,10 @@ def open_image(path: str | Path) -> Any:
 
     img = Image.open(path)
     img.load()
+    try:
+        check_usable(img)  # 16-bit or animated: the image processor's RGB conversion would read it wrongly
+    except ValueError as e:
+        raise ValueError(f"image {path}: {e}") from None
     return img
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from viper_common import records
+from viper_common.image_checks import check_usable
 from viper_jax.data.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 IMAGE_PAD = "<|image_pad|>"
@@ -64,6 +65,7 @@ def _open_image(data: bytes) -> Any:
 
     img = Image.open(io.BytesIO(data))
     img.load()  # PIL decodes lazily; force it here so truncated/corrupt data fails now, inside the try
+    check_usable(img)  # 16-bit or animated: the image processor's RGB conversion would read it wrongly
     return img  # mode conversion is left to the image processor (do_convert_rgb), exactly as transformers
 
 

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from viper_common.image_checks import check_usable
+
 # pandas' default NA strings: VLMEvalKit reads TSVs with pandas, so these cells are NaN there too.
 NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                         "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
@@ -100,6 +102,7 @@ def _decode_image(data: bytes) -> Any:
 
     img = Image.open(io.BytesIO(data))
     img.load()
+    check_usable(img)  # 16-bit or animated: the image processor's RGB conversion would read it wrongly
     return img
 
 
@@ -190,9 +193,12 @@ def read_tsv(path: str | Path, limit: int | None = None) -> TsvData:
     missing (e.g. a test split without `answer`)."""
     path = Path(path)
     csv.field_size_limit(sys.maxsize)  # base64 images are long cells
-    with path.open(newline="", encoding="utf-8") as f:
-        records = list(csv.DictReader(f, delimiter="\t"))
-        header = set(records[0]) if records else set()
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f, delimiter="\t"))
+    except UnicodeDecodeError as e:  # its own message names neither the file nor that UTF-8 is expected
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); benchmark TSVs are UTF-8") from None
+    header = set(records[0]) if records else set()
     if not records:
         raise ValueError(f"{path}: no rows")
     missing = {"index", "question", "answer"} - header
