@@ -134,8 +134,13 @@ class Qwen2_5_VLConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "Qwen2_5_VLConfig":
-        with open(Path(path) / "config.json") as f:
-            return cls.from_hf_dict(json.load(f))
+        file = Path(path) / "config.json"
+        try:
+            with open(file) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:  # its own message does not name the file
+            raise ValueError(f"{file}: not valid JSON: {e}") from None
+        return cls.from_hf_dict(data)
 
     # ------------------------------------------------------------------ writing
 

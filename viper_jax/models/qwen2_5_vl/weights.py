@@ -157,17 +157,22 @@ class _Reader:
         self.tensors: dict[str, tuple[Path, Any, tuple[int, ...], int, int]] = {}
         self._maps: dict[Path, np.memmap] = {}
         for path in files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
+            n, header = _read_header(path)
+            size = path.stat().st_size
             for stored, info in header.items():
                 name = hub_name(stored)
                 if name in self.tensors:
                     raise ValueError(f"tensor {name} appears twice in the checkpoint (as {stored!r})")
                 if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"tensor {stored}: unsupported safetensors dtype {info['dtype']}")
+                    raise ValueError(f"{path}: tensor {stored}: unsupported safetensors dtype {info['dtype']}")
                 b, e = info["data_offsets"]
+                want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+                # A file cut short (a copy or download that did not finish) would otherwise be read as a
+                # shorter array and fail in a reshape that names neither the file nor the tensor.
+                if not 0 <= b <= e or e - b != want or 8 + n + e > size:
+                    raise ValueError(f"{path}: tensor {stored} needs bytes {b}..{e} of the data ({want} bytes for "
+                                     f"shape {info['shape']}), the file holds {max(size - 8 - n, 0)}: the file "
+                                     f"is cut short or damaged")
                 self.tensors[name] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -180,14 +185,42 @@ class _Reader:
         return self._maps[path][b:e].view(dtype).reshape(shape)
 
 
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, tensor entries) of one safetensors file; ValueError naming the file when damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, not a safetensors file (cut short or empty)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:  # checked before reading: a garbled length would ask for terabytes
+            raise ValueError(f"{path}: header length {n} exceeds the file's {size} bytes (cut short or damaged)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        for info in header.values():
+            _ = (info["dtype"], info["shape"], info["data_offsets"][1])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path}: the safetensors header is not valid ({type(e).__name__}: {e})") from None
+    return n, header
+
+
 def _checkpoint_files(hf_dir: Path) -> list[Path]:
     if hf_dir.is_file() and hf_dir.suffix in _PICKLE_SUFFIXES:
         raise ValueError(f"{hf_dir} is a pickle checkpoint; convert it to safetensors first "
                          "(transformers: model.save_pretrained(dir, safe_serialization=True))")
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [hf_dir / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+        for f in files:
+            if not (hf_dir / f).is_file():
+                raise FileNotFoundError(f"{hf_dir / f}, named by {index}, does not exist")
+        return [hf_dir / f for f in files]
     if (hf_dir / "model.safetensors").exists():
         return [hf_dir / "model.safetensors"]
     pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -262,14 +295,15 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
         shardings = nnx.to_pure_dict(shardings)
     reader = _Reader(files)
     entries = _entries(cfg)
-    _check_names(reader, entries, cfg)
+    _check_names(reader, entries, cfg, hf_dir)
     for entry in _as_held(entries, pure):
         shape = _lookup(pure, entry.path).shape
         per_layer = shape if entry.layers is None else shape[1:]
         want = entry.kind.hf_shape(per_layer)
         for name in entry.hf_names():
             if reader.shape(name) != tuple(want):
-                raise ValueError(f"tensor {name}: checkpoint shape {reader.shape(name)}, model expects {tuple(want)}")
+                raise ValueError(f"tensor {name}: checkpoint shape {reader.shape(name)}, model expects {tuple(want)} "
+                                 f"(in {reader.tensors[name][0]})")
         if shardings is None:
             if entry.layers is None:
                 value = jax.device_put(_read(reader, entry, None, param_dtype))
@@ -287,16 +321,16 @@ def load_hf(hf_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any = Non
     return nnx.merge(graphdef, state)
 
 
-def _check_names(reader: _Reader, entries: list[_Entry], cfg: Qwen2_5_VLConfig) -> None:
+def _check_names(reader: _Reader, entries: list[_Entry], cfg: Qwen2_5_VLConfig, hf_dir: Path) -> None:
     expected = {n for e in entries for n in e.hf_names()}
     missing = sorted(expected - set(reader.tensors))
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
+        raise ValueError(f"checkpoint {hf_dir} is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
     unexpected = set(reader.tensors) - expected
     if cfg.tie_word_embeddings:
         unexpected.discard("lm_head.weight")  # tied: transformers ignores a stored copy too
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(sorted(unexpected)[:10])}")
+        raise ValueError(f"checkpoint {hf_dir} has {len(unexpected)} unexpected tensor(s): {', '.join(sorted(unexpected)[:10])}")
 
 
 # ---------------------------------------------------------------------------- save
