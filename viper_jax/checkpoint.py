@@ -28,6 +28,31 @@ TRAIN_META = "train_meta"
 DATA_STATE = "data_state"
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint step whose files do not restore (cut short, deleted, overwritten); names the step."""
+
+
+def short_error(error: BaseException, limit: int = 600) -> str:
+    """The innermost cause of a restore error, on one line: Orbax wraps TensorStore's own message (which
+    names the item's folder, the array and what is wrong with its file) in a page of TensorStore spec."""
+    seen = [error]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    text = " ".join(f"{type(seen[-1]).__name__}: {seen[-1]}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _restore(mngr: ocp.CheckpointManager, directory: str | Path, step: int, args: Any) -> Any:
+    """mngr.restore, a damaged step reported by name: Orbax raises bare Exceptions and KeyErrors for it."""
+    try:
+        return mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - every read failure of this step's files is the same for a user
+        others = sorted(s for s in mngr.all_steps() if s != step)
+        hint = f"; other steps: {others} (choose one with --step)" if others else ""
+        raise CheckpointReadError(f"checkpoint step {Path(directory) / str(step)} does not restore "
+                                  f"({short_error(e, 400)}){hint}") from e
+
+
 def _manager(directory: str | Path, *, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=False)
@@ -56,7 +81,7 @@ def restore_model_config(directory: str | Path, step: int | None = None) -> tupl
     """The config.json dict stored with a checkpoint, and the step it came from (default: latest)."""
     with _manager(directory, read_only=True) as mngr:
         step = _resolve_step(mngr, directory, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
+        restored = _restore(mngr, directory, step, ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
         return restored[MODEL_CONFIG], step
 
 
@@ -67,7 +92,7 @@ def restore_params(directory: str | Path, target: Any = None, step: int | None =
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with _manager(directory, read_only=True) as mngr:
         step = _resolve_step(mngr, directory, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
+        restored = _restore(mngr, directory, step, ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract)}))
         return restored[PARAMS]
 
 

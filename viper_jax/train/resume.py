@@ -31,13 +31,9 @@ class CheckpointRestoreError(RuntimeError):
 
 
 def _short(error: BaseException, limit: int = 600) -> str:
-    """The innermost cause of a restore error, on one line: Orbax wraps TensorStore's own message (which
-    names the item's folder, the array and what is wrong with its file) in a page of TensorStore spec."""
-    seen = [error]
-    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
-        seen.append(nxt)
-    text = " ".join(f"{type(seen[-1]).__name__}: {seen[-1]}".split())
-    return text if len(text) <= limit else text[:limit] + " ..."
+    from viper_jax.checkpoint import short_error  # one definition, shared with the readers of viper convert
+
+    return short_error(error, limit)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
