@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -114,12 +115,32 @@ def load_config_file(path: str | Path, schema: ConfigDict, open_sections: OpenSe
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} has no get_config()")
-    config = module.get_config()
-    check_keys(config, schema, open_sections)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} has no get_config()")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the file is the user's code: any error in it is theirs to fix
+        text = e.msg if isinstance(e, SyntaxError) else str(e)  # a SyntaxError's str repeats file and line
+        raise ConfigError(f"config file {path}{_line_in(e, path)}: {type(e).__name__}: {text}") from e
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned a {type(config).__name__}, not a ConfigDict")
+    try:
+        check_keys(config, schema, open_sections)
+    except ConfigError as e:  # the same error, with the file it is in
+        raise type(e)(f"{e} (in config file {path})") from None
     return config
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    """', line N' of the config file where `error` arose (the deepest frame in that file), or ''."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f", line {error.lineno}"
+    lines = [lineno for frame, lineno in traceback.walk_tb(error.__traceback__)
+             if Path(frame.f_code.co_filename).resolve() == path.resolve()]
+    return f", line {lines[-1]}" if lines else ""
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict, open_sections: OpenSections = {}, prefix: str = "") -> None:
