@@ -21,11 +21,46 @@ from viper_common import records
 MAX_DIFF_SAMPLES = 500
 
 
+# The keys summarize reads from a job manifest (jobs.Job.write_manifest writes them all).
+JOB_KEYS = ("task", "shard_index", "num_shards", "complete", "num_inputs", "num_records", "shards")
+
+
 def _job_manifests(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The job manifests of a run folder (or of `root` itself when it is one job shard's folder)."""
+    """The job manifests of a run folder (or of `root` itself when it is one job shard's folder), each checked
+    against its folder: a summary of a damaged manifest would report counts the shards do not hold."""
     if (root / records.MANIFEST_NAME).exists() and "task" in records.read_manifest(root):
-        return [(root, records.read_manifest(root))]
-    return [(p.parent, records.read_manifest(p.parent)) for p in sorted(root.glob("*/" + records.MANIFEST_NAME))]
+        return [(root, _checked(root))]
+    unlisted = sorted(p.parent for p in root.glob(f"*/part-*{records.SHARD_SUFFIX}")
+                      if not (p.parent / records.MANIFEST_NAME).exists())
+    if unlisted:
+        raise FileNotFoundError(f"job folder {unlisted[0]} holds record shards but no {records.MANIFEST_NAME}: "
+                                f"rerun its viper-synth command (it rewrites the manifest from its parts)")
+    return [(p.parent, _checked(p.parent)) for p in sorted(root.glob("*/" + records.MANIFEST_NAME))]
+
+
+def _checked(job_dir: Path) -> dict[str, Any]:
+    """A job manifest whose keys are all there and whose shard counts are those of the files."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    path = job_dir / records.MANIFEST_NAME
+    m = records.read_manifest(job_dir)
+    missing = [k for k in JOB_KEYS if k not in m]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; rerun its viper-synth command to rewrite it")
+    for name, count in m["shards"].items():
+        shard = job_dir / name
+        if not shard.is_file():
+            raise FileNotFoundError(f"{path} names shard {name}, which does not exist in {job_dir}")
+        try:
+            reader = ArrayRecordReader(str(shard))
+            held = reader.num_records()
+            reader.close()
+        except RuntimeError as e:  # ArrayRecord's message names no file
+            raise ValueError(f"record shard {shard} is damaged ({' '.join(str(e).split())})") from None
+        if held != count:
+            raise ValueError(f"{path} says shard {name} holds {count} records, the file holds {held}; rerun its "
+                             f"viper-synth command to rewrite the manifest")
+    return m
 
 
 def _records(root: Path, shards: list[str], limit: int) -> list[records.ViperRecord]:

@@ -122,6 +122,25 @@ def resolve_shards(globs: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def _open_shards(paths: list[str]) -> Any:
+    """Grain's source over the shards. ArrayRecord's error for a damaged shard (cut short, empty, not an
+    ArrayRecord file) is a RuntimeError that names no file, sometimes with no message at all: each shard is
+    then opened alone to name the one at fault."""
+    try:
+        return grain.sources.ArrayRecordDataSource(paths)
+    except RuntimeError as e:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        for path in paths:
+            try:
+                ArrayRecordReader(path).close()
+            except RuntimeError as bad:
+                reason = " ".join(str(bad).split()) or "its index or footer does not read"
+                raise ValueError(f"record shard {path} is damaged ({reason}): it is cut short or not an "
+                                 f"ArrayRecord file; rewrite it or leave it out of the shard globs") from None
+        raise ValueError(f"record shards {paths} do not open: {e}") from e
+
+
 class DataPipeline:
     """An iterator of batches (dicts of NumPy arrays; see `Collator`) with checkpointable state.
 
@@ -199,7 +218,7 @@ def make_pipeline(config: Any, tokenizer: Any, *, process_index: int | None = No
                         patch_buckets=tuple(sorted(int(b) for b in config.patch_buckets)))
 
     paths = resolve_shards(config.shard_globs)
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    ds = grain.MapDataset.source(_open_shards(paths))
     ds = ds[process_index::process_count]
     num_records = len(ds)
     if num_records == 0:
