@@ -11,7 +11,9 @@ itself resumes from its last checkpoint):
   1. DIR/data/base_data   the SFT records (seeds from the base_train range; written in `world.workers` processes)
      DIR/data/tokenizer   a byte-level BPE tokenizer trained on the world's text, Qwen2 specials and template
   2. DIR/init_model       the random-init model (architecture from `config.model`) as an HF directory, its
-                          vision tower pretrained on the world's coarse content (world/vision_pretrain.py)
+                          vision tower pretrained on the world's coarse content (world/vision_pretrain.py),
+                          with the processor configs of the world's image size (exported with the model, so
+                          transformers' AutoProcessor loads base_hf with 16 visual tokens per image)
   3. DIR/sft              `viper sft` (checkpoints, metrics.jsonl); its export is DIR/base_hf
   4. DIR/base.json        what was built, with the wall time of each step and the SFT's tokens/s
 DIR/base_hf is an ordinary HF directory: `viper-synth` (transformers), `viper train` and `viper eval` load it.
@@ -186,6 +188,25 @@ def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> di
     return summary
 
 
+def write_processor_configs(model_dir: Path, tokenizer: Any, size: int) -> None:
+    """processor_config.json (transformers v5's one file for the image and video processors) for images of
+    exactly size x size px, unless present. Written in a temporary folder and moved in: a kill leaves no
+    half-written JSON."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    if (model_dir / "processor_config.json").exists():
+        return
+    tmp = model_dir.with_name(model_dir.name + ".processor.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pixels = size * size
+    image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)
+    video = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels)
+    Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                        chat_template=tokenizer.chat_template).save_pretrained(str(tmp))
+    (tmp / "processor_config.json").replace(model_dir / "processor_config.json")
+    shutil.rmtree(tmp)
+
+
 def _sft_summary(metrics_path: Path) -> dict[str, Any]:
     from viper_jax.train.metrics import read_metrics  # a half-written last line (a killed run) is dropped
 
@@ -210,6 +231,7 @@ def build_base(config: ConfigDict) -> dict[str, Any]:
     _timed(seconds, "data", _write_data, config, workdir / "data")
     tokenizer = _timed(seconds, "tokenizer", _write_tokenizer, config, workdir / "data" / "tokenizer")
     vision = _timed(seconds, "init_model", _write_init_model, config, tokenizer, workdir / "init_model")
+    write_processor_configs(workdir / "init_model", tokenizer, int(config.world.size))
     sft = sft_settings(config, workdir)
     # The init model directory carries the world tokenizer, so the export does too.
     _timed(seconds, "sft", sft_train, sft)
