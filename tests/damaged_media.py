@@ -140,7 +140,8 @@ def _exif_rotated() -> bytes:
 def _animated(fmt: str) -> bytes:
     frames = [Image.new("RGB", (160, 160), c) for c in ((200, 30, 30), (30, 30, 200))]
     buf = io.BytesIO()
-    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    extra = {} if fmt == "MPO" else {"duration": 100, "loop": 0}
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], **extra)
     return buf.getvalue()
 
 
@@ -151,6 +152,8 @@ _image_case("palette PNG with a transparent colour", _palette_with_alpha(), "use
             note=" (transparent: white, as the trainer's image processor composites it)")
 _image_case("EXIF orientation 6 (rotated) JPEG", _exif_rotated(), "used", "jpg", pixel=(200, 30, 30),
             note=" (stored orientation kept: the trainer decodes the same bytes the same way)")
+_image_case("MPO JPEG (a phone photo with a second, preview frame)", _animated("MPO"), "used", "jpg",
+            pixel=(200, 30, 30), note=" (the photo, frame 0: MPO's extra frames are not an animation)")
 _image_case("animated GIF", _animated("GIF"), suffix="gif")
 _image_case("animated PNG (APNG)", _animated("PNG"))
 _image_case("decompression bomb (30000x30000 header)", bomb_png())

@@ -29,7 +29,8 @@ def check_usable(image: Any) -> None:
         raise UnusableImage("unsupported_mode", f"{image.mode} image ({_depth(image.mode)} per pixel): the RGB "
                                                 f"conversion would clip it; convert it to 8-bit first")
     frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    # A phone's MPO JPEG holds extra pictures (previews, depth) after the photo: its first frame is the photo.
+    if frames > 1 and image.format != "MPO":
         raise UnusableImage("animated", f"animated {image.format} of {frames} frames: only the first would be "
                                         f"seen; give one frame as a still image")
 
