@@ -93,7 +93,7 @@ def test_shrunk_decode_samples_what_the_full_batch_samples(model, seed):
     assert shrunk.useful_slot_share > full.useful_slot_share
 
 
-def test_trainer_metrics_row_has_the_share(tmp_path):
+def test_trainer_metrics_row_has_the_share(tmp_path, capsys):
     """One GRPO step of the tiny config (16 rows, rollout.shrink_rows auto: 16, 8, 4, 2): its metrics row
     has rollout/useful_slot_share = response tokens / decode slots, never more slots than the unshrunk
     loop's rows x longest response."""
@@ -108,6 +108,8 @@ def test_trainer_metrics_row_has_the_share(tmp_path):
     rows = config.rl.prompts_per_step * config.rl.group_size
     assert auto_shrink_rows(rows) == 2 and auto_shrink_rows(1024, 8) == 128
     train(config)
+    # data.auto_buckets (on by default) chose the prompt buckets from the records (tests/test_auto_buckets.py).
+    assert "prompt buckets from the data (data.auto_buckets): [192, 384]" in capsys.readouterr().out
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     share, slots = row["rollout/useful_slot_share"], row["rollout/decode_slots"]
     assert 0 < share <= 1

@@ -80,6 +80,12 @@ def base_config() -> ConfigDict:
     # Input pipeline defaults for every stage; shard_globs come from the stage and batch_size from
     # rl.prompts_per_step (both are overwritten per stage).
     c.data = get_data_config()
+    # Prompt buckets from the data (viper_jax/data/auto_buckets.py): up to this many, from the maxima of batches
+    # drawn from a sample of every stage's records, under max(data.length_buckets) (the limit, kept as the last
+    # bucket). 0: data.length_buckets as given. The chosen ones are logged at the start.
+    c.data.auto_buckets = 4
+    c.data.auto_buckets_sample = 128  # records per stage, spread evenly over its shards
+    c.data.auto_buckets_multiple = 64
 
     c.stage_order = ("caption_refine", "visual_ops")  # run in this order, never mixed (the paper)
     c.stages = ConfigDict()
@@ -236,6 +242,9 @@ def validate(config: ConfigDict) -> None:
     _require(rl.dual_clip == 0 or rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or greater than 1")
     _require(rl.kl_coef >= 0 and rl.entropy_coef >= 0, "rl.kl_coef/entropy_coef", "must be non-negative")
     _require(config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be positive")
+    _require(config.data.get("auto_buckets", 0) >= 0, "data.auto_buckets", "must be 0 (off) or positive")
+    _require(config.data.get("auto_buckets_sample", 1) >= 1 and config.data.get("auto_buckets_multiple", 1) >= 1,
+             "data.auto_buckets_sample/auto_buckets_multiple", "must be positive")
     _require(config.rollout.get("shrink_rows", -1) >= -1, "rollout.shrink_rows",
              "must be -1 (auto), 0 (off) or positive")
     _require(config.rollout.temperature > 0, "rollout.temperature",

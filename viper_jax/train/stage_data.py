@@ -45,6 +45,24 @@ def check_stage_data(config: ConfigDict) -> None:
         stage_check(name, config.stages[name].task, {"id": [first.id], "task": [first.task]})
 
 
+def stage_buckets(config: ConfigDict, tokenizer: Any) -> tuple[int, ...]:
+    """The prompt buckets when data.auto_buckets > 0 (data/auto_buckets.py): one set chosen over every stage's
+    records, so the rollout and both stages share their compiled shapes, under max(data.length_buckets). The
+    batch simulated is the one each process pads: its share of rl.prompts_per_step."""
+    import numpy as np
+
+    from viper_jax.data.auto_buckets import choose_buckets, sample_prompt_lengths
+    from viper_jax.data.pipeline import resolve_shards
+
+    data = config.data
+    lengths = np.concatenate([sample_prompt_lengths(resolve_shards(tuple(config.stages[name].data_globs)), tokenizer,
+                                                    data, int(data.auto_buckets_sample))
+                              for name in config.stage_order])
+    return choose_buckets(lengths, int(config.rl.prompts_per_step) // jax.process_count(),
+                          max(int(b) for b in data.length_buckets), int(data.auto_buckets),
+                          int(data.auto_buckets_multiple))
+
+
 def make_stage_pipeline(config: ConfigDict, name: str, tokenizer: Any, index: int) -> Any:
     """The stage's DataPipeline; a glob matching nothing or shards without records name the stage."""
     return data_pipeline(stage_data_config(config, name, index), tokenizer,

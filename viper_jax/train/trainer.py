@@ -18,6 +18,7 @@ stage), seed, rng (the key data of step `step`'s successor), skipped (non-finite
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ from viper_jax.train.metrics import MetricsLogger
 from viper_jax.train.model_source import load_params, setup_model
 from viper_jax.train.optim import make_optimizer
 from viper_jax.train.resume import ModelMismatchError, gather_data_state, init_or_restore
-from viper_jax.train.stage_data import check_stage_data, make_stage_pipeline, stage_check
+from viper_jax.train.stage_data import check_stage_data, make_stage_pipeline, stage_buckets, stage_check
 from viper_jax.train.state import train_state_shardings
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def train(config: ConfigDict) -> dict[str, Any]:
     if rl.kl_coef > 0:  # the frozen reference is the starting policy: reloaded, never checkpointed
         ref_params = load_params(model_path, dtype, p_sh, config.model.scan_layers)
 
+    auto_buckets = None
+    if int(config.data.get("auto_buckets", 0)) > 0:  # same records on every process: the same buckets
+        config = copy.deepcopy(config)  # the caller's config keeps its own buckets
+        config.data.length_buckets = auto_buckets = stage_buckets(config, tokenizer)
     eos = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in config.rollout.eos_tokens)
     buckets = tuple(sorted(int(b) for b in config.data.length_buckets))
     rollout_cfg = RolloutConfig(
@@ -145,6 +150,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
     log = MetricsLogger(workdir, start_step=step, total_steps=total_steps, enabled=main,
                         tensorboard=config.logging.tensorboard, progress_bar=config.logging.progress_bar,
                         console_every=config.logging.every_steps)
+    if auto_buckets is not None:
+        log.message(f"prompt buckets from the data (data.auto_buckets): {list(auto_buckets)}")
     if latest is not None:
         log.message(f"resumed from {ckpt.directory}/{latest} (stage {meta['stage_name']}, step {step})")
     base_key = jax.random.key(int(config.seed))
