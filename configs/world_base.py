@@ -16,10 +16,13 @@ def get_config():
     c = base_config()
     c.world.n_train = 16000
     c.world.one_object_share = 0.25
+    c.world.weights.update(describe=0.3, ask=0.25, compare=0.15, choose=0.3)
     c.vision.steps = 600
     s = c.sft
     s.steps = 800
     s.optim.frozen = ("visual",)
+    s.sft.focus_steps = 450  # the loss on the answers' content words only (sft.focus_steps), then
+    s.sft.focus_weight = 8.0  # every answer token, content words 8x: the full loss alone erodes the reading
     s.model.scan_layers = False  # per-layer modules: faster steps for a small model on CPU
     s.data.batch_size = 32
     s.sft.images_per_batch = 64  # 1- and 2-image examples: one compiled program per length bucket

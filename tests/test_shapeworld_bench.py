@@ -262,6 +262,29 @@ def test_base_data_answers_are_true(tmp_path):
     assert checked >= 10
 
 
+def test_base_data_choices_are_true():
+    """Multiple-choice answers: the letter's option is the scene's hue / shape at the named position; yes / no
+    questions about a shape or a colour there are answered by the scene."""
+    checked = {"mcq": 0, "yes_no": 0}
+    for ex in base_data.examples(300, weights={"describe": 0, "ask": 0, "compare": 0, "choose": 1}):
+        scene = render.read_scene(ex.images[0])
+        answer = re.search(r"<answer>(.+)</answer>", ex.answer).group(1)
+        mcq = re.match(r"Question: (?:Tell me the colour of the object|Which shape do you see) (.+?)[.?]\nOptions:\n"
+                       r"((?:[A-D]\. .+\n){4})", ex.prompt)
+        if mcq:
+            obj = scene.objects[scene.object_at(base_data.language.find_cell(mcq.group(1))[0])]
+            options = dict(line.split(". ", 1) for line in mcq.group(2).strip().split("\n"))
+            assert options[answer] == (obj.hue if "colour" in ex.prompt else obj.shape), ex.prompt
+            checked["mcq"] += 1
+        yes_no = re.match(r"Is the object (.+) (\w+)\?\n", ex.prompt)
+        if yes_no:
+            where, word = yes_no.group(1), yes_no.group(2)
+            obj = scene.objects[scene.object_at(base_data.language.find_cell(where)[0])]
+            assert answer == ("Yes." if word in (obj.hue, obj.shape) else "No."), ex.prompt
+            checked["yes_no"] += 1
+    assert min(checked.values()) >= 20, checked
+
+
 def test_one_object_scenes_are_asked_about_the_object():
     """one_object_share=1: every scene holds one object, and its shape / colour questions name no position; the
     default (0) leaves the data as it was (no extra random draw)."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,20 @@ def test_world_base_builds_resumes_and_exports(tmp_path):
     model = load_hf(work / "base_hf")
     assert model.config.text.vocab_size == len(tok) <= 400
     assert model.config.vision.depth == 1 and model.config.text.hidden_size == 64
+    # transformers' AutoProcessor (what viper-synth loads) resizes to the world's 112 px: 16 visual tokens.
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from viper_common.shapeworld import render, scene
+
+    processor = AutoProcessor.from_pretrained(str(work / "base_hf"))
+    png = render.render_png(scene.sample_scene(np.random.default_rng(0)), 0, 112)
+    enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.open(io.BytesIO(png))],
+                    return_tensors="np")
+    assert enc["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert (enc["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 16
 
     # A finished build is reused: no step reruns (SFT finds its last checkpoint at the final step).
     mtime = (work / "init_model" / "config.json").stat().st_mtime

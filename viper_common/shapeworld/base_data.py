@@ -212,11 +212,14 @@ def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     if rng.random() < 0.4:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         where = language.region_phrase(obj.cell, rng)
-        shape = obj.shape if rng.random() < 0.5 else _pick(rng, [s for s in SHAPES if s != obj.shape])
-        yes = shape == obj.shape
-        return f"Is the object {where} {language.article(shape)} {shape}?\n{YES_NO_INSTRUCTION}", \
-            respond(f"I look {where}.", "Yes." if yes else "No.")
-    facet = _pick(rng, ("shape_here", "count", "background"))
+        if rng.random() < 0.5:
+            shape = obj.shape if rng.random() < 0.5 else _pick(rng, [s for s in SHAPES if s != obj.shape])
+            return f"Is the object {where} {language.article(shape)} {shape}?\n{YES_NO_INSTRUCTION}", \
+                respond(f"I look {where}.", "Yes." if shape == obj.shape else "No.")
+        hue = obj.hue if rng.random() < 0.5 else _pick(rng, [h for h in HUES if h != obj.hue])
+        return f"Is the object {where} {hue}?\n{YES_NO_INSTRUCTION}", \
+            respond(f"I look {where}.", "Yes." if hue == obj.hue else "No.")
+    facet = _pick(rng, ("shape_here", "hue_here", "count", "background"))
     if facet == "count":
         n = len(scene.objects)
         question, think = "What is the number of objects in the picture?", "I count the objects one by one."
@@ -227,8 +230,11 @@ def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     else:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         where = language.region_phrase(obj.cell, rng)
-        question, think = f"Which shape do you see {where}?", f"I look {where}."
-        correct, pool = obj.shape, [s for s in SHAPES if s != obj.shape]
+        think = f"I look {where}."
+        if facet == "hue_here":
+            question, correct, pool = f"Tell me the colour of the object {where}.", obj.hue, [h for h in HUES if h != obj.hue]
+        else:
+            question, correct, pool = f"Which shape do you see {where}?", obj.shape, [s for s in SHAPES if s != obj.shape]
     options = [pool[int(k)] for k in rng.permutation(len(pool))[:3]]
     pos = int(rng.integers(4))
     options.insert(pos, correct)

@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 from viper_common.atomic_files import write_json_atomic
 from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError
+from viper_common.shapeworld.base_data import DEFAULT_WEIGHTS
 from viper_jax.sft import config as sft_config
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def base_config() -> ConfigDict:
     c.world.tokenizer_scenes = 2000
     c.world.workers = 2  # processes writing the data
     c.world.one_object_share = 0.0  # share of one-object scenes in the base data (base_data.example)
+    c.world.weights = ConfigDict(dict(DEFAULT_WEIGHTS))  # the kinds of example, relative (base_data.KINDS)
     c.model = ConfigDict()  # the tiny Qwen2.5-VL's architecture
     c.model.hidden = 128
     c.model.layers = 4
@@ -147,7 +149,8 @@ def _write_data(config: ConfigDict, data_dir: Path) -> None:
     w = config.world
     try:
         base_data.write_base_data(data_dir / "base_data", int(w.n_train), size=int(w.size), workers=int(w.workers),
-                                  one_object_share=float(w.one_object_share))
+                                  one_object_share=float(w.one_object_share),
+                                  weights={k: float(v) for k, v in w.weights.items()})
     except ValueError as e:  # settings that contradict the data already in the folder, or bad counts
         raise ConfigError(f"config world: {e}") from None
 
