@@ -9,7 +9,7 @@ Kinds of example (scenes from the `base_train` seed range only):
   choose    the answer formats of benchmarks on coarse facts: a multiple-choice question in VLMEvalKit's layout
             answered with the option letter, and a yes/no question (optional: weight 0 turns it off)
 Every answer is `<think>...</think><answer>...</answer>`, the think a short statement of what is looked at.
-Each example marks its response's content words (`focus`: colours, shapes, sizes, counts, positions, yes / no,
+Each example marks its answer's content words (`focus`: colours, shapes, sizes, counts, positions, yes / no,
 the option letter; content_spans): the words that can only be right by reading the image. `viper sft` can
 put the loss on them first (sft.focus_steps): with the loss spread over the whole answer a fresh decoder fits
 the answer text and never finds its way into the image (docs/shapeworld.md).
@@ -50,11 +50,10 @@ DESCRIBE_PROMPTS = ("Describe this image.", "What do you see in this picture?", 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # = evaluation.tsv's
 YES_NO_INSTRUCTION = "Please answer yes or no."
 # Words whose value is read off the image: attributes, backgrounds, counts, positions, yes / no / nothing.
-CONTENT_WORDS = (*language.LEXICON, *BACKGROUNDS, *language.NUMBER_WORDS[1:], *"123456789", "top", "bottom", "left",
-                 "right", "center", "centre", "middle", "upper", "lower", "yes", "no", "nothing")
+CONTENT_WORDS = (*language.LEXICON, *BACKGROUNDS, *language.NUMBER_WORDS[1:], "top", "bottom", "left", "right",
+                 "center", "centre", "middle", "upper", "lower", "yes", "no", "nothing")
 _CONTENT = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, CONTENT_WORDS), key=len, reverse=True)) + r")\b",
                       re.IGNORECASE)
-_THINK_BODY = re.compile(r"<think>(.*)</think>", re.DOTALL)
 _ANSWER_BODY = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
 _LETTER_ANSWER = re.compile(r"[A-D]")
 
@@ -83,19 +82,15 @@ def respond(think: str, answer: str) -> str:
 
 
 def content_spans(answer: str) -> tuple[tuple[int, int], ...]:
-    """[start, end) character spans of the content words of a response: every CONTENT_WORDS word of its think
-    and of its <answer>...</answer>, or the whole answer body when that is an option letter."""
-    spans: list[tuple[int, int]] = []
-    for pattern in (_THINK_BODY, _ANSWER_BODY):
-        body = pattern.search(answer)
-        if body is None:
-            continue
-        start, text = body.start(1), body.group(1).replace("one by one", "___ by ___")  # a manner, not a count
-        if pattern is _ANSWER_BODY and _LETTER_ANSWER.fullmatch(text):
-            spans.append((start, start + 1))
-        else:
-            spans.extend((start + m.start(), start + m.end()) for m in _CONTENT.finditer(text))
-    return tuple(spans)
+    """[start, end) character spans of the content words inside `answer`'s <answer>...</answer>: every
+    CONTENT_WORDS word, or the whole body when it is an option letter. The think is never marked."""
+    body = _ANSWER_BODY.search(answer)
+    if body is None:
+        return ()
+    start, text = body.start(1), body.group(1)
+    if _LETTER_ANSWER.fullmatch(text):
+        return ((start, start + 1),)
+    return tuple((start + m.start(), start + m.end()) for m in _CONTENT.finditer(text))
 
 
 def _pick(rng: np.random.Generator, options):
@@ -213,36 +208,33 @@ def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int) -> tup
 # -------------------------------------------------------------------------------------------------- choose
 
 def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """Benchmark answer formats on coarse facts, in templates the benchmark does not use. The think states what
-    is seen ("I look at the top: it is red."), so that picking the letter is matching that word to an option's
-    text: without it the base read colours in open answers (54.7%) but answered letters at chance (base4)."""
+    """Benchmark answer formats on coarse facts, in templates the benchmark does not use."""
     if rng.random() < 0.4:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         where = language.region_phrase(obj.cell, rng)
         if rng.random() < 0.5:
             shape = obj.shape if rng.random() < 0.5 else _pick(rng, [s for s in SHAPES if s != obj.shape])
             return f"Is the object {where} {language.article(shape)} {shape}?\n{YES_NO_INSTRUCTION}", \
-                respond(f"I look {where}: it is {language.article(obj.shape)} {obj.shape}.",
-                        "Yes." if shape == obj.shape else "No.")
+                respond(f"I look {where}.", "Yes." if shape == obj.shape else "No.")
         hue = obj.hue if rng.random() < 0.5 else _pick(rng, [h for h in HUES if h != obj.hue])
         return f"Is the object {where} {hue}?\n{YES_NO_INSTRUCTION}", \
-            respond(f"I look {where}: it is {obj.hue}.", "Yes." if hue == obj.hue else "No.")
+            respond(f"I look {where}.", "Yes." if hue == obj.hue else "No.")
     facet = _pick(rng, ("shape_here", "hue_here", "count", "background"))
     if facet == "count":
         n = len(scene.objects)
-        question, think = "What is the number of objects in the picture?", f"I count the objects one by one: {n}."
+        question, think = "What is the number of objects in the picture?", "I count the objects one by one."
         correct, pool = str(n), [str(m) for m in range(1, 8) if m != n]
     elif facet == "background":
-        question, think = "Pick the colour of the background.", f"I look at the background: it is {scene.background}."
+        question, think = "Pick the colour of the background.", "I look at the background."
         correct, pool = scene.background, [b for b in BACKGROUNDS if b != scene.background]
     else:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         where = language.region_phrase(obj.cell, rng)
+        think = f"I look {where}."
         if facet == "hue_here":
             question, correct, pool = f"Tell me the colour of the object {where}.", obj.hue, [h for h in HUES if h != obj.hue]
         else:
             question, correct, pool = f"Which shape do you see {where}?", obj.shape, [s for s in SHAPES if s != obj.shape]
-        think = f"I look {where}: it is {correct if facet == 'hue_here' else language.article(correct) + ' ' + correct}."
     options = [pool[int(k)] for k in rng.permutation(len(pool))[:3]]
     pos = int(rng.integers(4))
     options.insert(pos, correct)
