@@ -387,3 +387,17 @@ def test_viper_world_cli(tmp_path, capsys):
         bench.write_benchmark(tmp_path / "z", "base_train", 1)
     with pytest.raises(SystemExit, match="--n_per_category must be >= 1"):
         viper(["world", "bench", "--out", str(tmp_path / "x"), "--n_per_category", "0"])
+
+
+def test_compare_lists_write_the_difference_as_a_list_line():
+    """compare_lists=True: some compare examples ask for the differences as "- " lines and get the change's
+    sentence as one; off (the default) the data is as before (no extra draw)."""
+    listed = 0
+    for ex in base_data.examples(200, weights={"describe": 0, "ask": 0, "compare": 1, "choose": 0},
+                                 compare_lists=True):
+        if ex.prompt in base_data.LIST_PROMPTS:
+            body = re.search(r"<answer>(.+)</answer>", ex.answer).group(1)
+            assert body.startswith("- ") and "\n" not in body and len(ex.images) == 2 and ex.images[0] != ex.images[1]
+            listed += 1
+    assert listed >= 15
+    assert [e.answer for e in base_data.examples(40)] == [e.answer for e in base_data.examples(40, compare_lists=False)]

@@ -185,9 +185,16 @@ def coarse_change(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
         f"The {obj.hue} {obj.shape} {_where(obj, rng)} has become {language.article(shape)} {shape}."
 
 
-def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int) -> tuple[str, str, tuple[bytes, bytes]]:
+LIST_PROMPTS = ("List the differences between the two images, one per line starting with '- '.",
+                "What changed from the first image to the second? Write each change on its own line, starting with '- '.")
+
+
+def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int,
+            extra_modes: tuple[str, ...] = ()) -> tuple[str, str, tuple[bytes, bytes]]:
+    """`extra_modes` ("list",) adds the difference written as a "- " list line: the list format an
+    instruct VLM follows when the synthesis asks it to critique a redrawn image (never a typed edit op)."""
     first = render.render_png(scene, seed, size)
-    mode = _pick(rng, ("same", "other_scene", "what_differs", "what_differs", "same_q_changed"))
+    mode = _pick(rng, ("same", "other_scene", "what_differs", "what_differs", "same_q_changed") + extra_modes)
     think = "I compare the two images object by object."
     if mode == "same":
         return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
@@ -198,6 +205,8 @@ def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int) -> tup
             respond(think, "No, they show two different scenes."), (first, render.render_png(other, seed + 1, size))
     edited, sentence = coarse_change(scene, rng)
     second = render.render_png(edited, seed, size)
+    if mode == "list":
+        return _pick(rng, LIST_PROMPTS), respond(think, f"- {sentence}"), (first, second)
     if mode == "same_q_changed":
         return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
             respond(think, f"No. {sentence}"), (first, second)
@@ -254,7 +263,7 @@ def _draw_kind(rng: np.random.Generator, weights: dict[str, float] | None) -> st
 
 
 def example(index: int, size: int = 112, weights: dict[str, float] | None = None,
-            one_object_share: float = 0.0) -> Example:
+            one_object_share: float = 0.0, compare_lists: bool = False) -> Example:
     """Example `index`, drawn from seed base_train.start + index (deterministic). `one_object_share` of the
     scenes hold a single object: the easiest reading of an image, where a fresh decoder starts to look."""
     seed = SEED_RANGES["base_train"].start + index
@@ -265,7 +274,7 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
     one = one_object_share > 0 and rng.random() < one_object_share  # no draw at 0: older data unchanged
     scene = sample_scene(rng, max_objects=1 if one else MAX_OBJECTS)
     if kind == "compare":
-        prompt, answer, images = compare(scene, rng, seed, size)
+        prompt, answer, images = compare(scene, rng, seed, size, ("list",) if compare_lists else ())
     else:
         prompt, answer = (describe if kind == "describe" else ask if kind == "ask" else choose)(scene, rng)
         images = (render.render_png(scene, seed, size),)
@@ -273,21 +282,21 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
 
 
 def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None,
-             one_object_share: float = 0.0) -> Iterator[Example]:
+             one_object_share: float = 0.0, compare_lists: bool = False) -> Iterator[Example]:
     for index in range(start, start + n):
-        yield example(index, size, weights, one_object_share)
+        yield example(index, size, weights, one_object_share, compare_lists)
 
 
 def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None,
-                 one_object_share: float) -> None:
+                 one_object_share: float, compare_lists: bool) -> None:
     with records.ShardWriter(path) as writer:
-        for ex in examples(count, start, size, weights, one_object_share):
+        for ex in examples(count, start, size, weights, one_object_share, compare_lists):
             writer.write(ex.to_record())
 
 
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
                     weights: dict[str, float] | None = None, workers: int = 1, log: Any = None,
-                    one_object_share: float = 0.0) -> Path:
+                    one_object_share: float = 0.0, compare_lists: bool = False) -> Path:
     """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
     `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
     `settings.json` makes sure a resumed run has the same settings. Progress lines go to `log` (default:
@@ -303,6 +312,8 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
                 "seed_start": SEED_RANGES["base_train"].start}
     if one_object_share:
         settings["one_object_share"] = one_object_share
+    if compare_lists:
+        settings["compare_lists"] = True
     _draw_kind(np.random.default_rng(0), weights)  # validates the weights before any work
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
@@ -314,7 +325,8 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
               for s in range(num_shards)}
     todo = [(k, name) for k, name in enumerate(shards) if not (out / name).exists()]
     print(f"  base data: {num_shards - len(todo)}/{num_shards} shards already written", file=log, flush=True)
-    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share) for k, name in todo]
+    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share, compare_lists)
+            for k, name in todo]
     if workers == 1 or len(jobs) < 2:
         done = (_write_shard(*job) for job in jobs)
         pool = None
