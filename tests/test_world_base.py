@@ -16,7 +16,7 @@ TOY = ["--config.world.n_train=24", "--config.world.tokenizer_scenes=50", "--con
        "--config.world.workers=1", "--config.model.hidden=64", "--config.model.layers=1",
        "--config.model.intermediate=128", "--config.model.vision_hidden=32", "--config.model.vision_depth=1",
        "--config.model.vision_heads=2", "--config.sft.steps=3", "--config.sft.data.batch_size=4",
-       "--config.sft.sft.images_per_batch=8",
+       "--config.sft.sft.images_per_batch=8", "--config.sft.sft.focus_steps=1",
        "--config.sft.checkpoint.every_steps=2", "--config.vision.steps=4", "--config.vision.batch_size=4"]
 
 
@@ -73,6 +73,7 @@ def test_world_base_builds_resumes_and_exports(tmp_path):
     assert (work / "init_model" / "config.json").stat().st_mtime == mtime
     rows = [json.loads(line) for line in (work / "sft" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["focus_only"] for r in rows if "loss" in r] == [1, 0, 0]  # the focus curriculum's first phase
 
 
 def test_world_base_refuses_unknown_keys_and_bad_architecture(tmp_path):
@@ -80,3 +81,5 @@ def test_world_base_refuses_unknown_keys_and_bad_architecture(tmp_path):
     assert out.returncode != 0 and "model.hiddn" in out.stderr and "Traceback" not in out.stderr
     out = _run(tmp_path / "y", "--config.model.heads=3")
     assert out.returncode != 0 and "config model" in out.stderr and "Traceback" not in out.stderr
+    out = _run(tmp_path / "z", "--config.sft.sft.focus_steps=9")  # past sft.steps=3: refused before any data
+    assert out.returncode != 0 and "sft.sft.focus_steps" in out.stderr and not (tmp_path / "z" / "data").exists()

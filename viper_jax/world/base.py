@@ -103,6 +103,9 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"config model: vision_hidden {m.vision_hidden} must split into {m.vision_heads} heads")
     if config.world.size % 28:
         raise ConfigError(f"config world.size: {config.world.size} px is not a multiple of 28 (14 px patches, 2x2 merge)")
+    if not 0 <= config.sft.sft.focus_steps <= config.sft.steps:  # viper sft refuses it too, but only after the data
+        raise ConfigError(f"config sft.sft.focus_steps: {config.sft.sft.focus_steps} must be in [0, sft.steps="
+                          f"{config.sft.steps}]")
 
 
 def model_config(tokenizer: Any, m: ConfigDict) -> Any:
