@@ -38,6 +38,10 @@ def get_config():
     # dark blue." 5), so the word minimums are 3; a one-object caption has about 8 words.
     c.filter.lenient = False
     c.filter.min_words = 3
+    # The world base lists differences for its own compare prompt ("- " lines, world.compare_lists) but writes
+    # nothing for the photo-critique wording with the caption inside (run rq6: 24 of 24 empty). Shown the original
+    # and its redrawing, the differences are what the caption got wrong or left out.
+    c.prompts.critique = "List the differences between the two images, one per line starting with '- '."
     c.filter.min_caption_words = 5
     c.filter.max_chars = 200
     c.ops.min_words = 3

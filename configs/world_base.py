@@ -17,6 +17,9 @@ def get_config():
     c.world.n_train = 16000
     c.world.one_object_share = 0.25
     c.world.weights.update(describe=0.3, ask=0.25, compare=0.15, choose=0.3)
+    # Differences as "- " lines: the list format the synthesis's critique needs (base6; without it the base's
+    # critiques were empty, run rq4). Its open readings were lower than base4's (hue 37.5% vs 54.7%).
+    c.world.compare_lists = True
     c.vision.steps = 600
     s = c.sft
     s.steps = 800
