@@ -30,6 +30,17 @@ def sft_config(workdir: Path, data_glob: str, overrides=()):
     return config
 
 
+def first_batch(config, tokenizer) -> dict:
+    """The first batch of viper sft's pipeline for `config`."""
+    from viper_jax.sft.trainer import make_sft_pipeline
+
+    pipeline = make_sft_pipeline(config, tokenizer)
+    try:
+        return next(pipeline)
+    finally:
+        pipeline.close()
+
+
 def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -54,7 +65,6 @@ def test_loss_equals_transformers_cross_entropy_on_answer_tokens(tmp_path):
 
     from viper_jax.models.qwen2_5_vl import load_hf
     from viper_jax.sft.step import answer_loss, model_inputs
-    from viper_jax.sft.trainer import make_sft_pipeline
 
     model_dir = write_tiny_model(tmp_path / "model", seed=3)
     write_tiny_records(tmp_path / "data", per_task=2)
@@ -62,9 +72,7 @@ def test_loss_equals_transformers_cross_entropy_on_answer_tokens(tmp_path):
     config = sft_config(tmp_path / "run", f"{tmp_path}/data/*/part-*.arrayrecord",
                         ["--config.data.batch_size=8", "--config.data.shuffle=false"])
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    pipeline = make_sft_pipeline(config, tok)
-    batch = next(pipeline)
-    pipeline.close()
+    batch = first_batch(config, tok)
     assert sorted(batch["task"]) == ["caption_refine"] * 2 + ["instruct"] * 4 + ["visual_ops"] * 2
 
     model = load_hf(model_dir)
@@ -217,7 +225,7 @@ def test_two_device_mesh_trains_as_one_device(tmp_path):
 def test_viper_and_instruct_records_train_together(tmp_path, jax_cache):
     from transformers import AutoTokenizer
 
-    from viper_jax.sft.trainer import make_sft_pipeline, train
+    from viper_jax.sft.trainer import train
 
     write_tiny_records(tmp_path / "data", per_task=4)
     write_tiny_instruct_records(tmp_path / "data", count=4)
@@ -225,11 +233,9 @@ def test_viper_and_instruct_records_train_together(tmp_path, jax_cache):
                         ["--config.steps=2", "--config.data.batch_size=6", "--config.sft.images_per_batch=12",
                          "--config.sft.think=Look closely."])
     # What each kind learns: the decoded answer-token span of every row.
-    pipeline = make_sft_pipeline(config, AutoTokenizer.from_pretrained(str(_tiny_dir(tmp_path))))
-    by_id = {r.id: r for p in sorted((tmp_path / "data").glob("*/part-*")) for r in map(R.decode, R.read_shard(p))}
-    batch = next(pipeline)
-    pipeline.close()
     tokenizer = AutoTokenizer.from_pretrained(str(_tiny_dir(tmp_path)))
+    by_id = {r.id: r for p in sorted((tmp_path / "data").glob("*/part-*")) for r in map(R.decode, R.read_shard(p))}
+    batch = first_batch(config, tokenizer)
     for row, rid in enumerate(batch["id"]):
         rec = by_id[rid]
         got = tokenizer.decode(batch["input_ids"][row][batch["loss_mask"][row] == 1])

@@ -43,18 +43,15 @@ def test_focus_tokens_in_sft_batches(tmp_path):
     exactly its focus words, in order, all inside the answer (loss_mask); loss_weights follow the phase."""
     from transformers import AutoTokenizer
 
-    from test_sft import sft_config
+    from test_sft import first_batch, sft_config
     from viper_jax.sft.step import loss_weights
-    from viper_jax.sft.trainer import make_sft_pipeline
 
     model_dir = write_tiny_model(tmp_path / "model")
     by_id = _write_base_records(tmp_path / "data" / "part-00000.arrayrecord", 8)
     config = sft_config(tmp_path / "run", f"{tmp_path}/data/*.arrayrecord",
                         ["--config.data.batch_size=8", "--config.data.shuffle=false"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    pipeline = make_sft_pipeline(config, tokenizer)
-    batch = next(pipeline)
-    pipeline.close()
+    batch = first_batch(config, tokenizer)
     focus, answer = batch["focus_mask"], batch["loss_mask"]
     assert set(batch["id"]) == set(by_id) and (focus <= answer).all()
     for row, rid in enumerate(batch["id"]):
@@ -78,18 +75,15 @@ def test_focus_phase_loss_is_the_mean_nll_of_focus_tokens(tmp_path):
     it is the w-weighted mean over every answer token. fp32: within 1e-5 relative."""
     from transformers import AutoTokenizer
 
-    from test_sft import sft_config
+    from test_sft import first_batch, sft_config
     from viper_jax.models.qwen2_5_vl import load_hf
     from viper_jax.sft.step import answer_loss, model_inputs
-    from viper_jax.sft.trainer import make_sft_pipeline
 
     model_dir = write_tiny_model(tmp_path / "model", seed=2)
     _write_base_records(tmp_path / "data" / "part-00000.arrayrecord", 6)
     config = sft_config(tmp_path / "run", f"{tmp_path}/data/*.arrayrecord",
                         ["--config.data.batch_size=6", "--config.data.shuffle=false"])
-    pipeline = make_sft_pipeline(config, AutoTokenizer.from_pretrained(str(model_dir)))
-    batch = next(pipeline)
-    pipeline.close()
+    batch = first_batch(config, AutoTokenizer.from_pretrained(str(model_dir)))
     model = load_hf(model_dir)
     inputs = model_inputs(batch, model.config)
     x = model.embed(inputs["input_ids"], inputs["pixel_values"], inputs["vision_inputs"])

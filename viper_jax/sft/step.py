@@ -4,9 +4,9 @@ loss = sum over the batch's answer tokens of w * -log p(token | everything befor
        / sum of w over the batch's answer tokens
 (a token mean over the whole batch, so every answer token weighs the same whatever its row's length;
 prompt, image-pad and padding positions have weight 0). w is 1, or loss_weights' curriculum: only the
-focus tokens (the words that state what the images show) in a first phase, focus tokens weighted up after. The update is train.state.make_train_step's:
-gradient, global-norm clip + AdamW (train/optim.py), and a non-finite loss or gradient leaves the
-state untouched and counts one `skipped`.
+focus tokens (the words that state what the images show) in a first phase, focus tokens weighted up after.
+The update is train.state.make_train_step's: gradient, global-norm clip + AdamW (train/optim.py), and a
+non-finite loss or gradient leaves the state untouched and counts one `skipped`.
 """
 
 from __future__ import annotations

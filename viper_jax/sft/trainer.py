@@ -5,8 +5,8 @@ state and its donated jitted update (train/state.py), start or resume (train/res
 (train/optim.py), the Grain pipeline over ArrayRecord shards with SFT records and batches (data.py), Orbax
 checkpoints (checkpoint.py), MetricsLogger (metrics.jsonl, TensorBoard, progress bar) and the HF export (save_hf).
 
-A step: next batch -> answer-token loss (only focus tokens for the first sft.focus_steps) and update (step.py) -> metrics -> a checkpoint every
-`checkpoint.every_steps` steps and at the last. A restart with the same workdir resumes from the latest
+A step: next batch -> answer-token loss (only focus tokens for the first sft.focus_steps) and update
+(step.py) -> metrics -> a checkpoint every `checkpoint.every_steps` steps and at the last. A restart with the same workdir resumes from the latest
 checkpoint: parameters, optimizer state, step, skip counters and the data iterator's position (record
 and epoch, with its shuffle) are restored; the update uses no randomness, so a killed and resumed run
 ends bit-identical to an uninterrupted one (same mesh and machine). One JAX process.
@@ -102,9 +102,10 @@ def train(config: ConfigDict) -> dict[str, Any]:
                 raise ConfigError(f"the data ran out after {step} steps (data.num_epochs={config.data.num_epochs}): "
                                   f"raise data.num_epochs (None repeats) or lower steps") from None
             lr = float(schedule(int(state.step)))  # the rate this update applies
+            focus_only = step < int(config.sft.focus_steps)  # the curriculum's first phase
             try:
                 inputs = model_inputs(batch, setup.config, int(config.sft.images_per_batch),
-                                      focus_only=step < int(config.sft.focus_steps),
+                                      focus_only=focus_only,
                                       focus_weight=float(config.sft.focus_weight))
             except ValueError as e:  # e.g. more images than sft.images_per_batch: the config's to fix
                 raise ConfigError(str(e)) from None
@@ -119,7 +120,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                        "lr": lr, "seconds": seconds, "tokens_per_s": tokens / seconds,
                        "answer_tokens_per_s": answer_tokens / seconds, "skipped_nonfinite": int(out["skipped"]),
                        "data/seen": pipeline.stats.seen, "data/skipped": pipeline.stats.num_skipped,
-                       "focus_only": int(step <= int(config.sft.focus_steps))}  # the loss above covers focus tokens only
+                       "focus_only": int(focus_only)}  # the loss above covers focus tokens only
             if first:  # this run's first step: its compiles (or cache loads) included
                 metrics["first_step_seconds"], first = seconds, False
             extra = {"record_ids": [str(i) for i in batch["id"]]} if config.logging.record_ids else None
