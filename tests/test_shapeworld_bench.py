@@ -227,18 +227,22 @@ def _frame(text: str) -> str:
 
 
 def test_base_data_has_no_benchmark_questions_and_no_viper_tasks():
-    exs = list(base_data.examples(400))
+    exs = list(base_data.examples(400, weights={**base_data.DEFAULT_WEIGHTS, "edit": 0.15}))
     assert set(ex.kind for ex in exs) == set(base_data.KINDS)
     bench_texts = {q.question for c in questions.CATEGORIES for _, _, q in bench.generate("test", c, 60)}
     bench_frames = {_frame(t) for t in bench_texts}
     viper_prompts = [p.split("{")[0][:60] for p in prompts.TRAINING_PROMPTS.values()]
     answer_format = re.compile(r"^<think>[^<]+</think><answer>[^<]+</answer>$")
+    typed_op = re.compile(r"^(attribute|add|remove|replace|move|count|text):", re.MULTILINE)
     for ex in exs:
         assert answer_format.match(ex.answer), ex.answer
         assert not any(t in ex.prompt for t in bench_texts)
         assert _frame(ex.prompt) not in bench_frames, ex.prompt
         assert not any(p in ex.prompt for p in viper_prompts)
-        assert len(ex.images) == (2 if ex.kind == "compare" else 1)
+        assert len(ex.images) == (2 if ex.kind == "compare" else 1) or (ex.kind == "edit" and "yes or no" in ex.prompt)
+        # Typed edit lines only as the instructions an editor is asked for (one image): never as what
+        # differs between two images (ViPER's stage-2 task).
+        assert not typed_op.search(ex.answer) or (ex.kind == "edit" and len(ex.images) == 1), ex.prompt
     # Compare answers state a coarse difference (or sameness), never an edit-operation list.
     compare = [ex.answer for ex in exs if ex.kind == "compare"]
     assert compare and not any(re.search(r"\b(attribute|add|remove|replace|move|count|text):", a) for a in compare)

@@ -7,7 +7,10 @@ Kinds of example (scenes from the `base_train` seed range only):
   compare   two images: "are these the same?" (identical, or two different scenes) and "what is different?"
             for one coarse change (an object removed, added, recoloured, reshaped or moved)
   choose    the answer formats of benchmarks on coarse facts: a multiple-choice question in VLMEvalKit's layout
-            answered with the option letter, and a yes/no question (optional: weight 0 turns it off)
+            answered with the option letter (or, mcq_answer "text", with the option's words), and a yes/no
+            question (optional: weight 0 turns it off)
+  edit      the image-editing requests of stage-2 synthesis (edit_skills.py: write typed edit instructions
+            for named objects, check an edit); weight 0 by default
 Every answer is `<think>...</think><answer>...</answer>`, the think a short statement of what is looked at.
 Each example marks its answer's content words (`focus`: colours, shapes, sizes, counts, positions, yes / no,
 the option letter; content_spans): the words that can only be right by reading the image. `viper sft` can
@@ -36,13 +39,15 @@ import numpy as np
 from viper_common import records
 from viper_common.atomic_files import write_json_atomic
 from viper_common.prompts import SYNTHESIS_PROMPTS
-from viper_common.shapeworld import language, render
+from viper_common.shapeworld import edit_skills, language, render
 from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, MAX_OBJECTS, SHAPES, Obj, Scene, sample_object,
                                            sample_scene)
 from viper_common.shapeworld.splits import SEED_RANGES
 
-KINDS = ("describe", "ask", "compare", "choose")
-DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15}
+KINDS = ("describe", "ask", "compare", "choose", "edit")
+# "edit" last, at weight 0: the draw of the other kinds is the same with or without it (older data unchanged)
+DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15, "edit": 0.0}
+MCQ_ANSWERS = ("letter", "text")
 SHARD_SIZE = 1000
 # The synthesis side asks the base for a caption with SYNTHESIS_PROMPTS["caption"]: it is one of the variants.
 DESCRIBE_PROMPTS = ("Describe this image.", "What do you see in this picture?", "Give a description of the image.",
@@ -55,7 +60,7 @@ CONTENT_WORDS = (*language.LEXICON, *BACKGROUNDS, *language.NUMBER_WORDS[1:], "t
 _CONTENT = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, CONTENT_WORDS), key=len, reverse=True)) + r")\b",
                       re.IGNORECASE)
 _ANSWER_BODY = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
-_LETTER_ANSWER = re.compile(r"[A-D]")
+_WHOLE_ANSWER = re.compile(r"[A-D]|\d+")  # an option letter or a count: the whole body is content
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +88,13 @@ def respond(think: str, answer: str) -> str:
 
 def content_spans(answer: str) -> tuple[tuple[int, int], ...]:
     """[start, end) character spans of the content words inside `answer`'s <answer>...</answer>: every
-    CONTENT_WORDS word, or the whole body when it is an option letter. The think is never marked."""
+    CONTENT_WORDS word, or the whole body when it is an option letter or a number. The think is never marked."""
     body = _ANSWER_BODY.search(answer)
     if body is None:
         return ()
     start, text = body.start(1), body.group(1)
-    if _LETTER_ANSWER.fullmatch(text):
-        return ((start, start + 1),)
+    if _WHOLE_ANSWER.fullmatch(text):
+        return ((start, start + len(text)),)
     return tuple((start + m.start(), start + m.end()) for m in _CONTENT.finditer(text))
 
 
@@ -216,8 +221,11 @@ def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int,
 
 # -------------------------------------------------------------------------------------------------- choose
 
-def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """Benchmark answer formats on coarse facts, in templates the benchmark does not use."""
+def choose(scene: Scene, rng: np.random.Generator, mcq_answer: str = "letter") -> tuple[str, str]:
+    """Benchmark answer formats on coarse facts, in templates the benchmark does not use. `mcq_answer` "text"
+    answers a multiple-choice question with the option's words ("red"), as instruct VLMs often do and
+    VLMEvalKit-style extraction accepts (viper_jax/evaluation/answers.py rule 4): a tiny base binds an option
+    to its letter only after far more training than it gets here (base4: one letter per question kind)."""
     if rng.random() < 0.4:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         where = language.region_phrase(obj.cell, rng)
@@ -249,7 +257,8 @@ def choose(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     options.insert(pos, correct)
     letters = "ABCD"
     body = "\n".join(f"{letters[k]}. {t}" for k, t in enumerate(options))
-    return f"Question: {question}\nOptions:\n{body}\n{MCQ_INSTRUCTION}", respond(think, letters[pos])
+    return f"Question: {question}\nOptions:\n{body}\n{MCQ_INSTRUCTION}", \
+        respond(think, letters[pos] if mcq_answer == "letter" else correct)
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -263,9 +272,11 @@ def _draw_kind(rng: np.random.Generator, weights: dict[str, float] | None) -> st
 
 
 def example(index: int, size: int = 112, weights: dict[str, float] | None = None,
-            one_object_share: float = 0.0, compare_lists: bool = False) -> Example:
+            one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter") -> Example:
     """Example `index`, drawn from seed base_train.start + index (deterministic). `one_object_share` of the
-    scenes hold a single object: the easiest reading of an image, where a fresh decoder starts to look."""
+    scenes hold a single object: the easiest reading of an image, where a fresh decoder starts to look. An
+    edit example the scene cannot make (no object with a unique name, an edit with the same result as the
+    one asked for) is a describe example instead."""
     seed = SEED_RANGES["base_train"].start + index
     if seed not in SEED_RANGES["base_train"]:
         raise ValueError(f"example {index} leaves the base_train seed range")
@@ -273,30 +284,41 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
     kind = _draw_kind(rng, weights)
     one = one_object_share > 0 and rng.random() < one_object_share  # no draw at 0: older data unchanged
     scene = sample_scene(rng, max_objects=1 if one else MAX_OBJECTS)
+    images = (render.render_png(scene, seed, size),)
+    if kind == "edit":
+        made = edit_skills.write(scene, rng) if rng.random() < 0.6 else edit_skills.verify(scene, rng, seed, size)
+        if made is None:
+            kind = "describe"
+        elif len(made) == 3:
+            prompt, answer, images = made
+        else:
+            prompt, answer = made
     if kind == "compare":
         prompt, answer, images = compare(scene, rng, seed, size, ("list",) if compare_lists else ())
-    else:
-        prompt, answer = (describe if kind == "describe" else ask if kind == "ask" else choose)(scene, rng)
-        images = (render.render_png(scene, seed, size),)
+    elif kind == "choose":
+        prompt, answer = choose(scene, rng, mcq_answer)
+    elif kind != "edit":
+        prompt, answer = (describe if kind == "describe" else ask)(scene, rng)
     return Example(f"base-{index:08d}", kind, prompt, answer, tuple(images), seed)
 
 
 def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None,
-             one_object_share: float = 0.0, compare_lists: bool = False) -> Iterator[Example]:
+             one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter"
+             ) -> Iterator[Example]:
     for index in range(start, start + n):
-        yield example(index, size, weights, one_object_share, compare_lists)
+        yield example(index, size, weights, one_object_share, compare_lists, mcq_answer)
 
 
 def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None,
-                 one_object_share: float, compare_lists: bool) -> None:
+                 one_object_share: float, compare_lists: bool, mcq_answer: str) -> None:
     with records.ShardWriter(path) as writer:
-        for ex in examples(count, start, size, weights, one_object_share, compare_lists):
+        for ex in examples(count, start, size, weights, one_object_share, compare_lists, mcq_answer):
             writer.write(ex.to_record())
 
 
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
                     weights: dict[str, float] | None = None, workers: int = 1, log: Any = None,
-                    one_object_share: float = 0.0, compare_lists: bool = False) -> Path:
+                    one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter") -> Path:
     """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
     `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
     `settings.json` makes sure a resumed run has the same settings. Progress lines go to `log` (default:
@@ -306,14 +328,19 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
         raise ValueError(f"n, shard_size and workers must be >= 1 (got {n}, {shard_size}, {workers})")
     if not 0.0 <= one_object_share <= 1.0:
         raise ValueError(f"one_object_share must be in [0, 1], got {one_object_share}")
+    if mcq_answer not in MCQ_ANSWERS:
+        raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"n": n, "size": size, "shard_size": shard_size, "weights": {**DEFAULT_WEIGHTS, **(weights or {})},
+    weights_used = {k: v for k, v in {**DEFAULT_WEIGHTS, **(weights or {})}.items() if k != "edit" or v}
+    settings = {"n": n, "size": size, "shard_size": shard_size, "weights": weights_used,  # older folders: no "edit"
                 "seed_start": SEED_RANGES["base_train"].start}
     if one_object_share:
         settings["one_object_share"] = one_object_share
     if compare_lists:
         settings["compare_lists"] = True
+    if mcq_answer != "letter":
+        settings["mcq_answer"] = mcq_answer
     _draw_kind(np.random.default_rng(0), weights)  # validates the weights before any work
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
@@ -325,7 +352,7 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
               for s in range(num_shards)}
     todo = [(k, name) for k, name in enumerate(shards) if not (out / name).exists()]
     print(f"  base data: {num_shards - len(todo)}/{num_shards} shards already written", file=log, flush=True)
-    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share, compare_lists)
+    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share, compare_lists, mcq_answer)
             for k, name in todo]
     if workers == 1 or len(jobs) < 2:
         done = (_write_shard(*job) for job in jobs)

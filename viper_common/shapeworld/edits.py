@@ -109,9 +109,11 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def instruction(edit: Edit, scene: Scene, rng: np.random.Generator) -> str:
-    """'<type>: <Instruction>.' for an edit of `scene`, in one of several phrasings."""
-    ref = refer(scene, edit.target, rng) if edit.target is not None else ""
+def instruction(edit: Edit, scene: Scene, rng: np.random.Generator, ref: str | None = None) -> str:
+    """'<type>: <Instruction>.' for an edit of `scene`, in one of several phrasings. `ref` names the target
+    (default: a short referring expression that is unique in the scene)."""
+    if ref is None:
+        ref = refer(scene, edit.target, rng) if edit.target is not None else ""
     if edit.op == "attribute":
         frames = ["make {ref} {v}", "change the {name} of {ref} to {v}", "turn {ref} {v}"]
         frames += ["paint {ref} {v}"] if edit.attribute == "hue" else []
@@ -313,13 +315,20 @@ def _other(rng: np.random.Generator, choices: tuple[str, ...], current: str | No
     return str(rng.choice([c for c in choices if c != current]))
 
 
-def random_edit(scene: Scene, rng: np.random.Generator, op_type: str | None = None) -> Edit:
-    """A random edit of `op_type` (any op when None) that changes `scene`; EditError if none is possible."""
+def random_edit(scene: Scene, rng: np.random.Generator, op_type: str | None = None, target: int | None = None
+                ) -> Edit:
+    """A random edit of `op_type` (any op when None) that changes `scene`; EditError if none is possible.
+    `target` fixes the object edited (default: drawn); a text edit on an object too small for a label, or an
+    add, cannot take one."""
     op = op_type or str(rng.choice(OPS))
     n, free = len(scene.objects), _free_cells(scene)
     if op in ("attribute", "remove", "replace", "move", "text", "count") and not n:
         raise EditError(f"a {op} edit needs an object; the scene is empty")
-    target = int(rng.integers(n)) if n else None
+    target_given = target is not None
+    if target is None:
+        target = int(rng.integers(n)) if n else None
+    elif op == "add" or not 0 <= target < n:
+        raise EditError(f"an {op} edit cannot target object {target} (scene has {n})")
     if op == "attribute":
         attribute = str(rng.choice(tuple(ATTRIBUTES)))
         return Edit("attribute", target=target, attribute=attribute,
@@ -357,7 +366,11 @@ def random_edit(scene: Scene, rng: np.random.Generator, op_type: str | None = No
         labelled = [i for i, o in enumerate(scene.objects) if o.size in LABELLED_SIZES]
         if not labelled:
             raise EditError("no object is big enough to carry a label")
-        target = int(rng.choice(labelled))
+        if target_given:
+            if target not in labelled:
+                raise EditError(f"object {target} is too small to carry a label")
+        else:
+            target = int(rng.choice(labelled))
         current = scene.objects[target].label
         value = "" if current and rng.random() < 0.3 else _other(rng, LABELS, current)
         return Edit("text", target=target, value=value)
