@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from synthesis_torch.inputs import Reject
 from viper_common import records
 from viper_common.atomic_files import write_json_atomic
+from viper_common.kill_points import kill_point
 
 MAX_REJECTS_IN_MANIFEST = 1000  # the full list is in the sidecars
 
@@ -90,11 +91,14 @@ class Job:
             with records.ShardWriter(self.dir / shard) as writer:
                 for rec in result.records:
                     writer.write(rec)
+                    kill_point("synth.part.record_written")  # inside the shard: only its temporary file exists
+            kill_point("synth.part.shard_committed")  # the shard renamed into place, its sidecar not written
         write_json_atomic(self.dir / f"{name}.json", {
             "part": name, "shard": shard, "num_records": len(result.records), "keys": list(keys),
             "record_ids": [r.id for r in result.records], "rejects": [r.as_dict() for r in result.rejects],
             "dropped": dict(result.dropped), "seconds": round(seconds, 3)},
             indent=1, sort_keys=True, ensure_ascii=False)
+        kill_point("synth.part.sidecar_committed")  # the part is done, the job's manifest not updated
         return name
 
     def write_manifest(self, num_inputs: int, complete: bool, extra: dict[str, Any]) -> Path:
@@ -140,4 +144,5 @@ def run_job(job: Job, items: Sequence[Any], process_chunk: Callable[[list[Any]],
             job.write_part([x.key for x in chunk], result, time.perf_counter() - t0)
             bar.update(len(chunk))
             job.write_manifest(len(items), complete=start + chunk_size >= len(todo), extra=extra)
+            kill_point("synth.manifest_written")
     return records.read_manifest(job.dir)

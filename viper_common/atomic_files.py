@@ -1,6 +1,9 @@
 """Files that readers never see half-written: written next to their final name, then renamed into place
 (`os.replace` is atomic on POSIX and Windows). Records' manifests, synthesis sidecars, the loop's status
-and the evaluation results all go through here."""
+and the evaluation results all go through here.
+
+A write that fails (a full disk: ENOSPC) removes its temporary file and raises an OSError naming the final
+path, so the old file (if any) stays as it was and a rerun writes it again."""
 
 from __future__ import annotations
 
@@ -9,12 +12,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+from viper_common.kill_points import kill_point
+
+
+def write_failed(error: OSError, path: str | os.PathLike) -> OSError:
+    """The OSError to raise for a failed write of `path`: same errno, one line naming the final path (not the
+    temporary sibling the error came from)."""
+    return OSError(error.errno, f"{error.strerror or error} (writing {Path(path)}; nothing of it was kept)",
+                   str(path))
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Writes `data` to `path` via a temporary sibling named after this process, then renames it."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(e, path) from e
+    kill_point("atomic.before_rename")  # the complete temporary file is there, the final name not yet
     os.replace(tmp, path)
     return path
 

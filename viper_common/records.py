@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from viper_common.atomic_files import write_json_atomic
+from viper_common.atomic_files import write_failed, write_json_atomic
 
 SCHEMA_VERSION = 1
 MAGIC = b"VIPR"
@@ -247,11 +247,18 @@ class ShardWriter:
         self.ids.append(record.id)
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()  # flushes the last records: where a full disk shows up
+        except OSError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise write_failed(e, self.path) from e
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except (OSError, RuntimeError):  # a full disk again: the temporary file goes all the same
+            pass
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
@@ -262,6 +269,8 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                raise write_failed(exc, self.path) from exc  # e.g. ENOSPC: name the shard, not just the errno
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[bytes]:

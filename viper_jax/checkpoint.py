@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
+from viper_common import kill_points
+
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
 OPT_STATE = "opt_state"
@@ -149,6 +151,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, *, params: Any, opt_state: Any, model_config: dict[str, Any], meta: dict[str, Any],
              data_state: dict[str, Any]) -> None:
+        kill_points.kill_point("checkpoint.before_save")
         self.manager.save(step, force=True, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params),
             MODEL_CONFIG: ocp.args.JsonSave(model_config),
@@ -156,6 +159,11 @@ class TrainCheckpointer:
             TRAIN_META: ocp.args.JsonSave(meta),
             DATA_STATE: ocp.args.JsonSave(data_state),
         }))
+        # Asynchronous saves are still writing here: a kill now lands inside the save (its step must not appear).
+        kill_points.kill_point("checkpoint.save_started")
+        if kill_points.armed("checkpoint.committed"):  # only a kill point waits: the save stays asynchronous
+            self.manager.wait_until_finished()
+        kill_points.kill_point("checkpoint.committed")
 
     def restore_json(self, step: int, item: str = MODEL_CONFIG) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ml_collections import ConfigDict
 
+from viper_common.kill_points import kill_point
 from viper_jax.loop.processes import command_line, run_logged, run_parallel
 from viper_jax.loop.status import RoundStatus, StepFailed, synth_finished, synth_state, write_json
 from viper_jax.train.config import override_flags
@@ -155,6 +156,7 @@ class Loop:
             "convert", "orbax-to-hf", "--ckpt", str(rd / "train" / "checkpoints"), "--out", str(partial),
             "--tokenizer_dir", models["vlm"]]
         run_logged(cmd, rd / "logs" / "export.log", echo=self.c.echo, prefix="  [export] ")
+        kill_point("loop.export_converted")  # the export complete under its partial name
         os.replace(partial, final)
         return {"hf_dir": str(final), "command": shlex.join(cmd)}
 

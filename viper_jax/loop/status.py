@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from viper_common.atomic_files import write_json_atomic
+from viper_common.kill_points import kill_point
 
 STEPS = ("synth_caption_refine", "synth_visual_ops", "train", "export")
 
@@ -37,6 +38,7 @@ class RoundStatus:
 
     def save(self) -> None:
         write_json(self.path, self.data)
+        kill_point("loop.status_written")  # e.g. a step marked running (or done) and nothing after it yet
 
     def done(self, step: str) -> bool:
         return self.data["steps"].get(step, {}).get("state") == "done"

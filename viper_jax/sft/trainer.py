@@ -28,6 +28,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from viper_common.cli_errors import debugging
+from viper_common.kill_points import kill_point
 from viper_jax import checkpoint, compile_cache
 from viper_jax.data.pipeline import TooManySkippedError
 from viper_jax.sft.config import ConfigError, validate
@@ -125,15 +126,18 @@ def train(config: ConfigDict) -> dict[str, Any]:
                 metrics["first_step_seconds"], first = seconds, False
             extra = {"record_ids": [str(i) for i in batch["id"]]} if config.logging.record_ids else None
             log.write(step, metrics, extra)
+            kill_point("sft.metrics_written")  # the row is on disk, its checkpoint not yet
             if step % config.checkpoint.every_steps == 0 or step == total:
                 meta = {"step": step, "updates": int(state.step), "skipped": int(state.skipped),
                         "data_seed": int(config.data.seed)}
                 ckpt.save(step, params=state.params, opt_state=state.opt_state,
                           model_config=setup.config.to_hf_dict(), meta=meta, data_state=pipeline.get_state())
+                kill_point("sft.checkpoint_saved")
         ckpt.wait()
         if config.export.hf_dir:
             from viper_jax.models.qwen2_5_vl import save_hf
 
+            kill_point("sft.before_export")
             save_hf(state.params, setup.config, config.export.hf_dir,
                     tokenizer_dir=config.model.tokenizer_path or setup.path)
             log.message(f"exported the model to {config.export.hf_dir}")

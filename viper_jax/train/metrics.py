@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from viper_common import kill_points
 from viper_common.atomic_files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
-        self.jsonl.write(json.dumps({"step": step, **scalars, **(extra or {})}) + "\n")
+        line = json.dumps({"step": step, **scalars, **(extra or {})}) + "\n"
+        if kill_points.armed("metrics.half_line"):  # what a kill inside the write leaves: half a line on disk
+            self.jsonl.write(line[:len(line) // 2])
+            self.jsonl.flush()
+        kill_points.kill_point("metrics.half_line")  # counts every write, so NAME:N reaches any step's row
+        self.jsonl.write(line)
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

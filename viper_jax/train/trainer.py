@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from viper_common.atomic_files import write_text_atomic
+from viper_common.kill_points import kill_point
 from viper_jax import checkpoint, compile_cache, distributed
 from viper_jax.distributed import ProcessBlocks, allgather_json
 from viper_jax.dtypes import dtype_named
@@ -65,11 +67,16 @@ def write_config(workdir: Path, config: ConfigDict) -> None:
     path = workdir / "config.json"
     new = json.loads(config.to_json_best_effort())
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:  # cut short by a kill (before it was written atomically): only the warning is lost
+            logger.warning("%s does not parse; it is rewritten (sections changed since the last run unknown)", path)
+            old = new
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             logger.warning("config differs from the previous run in this workdir in sections %s", changed)
-    path.write_text(json.dumps(new, indent=2) + "\n")
+    # Atomically: a kill mid-write would leave a config.json the next start cannot read.
+    write_text_atomic(path, json.dumps(new, indent=2) + "\n")
 
 
 def _batch_log(batch: dict[str, Any], pipeline: Any, processes: MultiProcess | None) -> tuple[list[str], int, int]:
@@ -183,6 +190,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                     if config.logging.record_ids:
                         extra["record_ids"] = ids
                     log.write(step, metrics, extra)
+                    kill_point("train.metrics_written")  # the row is on disk, its checkpoint not yet
                     if step % config.checkpoint.every_steps == 0 or stage_step == stage.steps:
                         meta = {"step": step, "stage_index": index, "stage_name": name, "stage_step": stage_step,
                                 "seed": int(config.seed), "updates": int(learner.state.step),
@@ -191,6 +199,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
                         ckpt.save(step, params=learner.state.params, opt_state=learner.state.opt_state,
                                   model_config=model_cfg.to_hf_dict(), meta=meta,
                                   data_state=gather_data_state(pipeline.get_state()))
+                        kill_point("train.checkpoint_saved")
             finally:
                 pipeline.close()
             if main:
@@ -199,6 +208,7 @@ def train(config: ConfigDict) -> dict[str, Any]:
         if config.export.hf_dir:
             from viper_jax.models.qwen2_5_vl import save_hf
 
+            kill_point("train.before_export")  # every step checkpointed, the export not written
             save_hf(learner.state.params, model_cfg, config.export.hf_dir,
                     tokenizer_dir=config.model.tokenizer_path or model_path)
             log.message(f"exported the policy to {config.export.hf_dir}")

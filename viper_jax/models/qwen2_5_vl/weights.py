@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -29,6 +30,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+from viper_common.atomic_files import write_bytes_atomic, write_failed, write_text_atomic
+from viper_common.kill_points import kill_point
 
 from .config import Qwen2_5_VLConfig
 from .model import Qwen2_5_VL
@@ -240,14 +244,25 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, Callable[[], np.ndar
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, produce, shape, dtype in tensors:
-            arr = np.ascontiguousarray(produce(), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise ValueError(f"tensor {name}: produced shape {arr.shape}, planned {tuple(shape)}")
-            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    # Via a temporary sibling renamed when complete: a kill or a full disk never leaves a cut-short file under
+    # the final name (one that a reader would take for the model).
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, produce, shape, dtype in tensors:
+                arr = np.ascontiguousarray(produce(), dtype=dtype)
+                if arr.shape != tuple(shape):
+                    raise ValueError(f"tensor {name}: produced shape {arr.shape}, planned {tuple(shape)}")
+                f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+                kill_point("export.tensor_written")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_failed(e, path) from e
+        raise
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- load
@@ -401,6 +416,7 @@ def save_hf(model_or_state: Any, config: Qwen2_5_VLConfig | dict | None, out_dir
     for fname, shard in zip(names, shards):
         if jax.process_index() == 0:
             _write_safetensors(out_dir / fname, shard)
+            kill_point("export.file_written")
         else:  # still take part in the collective gathers
             for item in shard:
                 item[1]()
@@ -409,14 +425,19 @@ def save_hf(model_or_state: Any, config: Qwen2_5_VLConfig | dict | None, out_dir
     if len(shards) > 1:
         weight_map = {item[0]: fname for fname, shard in zip(names, shards) for item in shard}
         total = sum(math.prod(item[2]) * item[3].itemsize for item in plan)
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    dtypes = {item[3] for item in plan}
-    cfg_dict = cfg.to_hf_dict(dtype=np.dtype(dtypes.pop()).name if len(dtypes) == 1 else None)
-    (out_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        write_text_atomic(out_dir / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        kill_point("export.file_written")
     if tokenizer_dir is not None:
         for pattern in TOKENIZER_FILES:
             for src in Path(tokenizer_dir).glob(pattern):
                 if src.is_file():
-                    shutil.copy2(src, out_dir / src.name)
+                    write_bytes_atomic(out_dir / src.name, src.read_bytes())
+                    shutil.copystat(src, out_dir / src.name)
+                    kill_point("export.file_written")
+    # config.json last: a directory holding it (what every loader looks for first) holds the whole export,
+    # every file renamed into place complete, even after a kill or a full disk part way through.
+    dtypes = {item[3] for item in plan}
+    cfg_dict = cfg.to_hf_dict(dtype=np.dtype(dtypes.pop()).name if len(dtypes) == 1 else None)
+    write_text_atomic(out_dir / "config.json", json.dumps(cfg_dict, indent=2) + "\n")
     return out_dir
