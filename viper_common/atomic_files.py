@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,32 @@ from viper_common.kill_points import kill_point
 def write_failed(error: OSError, path: str | os.PathLike) -> OSError:
     """The OSError to raise for a failed write of `path`: same errno, one line naming the final path (not the
     temporary sibling the error came from)."""
-    return OSError(error.errno, f"{error.strerror or error} (writing {Path(path)}; nothing of it was kept)",
-                   str(path))
+    return OSError(error.errno, f"{error.strerror or error}: {Path(path)} was not written (nothing of it kept)")
+
+
+_TEMPORARY = re.compile(r".+\.tmp(\d+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Deletes this module's temporary files (`NAME.tmp<pid>`) in `directory` whose writer is gone: what a kill
+    between the write and the rename leaves. A live writer's file is kept. Returns the paths removed."""
+    removed = []
+    for path in Path(directory).glob("*.tmp*") if Path(directory).is_dir() else []:
+        m = _TEMPORARY.fullmatch(path.name)
+        if m and path.is_file() and (int(m[1]) == os.getpid() or not _alive(int(m[1]))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

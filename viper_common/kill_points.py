@@ -4,8 +4,9 @@ writes), where a test or `scripts/crash_sweep.py` can SIGKILL the process at exa
 
     VIPER_KILL_AT=name        SIGKILL on the first hit of kill point `name`
     VIPER_KILL_AT=name:N      ... on its N-th hit (1-based)
-    VIPER_KILL_LOG=FILE       append every hit's name to FILE (one a line): the crash sweep's list of points
-                              an uninterrupted run passes, from which it draws `name:N`
+    VIPER_KILL_LOG=FILE       append `pid name` to FILE for every hit: the crash sweep's list of the points an
+                              uninterrupted run passes (per process: hits are counted per process), from which
+                              it draws `name:N`
 
 Both are read once, at import: with neither set, `kill_point` is one global check and a return (the points sit
 on per-step paths). SIGKILL, not an exception: nothing of the process runs afterwards (no `finally`, no
@@ -58,7 +59,7 @@ def kill_point(name: str) -> None:
         # O_APPEND: lines of several processes of one run (the loop and its children) never interleave.
         fd = os.open(_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, f"{name}\n".encode())
+            os.write(fd, f"{os.getpid()} {name}\n".encode())
         finally:
             os.close(fd)
     if _TARGET is not None and _TARGET == (name, count):

@@ -14,9 +14,11 @@ same steps, so `viper convert orbax-to-hf` reads a trainer checkpoint and a conv
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +34,12 @@ DATA_STATE = "data_state"
 
 class CheckpointReadError(ValueError):
     """A checkpoint step whose files do not restore (cut short, deleted, overwritten); names the step."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint step that could not be written (a full disk): it was never committed (Orbax writes a step
+    under a temporary name), so a rerun resumes from the step before it. An OSError: the CLIs print it as one
+    line, as every other unwritable file."""
 
 
 def short_error(error: BaseException, limit: int = 600) -> str:
@@ -142,6 +150,30 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                                preservation_policy=policy, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step an asynchronous save may still be writing
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        """A failed write of `step` (raised by its own save, or by the wait for an asynchronous one) as one
+        CheckpointWriteError naming the step, the folder and the file Orbax could not write."""
+        try:
+            yield
+        except OSError as raised:
+            # Orbax's clean-up of the step's temporary folder can fail in turn (other writer threads still
+            # at work) and that error is the one raised: report the full disk (or other cause) behind it.
+            chain = [raised]
+            while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+                chain.append(nxt)
+            full = next((c for c in chain if isinstance(c, OSError) and c.errno == errno.ENOSPC), None)
+            if full is not None:
+                cause = f"{full.strerror}" + (f" ({full.filename})" if full.filename else "")
+            else:  # the asynchronous writers' own error is lost: the free space tells a full disk apart
+                free = shutil.disk_usage(self.directory).free / 2**20
+                cause = f"{short_error(raised, 300)}; {free:.0f} MiB free there"
+            committed = [s for s in self.manager.all_steps() if s != step]
+            resume = f"a rerun resumes from step {max(committed)}" if committed else "a rerun starts over"
+            raise CheckpointWriteError((full or raised).errno, f"checkpoint step {step} in {self.directory} could "
+                                       f"not be written: {cause}; it was not committed, {resume}") from raised
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -152,13 +184,16 @@ class TrainCheckpointer:
     def save(self, step: int, *, params: Any, opt_state: Any, model_config: dict[str, Any], meta: dict[str, Any],
              data_state: dict[str, Any]) -> None:
         kill_points.kill_point("checkpoint.before_save")
-        self.manager.save(step, force=True, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(params),
-            MODEL_CONFIG: ocp.args.JsonSave(model_config),
-            OPT_STATE: ocp.args.StandardSave(opt_state),
-            TRAIN_META: ocp.args.JsonSave(meta),
-            DATA_STATE: ocp.args.JsonSave(data_state),
-        }))
+        self.wait()  # Orbax would wait for the previous save here anyway; its failure is named as its own
+        self._pending = step
+        with self._writing(step):
+            self.manager.save(step, force=True, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardSave(params),
+                MODEL_CONFIG: ocp.args.JsonSave(model_config),
+                OPT_STATE: ocp.args.StandardSave(opt_state),
+                TRAIN_META: ocp.args.JsonSave(meta),
+                DATA_STATE: ocp.args.JsonSave(data_state),
+            }))
         # Asynchronous saves are still writing here: a kill now lands inside the save (its step must not appear).
         kill_points.kill_point("checkpoint.save_started")
         if kill_points.armed("checkpoint.committed"):  # only a kill point waits: the save stays asynchronous
@@ -195,8 +230,11 @@ class TrainCheckpointer:
         return aside
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing(self._pending):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from viper_common.kill_points import kill_point
 from viper_common.tiny_tokenizer import build_tiny_tokenizer
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, TextConfig, VisionConfig, save_hf
 
@@ -78,6 +79,7 @@ def write_random_model(out_dir: str | Path, config: dict[str, Any] | Qwen2_5_VLC
     out_dir = Path(out_dir)
     model = Qwen2_5_VL(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     save_hf(model, None, out_dir)
+    kill_point("tiny_model.weights_written")  # config.json and weights there, the tokenizer not yet
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
 

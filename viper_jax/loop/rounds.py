@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ml_collections import ConfigDict
 
+from viper_common.atomic_files import remove_stale_temporaries
 from viper_common.kill_points import kill_point
 from viper_jax.loop.processes import command_line, run_logged, run_parallel
 from viper_jax.loop.status import RoundStatus, StepFailed, synth_finished, synth_state, write_json
@@ -91,6 +92,7 @@ class Loop:
     def _synth(self, task: str, rd: Path, models: dict[str, str], index: int) -> dict[str, Any]:
         s, out = self.c.synth, rd / "synth"
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # REQUEST.json's (job folders clean up after themselves)
         commands = self._synth_commands(task, rd, models, index)
         if s.mode == "wait":
             return {**self._wait(task, out, commands), "commands": [shlex.join(c) for c in commands]}
@@ -175,6 +177,7 @@ class Loop:
 
     def run(self) -> list[RoundStatus]:
         self.work.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.work)
         write_json(self.work / "loop_config.json", json.loads(self.c.to_json_best_effort()))
         out = []
         for index in range(int(self.c.rounds)):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from viper_common.atomic_files import write_json_atomic
+from viper_common.atomic_files import remove_stale_temporaries, write_json_atomic
 from viper_common.kill_points import kill_point
 
 STEPS = ("synth_caption_refine", "synth_visual_ops", "train", "export")
@@ -29,6 +29,7 @@ class RoundStatus:
 
     def __init__(self, round_dir: Path, index: int, vlm: str):
         self.path = round_dir / "status.json"
+        remove_stale_temporaries(round_dir)  # status.json.tmp<pid> of a loop killed before its rename
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"round": index, "steps": {}}
         if self.data.get("vlm") not in (None, vlm):
             raise StepFailed(f"{self.path} was made with synthesiser {self.data['vlm']}, this run would use {vlm}; "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from viper_common import kill_points
-from viper_common.atomic_files import write_text_atomic
+from viper_common.atomic_files import remove_stale_temporaries, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class MetricsLogger:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "metrics.jsonl"
+        remove_stale_temporaries(workdir)  # metrics.jsonl / config.json temporaries of a run killed mid-rename
         if path.exists():  # drop steps the checkpoint does not cover (they will be redone), and a cut last line
             kept = [line for line, row in _rows(path) if row.get("step", 0) <= start_step]
             write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,15 @@ def resolve_model_path(config: ConfigDict, workdir: Path) -> Path:
         if jax.process_index() == 0 and not (path / "config.json").exists():
             from viper_jax.tiny import write_tiny_model
 
-            write_tiny_model(path, seed=int(config.model.tiny_seed))
+            # Written beside its place, then moved in with config.json last: a run killed between the weights and
+            # the tokenizer left a config.json without tokenizer, which the next start took for a finished model.
+            partial = path.with_name(path.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_tiny_model(partial, seed=int(config.model.tiny_seed))
+            path.mkdir(parents=True, exist_ok=True)
+            for f in sorted(partial.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, path / f.name)
+            partial.rmdir()
         if jax.process_count() > 1:  # the other processes read it only once process 0 has written it
             from jax.experimental import multihost_utils
 

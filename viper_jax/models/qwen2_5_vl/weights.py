@@ -31,7 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from viper_common.atomic_files import write_bytes_atomic, write_failed, write_text_atomic
+from viper_common.atomic_files import (remove_stale_temporaries, write_bytes_atomic, write_failed,
+                                       write_text_atomic)
 from viper_common.kill_points import kill_point
 
 from .config import Qwen2_5_VLConfig
@@ -402,6 +403,7 @@ def save_hf(model_or_state: Any, config: Qwen2_5_VLConfig | dict | None, out_dir
     out_dir = Path(out_dir)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # a killed export's cut-short files (never under a final name)
     shards: list[list] = [[]]
     size = 0
     for item in plan:
