@@ -1,0 +1,135 @@
+"""Exact kill points (viper_common/kill_points.py): each command SIGKILLed at a named moment where a crash hurts
+(inside a checkpoint save, between a metrics row and its checkpoint, half a metrics line, between a part shard
+and its sidecar, inside a shard, inside an HF export, before the tiny model's tokenizer), the state it leaves
+checked, then rerun: the result is identical to an uninterrupted run (scripts/crash_scenarios.py's digests:
+parameter and optimizer bytes, metrics rows, checkpoint steps, records, sidecars, manifests, export files).
+`scripts/crash_sweep.py` does the same at random moments and random points, for `viper-synth visual-ops` and
+`viper loop` too (kept out of this file for its time: a loop round takes minutes here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import crash_scenarios as cs  # noqa: E402
+
+KILLED = -9  # SIGKILL
+
+
+def run(root: Path, command: str, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = cs.env_for(root)
+    if kill_at:
+        env["VIPER_KILL_AT"] = kill_at
+    return subprocess.run(cs.command_line(root, command, out), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def finish(root: Path, command: str, out: Path) -> str:
+    done = run(root, command, out)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Inputs shared by the module; `trained` is an uninterrupted `viper train` (the reference for train and
+    the checkpoint that convert exports)."""
+    root = tmp_path_factory.mktemp("kill_points")
+    cs.prepare(root, "convert")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ the mechanism
+
+_SCRIPT = """
+import sys
+from viper_common.kill_points import ACTIVE, kill_point
+print("active" if ACTIVE else "inactive", flush=True)
+for name in sys.argv[1:]:
+    kill_point(name)
+    print("passed", name, flush=True)
+"""
+
+
+def _points(env: dict, *names: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SCRIPT, *names], env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_kill_point_kills_on_the_named_hit_and_logs_every_hit(tmp_path):
+    env = cs.env_for(tmp_path)
+    plain = _points(env, "a", "b", "b")
+    assert plain.returncode == 0 and plain.stdout.split("\n")[0] == "inactive"
+    log = tmp_path / "hits"
+    killed = _points(dict(env, VIPER_KILL_AT="b:2", VIPER_KILL_LOG=str(log)), "a", "b", "a", "b", "c")
+    assert killed.returncode == KILLED
+    assert killed.stdout.splitlines() == ["active", "passed a", "passed b", "passed a"]
+    assert [line.split(" ", 1)[1] for line in log.read_text().splitlines()] == ["a", "b", "a", "b"]
+    assert _points(dict(env, VIPER_KILL_AT="b"), "a", "b").stdout.splitlines() == ["active", "passed a"]
+    bad = _points(dict(env, VIPER_KILL_AT="b:zero"), "b")
+    assert bad.returncode == 1 and "VIPER_KILL_AT='b:zero'" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+
+def test_train_killed_before_the_tiny_tokenizer_then_inside_a_checkpoint_save(root):
+    want = cs.digest("train", root / "trained")
+    out = root / "train_killed"
+    # Before its tokenizer: the tiny model was written in place, and the next start took it for a whole one.
+    assert run(root, "train", out, "tiny_model.weights_written:1").returncode == KILLED
+    assert not (out / "tiny_model" / "config.json").exists()
+    # Inside the (asynchronous) save of step 3, its metrics row already written.
+    assert run(root, "train", out, "checkpoint.save_started:2").returncode == KILLED
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "resumed from" in finish(root, "train", out)
+    got = cs.digest("train", out)
+    assert got["metric_steps"] == [1, 2, 3, 4, 5]  # no step twice, none lost
+    assert got == want
+
+
+def test_sft_killed_in_the_middle_of_a_metrics_line(root):
+    cs.prepare(root, "sft")
+    ref, out = root / "sft_ref", root / "sft_killed"
+    finish(root, "sft", ref)
+    assert run(root, "sft", out, "metrics.half_line:5").returncode == KILLED
+    last = (out / "metrics.jsonl").read_text().splitlines()[-1]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(last)  # half of step 5's row, as a kill inside the write leaves it
+    # Step 3's asynchronous save is committed by now, or not yet (then the run restarts from step 0).
+    assert {p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()} <= {"3"}
+    assert "resumed from" in finish(root, "sft", out)
+    assert cs.digest("sft", out) == cs.digest("sft", ref)
+
+
+# ------------------------------------------------------------------------------------------------ synthesis
+
+def test_synthesis_killed_between_a_shard_and_its_sidecar(root):
+    """caption-refine; visual-ops commits its parts through the same Job.write_part (the sweep runs both)."""
+    cs.prepare(root, "visual-ops")  # stage1: an uninterrupted caption-refine (the reference of this test)
+    out = root / "cr_killed"
+    assert run(root, "caption-refine", out, "synth.part.shard_committed:2").returncode == KILLED
+    job = out / "caption_refine-00000-of-00001"
+    assert (job / "part-00001.arrayrecord").exists() and not (job / "part-00001.json").exists()  # an orphan
+    finish(root, "caption-refine", out)
+    assert cs.digest("caption-refine", out) == cs.digest("caption-refine", root / "stage1") != {}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def test_convert_killed_inside_a_safetensors_file_then_between_files(root):
+    ref, out = root / "hf_ref", root / "hf_killed"
+    finish(root, "convert", ref)
+    assert run(root, "convert", out, "export.tensor_written:20").returncode == KILLED
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(".tmp" in n or n.endswith(".safetensors") for n in left)  # no config.json: not a model
+    assert run(root, "convert", out, "export.file_written:6").returncode == KILLED
+    assert not (out / "config.json").exists()
+    finish(root, "convert", out)
+    assert cs.digest("convert", out) == cs.digest("convert", ref)
