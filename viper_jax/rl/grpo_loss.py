@@ -79,7 +79,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: KLKind = "k3") -> ja
 
 def aggregate(values: jax.Array, mask: jax.Array, mode: Aggregation = "token-mean", *,
               num_tokens: jax.Array | float | None = None, num_seqs: jax.Array | float | None = None,
-              norm_length: int | None = None) -> jax.Array:
+              norm_length: int | jax.Array | None = None, seq_tokens: jax.Array | None = None) -> jax.Array:
     """Reduces per-token values [N, T] to a scalar.
 
     token-mean: sum(v m) / sum(m) (DAPO). With gradient accumulation pass `num_tokens`, the token count of
@@ -87,6 +87,10 @@ def aggregate(values: jax.Array, mask: jax.Array, mode: Aggregation = "token-mea
     seq-mean-token-mean: mean over sequences of each sequence's token mean (original GRPO).
     seq-mean-token-sum-norm: sum(v m) / (N * norm_length) (Dr. GRPO); norm_length defaults to T.
     `num_seqs` plays num_tokens' role for the two sequence-level modes.
+
+    seq_tokens [N, T] (packed rows, train/packing.py, where a row holds several sequences): the counted token
+    count of each token's own sequence, which replaces the row's mask sum in seq-mean-token-mean; the other
+    modes do not depend on how tokens are laid out in rows. Needs `num_seqs` (rows are not sequences).
     """
     mask = mask.astype(jnp.float32)
     values = values.astype(jnp.float32)
@@ -94,6 +98,10 @@ def aggregate(values: jax.Array, mask: jax.Array, mode: Aggregation = "token-mea
         denom = mask.sum() if num_tokens is None else num_tokens
         return (values * mask).sum() / jnp.maximum(denom, 1.0)
     seqs = values.shape[0] if num_seqs is None else num_seqs
+    if mode == "seq-mean-token-mean" and seq_tokens is not None:
+        if num_seqs is None:
+            raise ValueError("packed rows (seq_tokens) need num_seqs: a row is not a sequence")
+        return (values * mask / jnp.maximum(seq_tokens.astype(jnp.float32), 1.0)).sum() / seqs
     if mode == "seq-mean-token-mean":
         per_seq = (values * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
         return per_seq.sum() / seqs
@@ -109,9 +117,10 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     """PPO-clip with decoupled bounds: L = -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
 
     Dual clip (c > 1) bounds the loss of negative-advantage tokens by -c A. Returns (loss, metrics) with
-    the fractions of tokens clipped at the low / high bound and by the dual clip.
+    the fractions of tokens clipped at the low / high bound and by the dual clip. advantages: [N] per
+    response, or [N, T] per token (packed rows hold several responses).
     """
-    adv = advantages[:, None].astype(jnp.float32)
+    adv = (advantages[:, None] if advantages.ndim == 1 else advantages).astype(jnp.float32)
     log_ratio = jnp.clip(logp - old_logp, -20.0, 20.0)
     ratio = jnp.exp(log_ratio)
     unclipped = -ratio * adv

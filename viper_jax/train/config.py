@@ -126,6 +126,14 @@ def base_config() -> ConfigDict:
     c.rl.drop_zero_spread = False  # mask out groups whose rewards are all equal (no signal)
     c.rl.recompute_old_logprobs = False  # True: a full forward gives the old log-probs (verl/EasyR1)
     c.rl.logit_chunk = 0  # response tokens per lm_head chunk (rematerialised); 0 = all at once
+    # Sequence packing (train/packing.py): each response's prompt + response tokens are a segment of packed rows
+    # (attention within segments, per-segment MRoPE positions), so the update runs on real tokens only; same
+    # loss, gradients and metrics as the padded rows (tests/test_packing.py). One JAX process only.
+    c.rl.packing = False
+    c.rl.pack_tokens = 0  # token budget of a packed micro-batch; 0 = the padded micro-batch's (rows x row width)
+    # > 0: the update's response span is the batch's longest counted response rounded up to this * 2^k (at most
+    # rollout.max_new_tokens) instead of max_new_tokens; same results. 0 = off.
+    c.rl.response_bucket = 0
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 1e-6
@@ -235,6 +243,8 @@ def validate(config: ConfigDict) -> None:
     _require(rl.micro_batch_prompts >= 0 and (rl.micro_batch_prompts == 0 or per_minibatch % rl.micro_batch_prompts == 0),
              "rl.micro_batch_prompts", f"{rl.micro_batch_prompts} does not divide the {per_minibatch} prompts of a minibatch")
     _require(rl.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")
+    _require(rl.pack_tokens >= 0 and rl.response_bucket >= 0, "rl.pack_tokens/response_bucket",
+             "must be >= 0 (0 = auto / off)")
     _require(rl.aggregation in AGGREGATIONS, "rl.aggregation", f"must be one of {AGGREGATIONS}")
     _require(rl.kl_estimator in KL_ESTIMATORS, "rl.kl_estimator", f"must be one of {KL_ESTIMATORS}")
     _require(rl.advantage_scale in ADVANTAGE_SCALES, "rl.advantage_scale", f"must be one of {ADVANTAGE_SCALES}")

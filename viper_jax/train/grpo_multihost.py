@@ -143,6 +143,10 @@ def check_split(rl: ConfigDict, blocks: ProcessBlocks) -> None:
     """With several processes every micro-batch is a global array whose prompts split evenly over the
     batch shards (data x fsdp), each process holding the same number: refused before loading."""
     n, shards = blocks.count, blocks.count * blocks.per_process
+    if rl.get("packing", False):
+        # Packed micro-batches are cut per process by its own lengths; several processes would have to agree
+        # on their count and shapes first (not built).
+        raise ConfigError(f"config rl.packing: runs in one JAX process, and this run has {n}; set it to false")
     per_minibatch = rl.prompts_per_step // minibatches_per_pass(rl)
     micro = rl.micro_batch_prompts or per_minibatch
     if micro % shards:

@@ -33,6 +33,8 @@ from viper_jax.sharding import DEFAULT_RULES, use_mesh
 from viper_jax.train.config import minibatches_per_pass
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
 from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
+from viper_jax.train.packing import MicroBatch, pack_minibatch, packed_forward, padded_micro, response_width, \
+    trim_responses
 from viper_jax.train.state import TrainState, apply_gradients
 
 
@@ -57,6 +59,9 @@ class GRPOSettings:
     drop_zero_spread: bool
     recompute_old_logprobs: bool
     logit_chunk: int
+    packing: bool  # train/packing.py: prompt + response sequences packed into rows, real tokens only
+    pack_tokens: int  # token budget of a packed micro-batch; 0 = the padded micro-batch's rows x width
+    response_bucket: int  # > 0: response span cut to the longest counted response, rounded to this * 2^k
     temperature: float
 
     @classmethod
@@ -100,7 +105,10 @@ def response_logprobs(model: Qwen2_5_VL, hidden: jax.Array, targets: jax.Array, 
 
 def policy_forward(model: Qwen2_5_VL, micro: dict[str, Any], group_size: int, temperature: float,
                    chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Log-probs and entropies of the sampled response tokens under `model` (see grpo_batch.py)."""
+    """Log-probs and entropies of the sampled response tokens under `model` (see grpo_batch.py), or at the
+    prediction positions of packed rows (train/packing.py)."""
+    if "segment_ids" in micro:
+        return packed_forward(model, micro, temperature, chunk)
     prompt = model.embed(micro["prompt_ids"], micro.get("pixel_values"), micro.get("vision_inputs"))
     x = jnp.concatenate([jnp.repeat(prompt, group_size, axis=0), model.language_model.embed(micro["tokens"])], axis=1)
     mask = jnp.concatenate([jnp.repeat(micro["prompt_mask"], group_size, axis=0),
@@ -128,7 +136,9 @@ class UpdateFns:
         def loss_fn(params: Any, micro: dict[str, Any], denoms: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
             logp, ent = forward(params, micro)
             mask = micro["resp_mask"]
-            agg = dict(num_tokens=denoms["tokens"], num_seqs=denoms["seqs"], norm_length=mask.shape[1])
+            # norm_length: max_new_tokens (Dr. GRPO's constant), whatever width the rows were trimmed or packed to.
+            agg = dict(num_tokens=denoms["tokens"], num_seqs=denoms["seqs"],
+                       norm_length=denoms.get("norm_length", mask.shape[1]), seq_tokens=micro.get("seq_tokens"))
             pg, m = grpo_loss.policy_loss(logp, micro["old_logp"], micro["advantages"], mask, eps_low=settings.eps_low,
                                           eps_high=settings.eps_high, dual_clip=settings.dual_clip or None,
                                           aggregation=settings.aggregation, **agg)
@@ -268,36 +278,51 @@ class GRPOLearner:
 
     # -------------------------------------------------------------------------------------------- update
 
-    def _update(self, rollout_batch: RolloutBatch) -> dict[str, float]:
-        settings, fns, processes = self.settings, self.fns, self.processes
-        g = settings.group_size
+    def _micro_batches(self, rollout_batch: RolloutBatch) -> list[list[MicroBatch]]:
+        """Minibatches (one optimizer update each) of micro-batches (one forward/backward each): padded
+        ones of rl.micro_batch_prompts prompts, or packed ones cut by the token budget (packing.py)."""
+        settings, processes = self.settings, self.processes
         # micro_batch_prompts counts prompts over all processes; each process cuts its own share.
         ranges = slices(rollout_batch.num_prompts, settings.num_minibatches,
                         settings.micro_batch_prompts // processes.count)
-        micro_batches = [[processes.micro_inputs(rollout_batch, a, b, self.model_config) for a, b in mb]
-                         for mb in ranges]
-        flat = [r for mb in ranges for r in mb]
+        if not settings.packing:
+            return [[padded_micro(rollout_batch, a, b, processes.micro_inputs(rollout_batch, a, b, self.model_config))
+                     for a, b in mb] for mb in ranges]
+        if processes.count > 1:
+            raise ValueError("rl.packing runs in one JAX process (grpo_multihost.check_split refuses it)")
+        width = rollout_batch.prompt_ids.shape[1] + rollout_batch.tokens.shape[1]
+        rows = (ranges[0][0][1] - ranges[0][0][0]) * settings.group_size  # the padded micro-batch's rows
+        max_rows = max(1, settings.pack_tokens // width) if settings.pack_tokens > 0 else rows
+        return [pack_minibatch(rollout_batch, mb[0][0], mb[-1][1], self.model_config, max_rows) for mb in ranges]
+
+    def _update(self, rollout_batch: RolloutBatch) -> dict[str, float]:
+        settings, fns, processes = self.settings, self.fns, self.processes
+        # Dr. GRPO's norm_length stays max_new_tokens when the response span is trimmed or packed.
+        norm_length = jnp.float32(rollout_batch.tokens.shape[1])
+        if settings.response_bucket > 0:  # every process keeps the same columns (the global longest)
+            width = response_width(rollout_batch.resp_mask, settings.response_bucket)
+            rollout_batch = trim_responses(rollout_batch, int(processes.max(float(width))))
+        micro_batches = self._micro_batches(rollout_batch)
+        micros = [micro for mb in micro_batches for micro in mb]
         # Response tokens and sequences per micro-batch, summed over processes: every process then takes
         # the same branches below (skips, updates), so the collectives inside the jitted calls line up.
-        local = [(int(m.sum()), int((m.sum(axis=1) > 0).sum()))
-                 for m in (rollout_batch.resp_mask[a * g:b * g] for a, b in flat)]
-        counts = processes.sum(np.asarray(local, np.int32).reshape(len(flat), 2)).tolist()
-        micros = [micro for mb in micro_batches for micro in mb]
+        counts = processes.sum(np.asarray([(m.tokens, m.seqs) for m in micros], np.int32).reshape(len(micros), 2)
+                               ).tolist()
         # Old (and reference) log-probs come from the pre-update policy, for every micro-batch first.
         diffs = []
         if settings.recompute_old_logprobs or settings.kl_coef > 0:
-            for (a, b), micro, (tokens, _) in zip(flat, micros, counts):
+            for micro, (tokens, _) in zip(micros, counts):
                 if tokens == 0:
                     continue
                 if settings.recompute_old_logprobs:
-                    fresh = (processes.to_host(fns.logprobs(self.state.params, micro))
-                             * rollout_batch.resp_mask[a * g:b * g])
+                    fresh = processes.to_host(fns.logprobs(self.state.params, micro.inputs)) * micro.mask
                     # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
                     # mean the update does not see what the sampler saw (positions, images, dtype).
-                    diffs.append(float(np.abs(fresh - rollout_batch.old_logp[a * g:b * g]).max()))
-                    micro["old_logp"] = processes.from_host(fresh)
+                    diffs.append(float(np.abs(fresh - micro.old_logp).max()))
+                    micro.inputs["old_logp"] = processes.from_host(fresh)
                 if settings.kl_coef > 0:
-                    micro["ref_logp"] = processes.from_host(processes.to_host(fns.logprobs(self.ref_params, micro)))
+                    micro.inputs["ref_logp"] = processes.from_host(
+                        processes.to_host(fns.logprobs(self.ref_params, micro.inputs)))
         sums: dict[str, Any] = {}
         grad_norms, skipped, empty, lrs, processed = [], 0, 0, [], 0
         first = np.cumsum([0] + [len(mb) for mb in micro_batches])
@@ -309,17 +334,17 @@ class GRPOLearner:
                 if tokens == 0:  # every group dropped: nothing to learn from, no optimizer update
                     empty += 1
                     continue
-                denoms = {"tokens": jnp.float32(tokens), "seqs": jnp.float32(seqs)}
+                denoms = {"tokens": jnp.float32(tokens), "seqs": jnp.float32(seqs), "norm_length": norm_length}
                 acc, loss = None, jnp.float32(0)
-                for (a, b), micro, c in zip(ranges[m], mb, mb_counts):
+                for micro, c in zip(mb, mb_counts):
                     if c[0] == 0:
                         continue
                     if acc is None:
                         acc = fns.zeros(self.state.params)
-                    acc, part = fns.accumulate(self.state.params, acc, micro, denoms)
+                    acc, part = fns.accumulate(self.state.params, acc, micro.inputs, denoms)
                     loss = loss + part["loss"]
                     sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
-                    processed += int(rollout_batch.tokens[a * g:b * g].size + rollout_batch.prompt_mask[a:b].sum() * g)
+                    processed += micro.processed
                 lrs.append(float(self.schedule(int(self.state.step))))
                 self.state, applied = fns.apply(self.state, acc, loss)
                 grad_norms.append(applied["grad_norm"])

@@ -178,11 +178,21 @@ class TextModel(nnx.Module):
         return constrain(self.norm(x), HIDDEN), new_caches
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
-        """inputs_embeds [B, T, D], position_ids [3, B, T] -> (final-normed hidden [B, T, D], cache)."""
+                 cache: Cache | None = None, cache_index: jax.Array | int = 0,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """inputs_embeds [B, T, D], position_ids [3, B, T] -> (final-normed hidden [B, T, D], cache).
+
+        segment_ids [B, T] (packed rows, no cache; replaces attention_mask): a token attends causally to the
+        earlier tokens of its own segment only (0 = padding, which real segments never see)."""
         b, t = inputs_embeds.shape[:2]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for packed rows without a KV cache")
+            # The kernels take segment ids as they are; xla gets the [B, T, T] mask they stand for.
+            mask = KernelMask(segment_ids.astype(jnp.int32)) if self.attention != "xla" else \
+                _mask(t, None, None, 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
         # A kernel attends without a cache, or in a prefill (cache_index 0: the T tokens are all the cache holds).
-        if self.attention != "xla" and t > 1 and (cache is None or (isinstance(cache_index, int) and cache_index == 0)):
+        elif self.attention != "xla" and t > 1 and (cache is None or (isinstance(cache_index, int) and cache_index == 0)):
             mask = kernel_mask(attention_mask, b, t)
         else:
             mask = _mask(t, attention_mask, None if cache is None else cache["k"].shape[3], cache_index)

@@ -1,0 +1,186 @@
+"""Sequence packing for the GRPO update (`rl.packing`): the update runs on real tokens only.
+
+The padded update (grpo_batch.update_inputs) gives every response a row of prompt bucket + response width,
+whatever its real length. Packed, each response's sequence (its prompt's real tokens, then its counted
+response tokens) is a segment of a row of fixed length L, several segments a row:
+
+  ids / prompt_src [rows, L]  response token ids / where a prompt token's embedding comes from (the
+                              micro-batch's prompts are embedded once, vision included, as padded: prompt p's
+                              column c is p * Tp + c; -1 at response tokens and padding)
+  segment_ids [rows, L]       1, 2, ... per segment, 0 = padding: attention is causal within a segment
+  positions [3, rows, L]      each segment's own MRoPE positions: those of its padded row (update_inputs'),
+                              real columns only, so every token sits where the sampler saw it
+  targets / resp_mask / old_logp / advantages / seq_tokens [rows, L]
+                              at the position that predicts response token i (prompt's last token, then
+                              response token i - 1): the token, its loss mask, old log-prob, its response's
+                              advantage and that response's counted token count (seq-mean-token-mean)
+
+Responses whose mask is all zero (groups dropped by rl.drop_zero_spread) add nothing to the loss or its
+gradient, so they are left out. Micro-batches are cut by a token budget (verl's dynamic batch size): prompts
+are taken in order while their sequences fit `max_rows` rows of L (first-fit decreasing), the row count
+rounded up to a power of two (fewer distinct shapes to compile). Denominators stay the minibatch's (token
+and sequence counts), so the summed gradients equal the padded update's whatever the cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viper_jax.train.grpo_batch import RolloutBatch, update_inputs
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One forward/backward pass: the jitted update's inputs and host copies of what the step reads back."""
+
+    inputs: dict[str, Any]  # update_inputs' dict (padded) or pack_micro's (packed)
+    mask: np.ndarray        # this process's loss mask in the inputs' layout
+    old_logp: np.ndarray    # the rollout's log-probs in the same layout
+    seqs: int               # responses with at least one counted token
+    processed: int          # token slots the forward runs on, padding excluded for prompts (the metric)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def padded_micro(batch: RolloutBatch, start: int, stop: int, inputs: dict[str, Any]) -> MicroBatch:
+    """The padded micro-batch of prompts [start, stop) (`inputs` from update_inputs or its multi-process twin)."""
+    g = batch.group_size
+    mask = batch.resp_mask[start * g:stop * g]
+    return MicroBatch(inputs, mask, batch.old_logp[start * g:stop * g], int((mask.sum(axis=1) > 0).sum()),
+                      int(batch.tokens[start * g:stop * g].size + batch.prompt_mask[start:stop].sum() * g))
+
+
+def response_width(resp_mask: np.ndarray, bucket: int) -> int:
+    """Columns of the response span to keep: the longest counted response rounded up to bucket * 2^k (few
+    distinct shapes), at most the full width. bucket <= 0 keeps the full width (max_new_tokens)."""
+    n = resp_mask.shape[1]
+    if bucket <= 0:
+        return n
+    nz = resp_mask != 0
+    longest = int((n - np.argmax(nz[:, ::-1], axis=1))[nz.any(axis=1)].max(initial=0))
+    width = bucket
+    while width < longest:
+        width *= 2
+    return min(width, n)
+
+
+def trim_responses(batch: RolloutBatch, width: int) -> RolloutBatch:
+    """The batch with response columns [width, N) dropped (nothing counted lives there: causal attention
+    means they never change an earlier token)."""
+    return dataclasses.replace(batch, tokens=batch.tokens[:, :width], resp_mask=batch.resp_mask[:, :width],
+                               old_logp=batch.old_logp[:, :width])
+
+
+def _counted_lengths(resp_mask: np.ndarray) -> np.ndarray:
+    """[R]: response tokens up to and including the last counted one (0 for a row that counts none)."""
+    nz = resp_mask != 0
+    return np.where(nz.any(axis=1), resp_mask.shape[1] - np.argmax(nz[:, ::-1], axis=1), 0)
+
+
+def _sequence_lengths(batch: RolloutBatch, start: int, stop: int) -> np.ndarray:
+    """[(stop - start) * G]: packed length of each response row (0: left out)."""
+    g = batch.group_size
+    resp = _counted_lengths(batch.resp_mask[start * g:stop * g])
+    prompt = np.repeat(batch.prompt_mask[start:stop].sum(axis=1), g)
+    return np.where(resp > 0, prompt + resp, 0)
+
+
+def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
+    """Indices of the non-zero `lengths` in rows of capacity row_len, first-fit decreasing (stable ties)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(np.flatnonzero(lengths).tolist(), key=lambda i: -int(lengths[i])):
+        if lengths[i] > row_len:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a packed row of {row_len}")
+        slot = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            free.append(row_len)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        free[slot] -= int(lengths[i])
+    return rows
+
+
+def row_bucket(needed: int, max_rows: int) -> int:
+    """Rows a micro-batch is padded to: the next power of two, capped at the budget's rows (or at `needed`
+    when one prompt's group alone exceeds the budget)."""
+    rows = 1
+    while rows < needed:
+        rows *= 2
+    return min(rows, max(max_rows, needed))
+
+
+def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: int) -> MicroBatch:
+    """update_inputs' padded dict of some prompts -> their packed MicroBatch (layout: module docstring)."""
+    ids, pmask, resp = inputs["prompt_ids"], inputs["prompt_mask"], inputs["resp_mask"]
+    tp = ids.shape[1]
+    counted = _counted_lengths(resp)
+    cols = [np.flatnonzero(m) for m in pmask]
+    lengths = np.asarray([len(cols[r // group_size]) + counted[r] if counted[r] else 0 for r in range(len(resp))])
+    layout = first_fit(lengths, row_len)
+    rows = row_bucket(len(layout), max_rows)
+    shape = (rows, row_len)
+    out = {k: np.zeros(shape, dt) for k, dt in (("ids", np.int32), ("segment_ids", np.int32), ("targets", np.int32),
+                                                ("resp_mask", np.float32), ("old_logp", np.float32),
+                                                ("advantages", np.float32), ("seq_tokens", np.float32))}
+    out["prompt_src"] = np.full(shape, -1, np.int32)
+    out["positions"] = np.zeros((3, *shape), np.int32)
+    for row, members in enumerate(layout):
+        at = 0
+        for segment, r in enumerate(members, start=1):
+            c, n = cols[r // group_size], int(counted[r])
+            lp, end = len(c), at + len(c) + n
+            out["prompt_src"][row, at:at + lp] = (r // group_size) * tp + c
+            out["ids"][row, at + lp:end] = inputs["tokens"][r, :n]
+            out["segment_ids"][row, at:end] = segment
+            out["positions"][:, row, at:end] = np.concatenate(
+                [inputs["positions"][:, r, c], inputs["positions"][:, r, tp:tp + n]], axis=1)
+            pred = slice(at + lp - 1, end - 1)  # prompt's last token, then response tokens 0 .. n-2
+            out["targets"][row, pred] = inputs["tokens"][r, :n]
+            out["resp_mask"][row, pred] = resp[r, :n]
+            out["old_logp"][row, pred] = inputs["old_logp"][r, :n]
+            out["advantages"][row, pred] = inputs["advantages"][r]
+            out["seq_tokens"][row, pred] = resp[r].sum()
+            at = end
+    packed = {k: v for k, v in inputs.items() if k in ("prompt_ids", "pixel_values", "vision_inputs")}
+    packed.update(out)
+    return MicroBatch(packed, out["resp_mask"], out["old_logp"].copy(), int((counted > 0).sum()),
+                      int(lengths.sum()))
+
+
+def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_rows: int) -> list[MicroBatch]:
+    """Prompts [start, stop) (one minibatch) as packed micro-batches of at most `max_rows` rows of prompt
+    bucket + response width tokens (the padded row width, so any sequence fits), prompts in order."""
+    g, row_len = batch.group_size, batch.prompt_ids.shape[1] + batch.tokens.shape[1]
+    lengths = _sequence_lengths(batch, start, stop).reshape(-1, g)
+    micros, a = [], start
+    while a < stop:
+        b = a + 1  # at least one prompt, even if its group alone needs more rows than the budget
+        while b < stop and len(first_fit(lengths[a - start:b + 1 - start].reshape(-1), row_len)) <= max_rows:
+            b += 1
+        micros.append(pack_micro(update_inputs(batch, a, b, config), g, row_len, max_rows))
+        a = b
+    return micros
+
+
+def packed_forward(model: Any, micro: dict[str, Any], temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Log-probs and entropies [rows, L] at the packed prediction positions (0 elsewhere is masked)."""
+    from viper_jax.train.grpo_step import response_logprobs  # grpo_step imports this module
+
+    # Prompts embedded once each (vision tower included), as the padded path does; every segment then takes
+    # its own prompt's rows, so each one's vision tokens land in that segment, and the vision gradient is
+    # the sum over the group as with repeated embeddings.
+    prompt = model.embed(micro["prompt_ids"], micro.get("pixel_values"), micro.get("vision_inputs"))
+    src = micro["prompt_src"]
+    flat = prompt.reshape(-1, prompt.shape[-1])
+    x = jnp.where((src >= 0)[..., None], flat[jnp.maximum(src, 0)], model.language_model.embed(micro["ids"]))
+    hidden, _ = model.language_model(x, micro["positions"], segment_ids=micro["segment_ids"])
+    return response_logprobs(model, hidden, micro["targets"], temperature, chunk)
