@@ -36,9 +36,11 @@ TRAIN_FLAGS = ("--config.rl.prompts_per_step=4", "--config.rl.group_size=4", "--
                "--config.rollout.max_new_tokens=16", "--config.logging.progress_bar=false",
                "--config.stages.caption_refine.steps=3", "--config.stages.visual_ops.steps=2",
                "--config.checkpoint.every_steps=2", "--config.stages.caption_refine.reward=toy_letters",
-               "--config.stages.visual_ops.reward=toy_letters", "--config.optim.learning_rate=3e-2")
+               "--config.stages.visual_ops.reward=toy_letters", "--config.optim.learning_rate=3e-2",
+               # One prompt length (the tiny records fit): one program of each kind to compile, not three.
+               "--config.data.auto_buckets=0", "--config.data.length_buckets=(384,)")
 SFT_FLAGS = ("--config.logging.progress_bar=false", "--config.logging.tensorboard=false", "--config.steps=8",
-             "--config.checkpoint.every_steps=3")
+             "--config.checkpoint.every_steps=3", "--config.data.length_buckets=(384,)")
 SYNTH_FLAGS = ("--config.chunk_size=1",)
 LOOP_TRAIN = ("--config.stages.caption_refine.steps=1", "--config.stages.visual_ops.steps=1")
 NUM_PHOTOS = 3
