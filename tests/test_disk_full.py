@@ -198,3 +198,28 @@ def test_disk_full_in_an_hf_export(tmp_path, monkeypatch, capsys):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------- small files
+
+def test_disk_full_in_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """Manifests, sidecars, the loop's status, metrics rewrites: the old content stays, no temporary is left."""
+    from viper_common import atomic_files
+
+    target = tmp_path / "manifest.json"
+    atomic_files.write_json_atomic(target, {"version": 1})
+    real = Path.write_bytes
+
+    def fills_up(self: Path, data: bytes) -> int:
+        real(self, data[: len(data) // 2])
+        raise _full(self)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    with pytest.raises(OSError) as caught:
+        atomic_files.write_json_atomic(target, {"version": 2, "padding": "x" * 100})
+    assert caught.value.errno == errno.ENOSPC and str(target) in str(caught.value) and ".tmp" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    assert json.loads(target.read_text()) == {"version": 1}
+    monkeypatch.undo()
+    atomic_files.write_json_atomic(target, {"version": 2})  # the rerun
+    assert json.loads(target.read_text()) == {"version": 2}
