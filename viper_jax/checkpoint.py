@@ -158,22 +158,28 @@ class TrainCheckpointer:
         CheckpointWriteError naming the step, the folder and the file Orbax could not write."""
         try:
             yield
-        except OSError as raised:
+        except (OSError, ValueError) as raised:  # ValueError: TensorStore's write errors (a full disk among them)
             # Orbax's clean-up of the step's temporary folder can fail in turn (other writer threads still
             # at work) and that error is the one raised: report the full disk (or other cause) behind it.
-            chain = [raised]
+            chain: list[BaseException] = [raised]
             while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
                 chain.append(nxt)
-            full = next((c for c in chain if isinstance(c, OSError) and c.errno == errno.ENOSPC), None)
-            if full is not None:
+            full = next((c for c in chain if getattr(c, "errno", None) == errno.ENOSPC), None)
+            if full is None:
+                full = next((c for c in chain if "No space left on device" in str(c)), None)
+            if isinstance(full, OSError):
                 cause = f"{full.strerror}" + (f" ({full.filename})" if full.filename else "")
+            elif full is not None:
+                cause = short_error(full, 300)
             else:  # the asynchronous writers' own error is lost: the free space tells a full disk apart
                 free = shutil.disk_usage(self.directory).free / 2**20
                 cause = f"{short_error(raised, 300)}; {free:.0f} MiB free there"
             committed = [s for s in self.manager.all_steps() if s != step]
             resume = f"a rerun resumes from step {max(committed)}" if committed else "a rerun starts over"
-            raise CheckpointWriteError((full or raised).errno, f"checkpoint step {step} in {self.directory} could "
-                                       f"not be written: {cause}; it was not committed, {resume}") from raised
+            code = errno.ENOSPC if full is not None else getattr(raised, "errno", None)
+            message = f"checkpoint step {step} in {self.directory} could not be written: {cause}; it was not " \
+                      f"committed, {resume}"
+            raise (CheckpointWriteError(message) if code is None else CheckpointWriteError(code, message)) from raised
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
