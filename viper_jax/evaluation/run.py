@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from viper_common.atomic_files import write_json_atomic
 from viper_jax.data.processing import Prompt, PromptError, bucket_for
-from viper_jax.evaluation import answers
+from viper_jax.evaluation import answers, likelihood
 from viper_jax.evaluation.tsv import EvalRow, SkippedRow, read_tsv
 from viper_jax.inference import (DEFAULT_BUCKETS, Session, add_model_args, generate_batch, rollout_config,
                                  session_from_args)
@@ -37,8 +37,14 @@ class FileResult:
     def to_dict(self) -> dict[str, Any]:
         overall, per = answers.score(self.predictions)
         reasons = collections.Counter(s.reason for s in self.skipped)
-        return {"path": self.path, "overall": overall.to_dict(),
-                "categories": {k: v.to_dict() for k, v in per.items()},
+        out = {"path": self.path, "overall": overall.to_dict(),
+               "categories": {k: v.to_dict() for k, v in per.items()}}
+        if self.predictions and "option_choice" in self.predictions[0]:
+            scored = [{**p, "extracted": p["option_choice"], "correct": p["option_correct"]} for p in self.predictions]
+            o, c = answers.score(scored)
+            out["option_scoring"] = {"overall": o.to_dict(), "categories": {k: v.to_dict() for k, v in c.items()},
+                                     "forced_prefix": sum(p["forced_prefix"] for p in self.predictions)}
+        return {**out,
                 "skipped": {"count": len(self.skipped), "by_reason": dict(sorted(reasons.items())),
                             "rows": [dataclasses.asdict(s) for s in self.skipped]},
                 "seconds": self.seconds, "generated_tokens": self.generated_tokens,
@@ -65,8 +71,9 @@ def _prompts(session: Session, rows: Sequence[EvalRow], max_length: int
 
 def evaluate_file(session: Session, path: str | Path, *, batch_size: int = 8, max_new_tokens: int = 32,
                   buckets: Sequence[int] = DEFAULT_BUCKETS, limit: int | None = None,
-                  log: Any = None) -> FileResult:
-    """Generates for every row of the TSV at `path`; progress lines go to `log` (default: sys.stderr at call time)."""
+                  log: Any = None, score_options: str | None = None) -> FileResult:
+    """Generates for every row of the TSV at `path`; progress lines go to `log` (default: sys.stderr at call time).
+    `score_options` ("text" / "letter") also picks each row's option by likelihood (likelihood.py)."""
     log = log or sys.stderr
     data = read_tsv(path, limit)
     cfg = rollout_config(session, max_new_tokens, buckets)  # greedy (temperature 0)
@@ -80,13 +87,17 @@ def evaluate_file(session: Session, path: str | Path, *, batch_size: int = 8, ma
         shapes.add((len(chunk), width, tuple(tuple(g) for _, p in chunk for g in p.image_grid_thw.tolist())))
         result = generate_batch(session, [p for _, p in chunk], cfg)
         generated += int(result.lengths.sum())
-        for r, (row, _) in enumerate(chunk):
+        for r, (row, prompt) in enumerate(chunk):
             response = session.decode(result.tokens[r], result.lengths[r])
             extracted = answers.extract(response, row.options)
             predictions.append({"index": row.index, "category": row.category, "kind": row.kind,
                                 "answer": row.answer, "response": response, "extracted": extracted,
                                 "correct": extracted == row.answer, "formatted": answers.well_formed(response),
                                 "chance": answers.chance(row.options)})
+            if score_options:
+                scored = likelihood.score_row(session, prompt, response, row.options, score_options)
+                predictions[-1].update(option_choice=scored.choice, option_correct=scored.choice == row.answer,
+                                       option_logprobs=scored.logprobs, forced_prefix=scored.forced_prefix)
         print(f"  {Path(path).name}: {min(b + batch_size, len(items))}/{len(items)} rows", file=log, flush=True)
     order = {row.index: n for n, row in enumerate(data.rows)}
     predictions.sort(key=lambda p: order[p["index"]])
@@ -105,6 +116,13 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
     for cat, a in summary["categories"].items():
         lines.append(f"  {cat:<{width}}  {100 * a['accuracy']:6.2f}%  ({a['correct']}/{a['total']}, chance "
                      f"{100 * a['chance']:.1f}%, unparsed {a['unparsed']}, format {100 * a['format_rate']:.0f}%)")
+    scoring = summary.get("option_scoring")
+    if scoring:
+        o = scoring["overall"]
+        lines.append(f"  options by likelihood: {100 * o['accuracy']:.2f}% ({o['correct']}/{o['total']}), "
+                     f"prefix completed {scoring['forced_prefix']}")
+        for cat, a in scoring["categories"].items():
+            lines.append(f"    {cat:<{width}}  {100 * a['accuracy']:6.2f}%  ({a['correct']}/{a['total']})")
     return "\n".join(lines)
 
 
@@ -118,6 +136,9 @@ def add_eval_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of each file (smoke tests)")
     p.add_argument("--out", default=None, help="results JSON (summaries and every prediction)")
+    p.add_argument("--score_options", choices=likelihood.OPTION_FORMS, default=None,
+                   help="also choose each row's option by likelihood, scoring the option texts or letters as the "
+                        "answer (viper_jax/evaluation/likelihood.py)")
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,11 +152,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "model": str(args.model), "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                                                "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-                                               "dtype": args.dtype, "limit": args.limit, "greedy": True},
+                                               "dtype": args.dtype, "limit": args.limit, "greedy": True,
+                                               "score_options": args.score_options},
         "files": {}}
     for name, tsv in zip(names, args.tsv):
         result = evaluate_file(session, tsv, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               buckets=args.prompt_buckets, limit=args.limit)
+                               buckets=args.prompt_buckets, limit=args.limit, score_options=args.score_options)
         results["files"][name] = result.to_dict()
         print(format_summary(name, results["files"][name]))
         if args.out:  # after every file, so a long run keeps what it has

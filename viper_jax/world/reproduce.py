@@ -41,7 +41,7 @@ CONFIGS = REPO / "configs"
 CONTROLS = ("sft", "stage1", "stage2", "shuffled")
 TASKS = ("caption_refine", "visual_ops")
 EVAL_ARGS = ("--min_pixels", "12544", "--max_pixels", "12544", "--prompt_buckets", "128,192",
-             "--max_new_tokens", "48", "--batch_size", "50")
+             "--max_new_tokens", "48", "--batch_size", "50", "--score_options", "text")
 
 
 @dataclasses.dataclass
