@@ -12,6 +12,7 @@ which only the simulators read). The VLM is an HF directory from $VIPER_SHAPEWOR
 import os
 
 from synthesis_torch.config import default_config
+from viper_common.shapeworld.edit_skills import EDIT_PROMPT
 
 
 def get_config():
@@ -42,6 +43,9 @@ def get_config():
     # nothing for the photo-critique wording with the caption inside (run rq6: 24 of 24 empty). Shown the original
     # and its redrawing, the differences are what the caption got wrong or left out.
     c.prompts.critique = "List the differences between the two images, one per line starting with '- '."
+    # Stage 2 asks for edits of the named objects in the world's wording, with the image and without the
+    # description (base_data kind "edit": the request the base was taught; base6, never taught it, wrote nothing).
+    c.prompts.edit_instructions = EDIT_PROMPT
     c.filter.min_caption_words = 5
     c.filter.max_chars = 200
     c.ops.min_words = 3
@@ -54,6 +58,10 @@ def get_config():
     # The simulated editor: how often it fails, and how a failure looks (see shapeworld_sim.py).
     c.editor.failure_rate = 0.15
     c.editor.wrong_object_share = 0.5
+    # The world base's instructions name objects loosely ("the medium light yellow cross" for a large light
+    # yellow one; run rq7: 24 of 24 edits not understood with exact references); a real editor acts on the
+    # closest match, so the simulated one does too.
+    c.editor.closest_match = True
 
     # Difference band, measured on 700 random edits of 100 random scenes (the simulated editor re-renders
     # untouched pixels exactly, so "no change" is exactly 0): changed_fraction with pixel_threshold 0.05

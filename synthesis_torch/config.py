@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     # fails, a failure applying the edit to another object with share wrong_object_share, else not at all.
     c.editor.failure_rate = 0.0
     c.editor.wrong_object_share = 0.5
+    c.editor.closest_match = False  # the simulated editor: a loose object reference goes to the closest object
 
     # Input images (stage 1).
     c.inputs = ml_collections.ConfigDict()

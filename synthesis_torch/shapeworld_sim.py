@@ -17,7 +17,9 @@ another object of the scene (when the edit has a target and another object can t
 cannot resolve changes nothing. What it did is reported per instruction in `last_report` (outcome applied |
 not_applied | wrong_object | not_understood), which stage 2 stores in the operation's log: diagnostics only,
 never training truth. Outputs carry their scene and render seed in `image.info`, which stage 2 writes into
-the edited PNG, so sequential edits chain.
+the edited PNG, so sequential edits chain. With `editor.closest_match` an object reference that matches no
+object exactly goes to the object sharing the most stated attributes with it (`edits.resolve`), as a real
+editor acts on the closest thing to what it was told; the report says `matched: closest`.
 """
 
 from __future__ import annotations
@@ -84,21 +86,22 @@ class ShapeWorldReconstructor:
 class ShapeWorldEditor:
     name = NAME
 
-    def __init__(self, failure_rate: float = 0.0, wrong_object_share: float = 0.5):
+    def __init__(self, failure_rate: float = 0.0, wrong_object_share: float = 0.5, closest_match: bool = False):
         for key, value in (("failure_rate", failure_rate), ("wrong_object_share", wrong_object_share)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"editor.{key} must be in [0, 1], got {value}")
         self.failure_rate, self.wrong_object_share = failure_rate, wrong_object_share
+        self.closest_match = closest_match
         self.last_report: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, config: Any, device: Any = None, dtype: Any = None) -> "ShapeWorldEditor":
         e = config.editor
-        return cls(float(e.failure_rate), float(e.wrong_object_share))
+        return cls(float(e.failure_rate), float(e.wrong_object_share), bool(e.closest_match))
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "simulated": True, "failure_rate": self.failure_rate,
-                "wrong_object_share": self.wrong_object_share}
+                "wrong_object_share": self.wrong_object_share, "closest_match": self.closest_match}
 
     def _wrong_object(self, scene: Scene, edit: edits.Edit, rng: np.random.Generator) -> Scene | None:
         """The edit applied to another object, or None if no other object can take it."""
@@ -117,15 +120,21 @@ class ShapeWorldEditor:
 
     def _one(self, scene: Scene, text: str, rng: np.random.Generator) -> tuple[Scene, dict[str, Any]]:
         try:
-            edit = edits.parse_instruction(text, scene)
+            edit, loose = edits.parse_instruction(text, scene), {}
         except edits.EditParseError as e:
-            return scene, {"outcome": "not_understood", "detail": str(e)[:200]}
+            not_understood = {"outcome": "not_understood", "detail": str(e)[:200]}
+            if not self.closest_match:
+                return scene, not_understood
+            try:  # the strict reading failed: a loose reference may still name one object best
+                edit, loose = edits.parse_instruction(text, scene, closest=True), {"matched": "closest"}
+            except edits.EditParseError:
+                return scene, not_understood
         if rng.random() < self.failure_rate:
             wrong = self._wrong_object(scene, edit, rng) if rng.random() < self.wrong_object_share else None
             if wrong is not None:
-                return wrong, {"outcome": "wrong_object", "op": edit.op}
-            return scene, {"outcome": "not_applied", "op": edit.op}
-        return edits.apply_edit(scene, edit, rng), {"outcome": "applied", "op": edit.op}
+                return wrong, {"outcome": "wrong_object", "op": edit.op, **loose}
+            return scene, {"outcome": "not_applied", "op": edit.op, **loose}
+        return edits.apply_edit(scene, edit, rng), {"outcome": "applied", "op": edit.op, **loose}
 
     def edit(self, image: Image.Image, instruction: str, seed: int) -> Image.Image:
         try:

@@ -292,3 +292,31 @@ def test_edit_check_rejects_edits_of_the_wrong_object(world, tmp_path, verify):
             (op,) = r.provenance["ops"]
             assert op["editor_report"]["outcome"] == "wrong_object" and r.truth == (op["instruction"],)
         assert cfg.diff.min <= r.provenance["changed_fraction"] <= cfg.diff.max
+
+
+def test_editor_closest_match_takes_a_loose_reference():
+    """`closest_match`: a reference no object matches exactly goes to the one object sharing most of its stated
+    attributes (at least two); exact references are read as before; ties and weak matches stay not understood."""
+    image = decoded(render.render_png(SCENE, 5))
+    strict, loose = ShapeWorldEditor(), ShapeWorldEditor(closest_match=True)
+    strict.edit(image, "Make the large blue square yellow.", seed=1)  # the blue square is small
+    assert strict.last_report["outcome"] == "not_understood"
+    out = loose.edit(image, "Make the large blue square yellow.", seed=1)
+    assert loose.last_report == {"outcome": "applied", "op": "attribute", "matched": "closest"}
+    assert render.read_scene(out).objects[1].hue == "yellow" and render.read_scene(out).objects[0] == SCENE.objects[0]
+    loose.edit(image, "Remove the blue square.", seed=1)
+    assert loose.last_report == {"outcome": "applied", "op": "remove"}
+    for text in ("Remove the red star.",  # one attribute in common with two objects each: a tie
+                 "Remove the purple triangle."):  # nothing in common
+        out = loose.edit(image, text, seed=1)
+        assert loose.last_report["outcome"] == "not_understood" and render.read_scene(out) == SCENE
+
+
+def test_loose_attribute_frames():
+    """'change X (to) V' and a shade word before the colour: the colour is the change read."""
+    assert edits.parse_instruction("Change the blue square to light red.", SCENE) == \
+        edits.Edit("attribute", target=1, attribute="hue", value="red")
+    assert edits.parse_instruction("Change the star dark.", SCENE) == \
+        edits.Edit("attribute", target=2, attribute="shade", value="dark")
+    assert edits.parse_instruction("Make the red circle pale blue.", SCENE) == \
+        edits.Edit("attribute", target=0, attribute="hue", value="blue")

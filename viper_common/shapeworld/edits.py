@@ -65,12 +65,24 @@ def matches(obj: Obj, partial: Obj) -> bool:
                for f in ("shape", "hue", "shade", "size", "pattern", "label", "cell"))
 
 
-def resolve(scene: Scene, phrase: str) -> int:
-    """Index of the one object `phrase` refers to; EditParseError if none or several."""
+_MATCH_FIELDS = ("shape", "hue", "shade", "size", "pattern", "label", "cell")
+MIN_CLOSEST_AGREEMENT = 2  # stated attributes a closest match must share with the object
+
+
+def resolve(scene: Scene, phrase: str, closest: bool = False) -> int:
+    """Index of the one object `phrase` refers to; EditParseError if none or several. `closest`: as an image
+    editor takes a loose description, the object sharing the most stated attributes with it (at least
+    MIN_CLOSEST_AGREEMENT, and more than any other object) when no object matches exactly."""
     ref = parse_object_phrase(phrase)
     if ref is None:
         raise EditParseError(f"no shape named in {phrase!r}")
     hits = [i for i, o in enumerate(scene.objects) if matches(o, ref)]
+    if not hits and closest and scene.objects:
+        agree = [sum(getattr(ref, f) is not None and getattr(ref, f) == getattr(o, f) for f in _MATCH_FIELDS)
+                 for o in scene.objects]
+        best = max(agree)
+        if best >= MIN_CLOSEST_AGREEMENT and agree.count(best) == 1:
+            return agree.index(best)
     if not hits:
         raise EditParseError(f"no object in the scene is {phrase!r}")
     if len(hits) > 1:
@@ -161,7 +173,10 @@ _FRAMES: dict[str, tuple[str, ...]] = {
     "move": (r"(?:move|shift|slide|drag) (?P<ref>.+) (?:over )?to (?P<dest>.+)",),
     "attribute": (r"change the (?P<name>colou?r|shade|size|pattern|fill) of (?P<ref>.+?) to (?:be )?(?:an? )?"
                   r"(?P<v>\w+)",
-                  r"(?:make|turn|paint|recolou?r) (?P<ref>.+) (?P<v>\w+)"),
+                  # "make the cross blue", "change the cross (to) light blue": a shade before a colour is
+                  # dropped (one edit changes one attribute; the colour is the change asked for)
+                  r"(?:make|turn|paint|recolou?r) (?P<ref>.+?) (?:(?:light|pale|dark|deep) )?(?P<v>\w+)",
+                  r"change (?P<ref>.+?) (?:to )?(?:(?:light|pale|dark|deep) )?(?P<v>\w+)"),
 }
 _ORDER = ("text", "count", "add", "replace", "move", "attribute", "remove")
 
@@ -182,10 +197,14 @@ def _new_object(text: str, *, cell_allowed: bool) -> Obj:
     return dataclasses.replace(obj, label=obj.label or "", cell=obj.cell if cell_allowed else None)
 
 
-def _from_match(op: str, m: re.Match, scene: Scene) -> Edit:
+def _from_match(op: str, m: re.Match, scene: Scene, closest: bool = False) -> Edit:
     g = m.groupdict()
+
+    def target(phrase: str) -> int:
+        return resolve(scene, phrase, closest)
+
     if op == "text":
-        return Edit("text", target=resolve(scene, g["ref"]), value=(g.get("letter") or "").upper())
+        return Edit("text", target=target(g["ref"]), value=(g.get("letter") or "").upper())
     if op == "count":
         kind = parse_object_phrase(g["kind"])
         if kind is None:
@@ -194,25 +213,26 @@ def _from_match(op: str, m: re.Match, scene: Scene) -> Edit:
     if op == "add":
         return Edit("add", obj=_new_object(g["new"], cell_allowed=True))
     if op == "remove":
-        return Edit("remove", target=resolve(scene, g["ref"]))
+        return Edit("remove", target=target(g["ref"]))
     if op == "replace":
-        return Edit("replace", target=resolve(scene, g["ref"]), obj=_new_object(g["new"], cell_allowed=False))
+        return Edit("replace", target=target(g["ref"]), obj=_new_object(g["new"], cell_allowed=False))
     if op == "move":
         cell, _ = find_cell(g["dest"])
         if cell is None:
             raise EditParseError(f"no position named in {g['dest']!r}")
-        return Edit("move", target=resolve(scene, g["ref"]), cell=cell)
+        return Edit("move", target=target(g["ref"]), cell=cell)
     field, value = LEXICON.get(g["v"].lower(), (None, None))
     if field not in ATTRIBUTES:
         raise EditParseError(f"{g['v']!r} is not a colour, shade, size or pattern")
     named = _ATTRIBUTE_BY_NAME.get((g.get("name") or "").lower())
     if named and named != field:
         raise EditParseError(f"{g['v']!r} is not a {g['name']}")
-    return Edit("attribute", target=resolve(scene, g["ref"]), attribute=field, value=value)
+    return Edit("attribute", target=target(g["ref"]), attribute=field, value=value)
 
 
-def parse_instruction(text: str, scene: Scene) -> Edit:
-    """The edit an instruction asks for, resolved against `scene` (see the module docstring)."""
+def parse_instruction(text: str, scene: Scene, closest: bool = False) -> Edit:
+    """The edit an instruction asks for, resolved against `scene` (see the module docstring); `closest`
+    resolves object references as `resolve` does with it."""
     body = " ".join((text or "").split())
     m = _PREFIX.match(body)
     if m and (m.group(1).lower() in OPS or m.group(1).lower() in _PREFIX_ALIASES):
@@ -224,7 +244,7 @@ def parse_instruction(text: str, scene: Scene) -> Edit:
         for frame in _FRAMES[op]:
             match = re.fullmatch(frame, body, re.IGNORECASE)
             if match:  # the first matching frame decides: a fallback could misread "remove the label from X"
-                edit = _from_match(op, match, scene)
+                edit = _from_match(op, match, scene, closest)
                 check(scene, edit)
                 return edit
     raise EditParseError(f"no edit frame matches {text!r}")
