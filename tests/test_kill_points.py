@@ -3,8 +3,9 @@
 and its sidecar, inside a shard, inside an HF export, before the tiny model's tokenizer), the state it leaves
 checked, then rerun: the result is identical to an uninterrupted run (scripts/crash_scenarios.py's digests:
 parameter and optimizer bytes, metrics rows, checkpoint steps, records, sidecars, manifests, export files).
-`scripts/crash_sweep.py` does the same at random moments and random points, for `viper-synth visual-ops` and
-`viper loop` too (kept out of this file for its time: a loop round takes minutes here)."""
+`viper loop` is killed at its own points with stand-in steps (tests/fake_loop_steps.py: a real round takes
+minutes here). `scripts/crash_sweep.py` does all this at random moments and random points, for
+`viper-synth visual-ops` and real `viper loop` rounds too."""
 
 from __future__ import annotations
 
@@ -134,3 +135,50 @@ def test_convert_killed_inside_a_safetensors_file_then_between_files(root):
     assert not (out / "config.json").exists()
     finish(root, "convert", out)
     assert cs.digest("convert", out) == cs.digest("convert", ref)
+
+
+# ------------------------------------------------------------------------------------------------ viper loop
+
+def _loop(work: Path, images: Path, log: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    fake = f"{sys.executable} {ROOT / 'tests' / 'fake_loop_steps.py'}"
+    env = dict(cs.env_for(work), FAKE_STEPS_LOG=str(log))
+    if kill_at:
+        env["VIPER_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "viper_jax", "loop", "--config", str(ROOT / "configs/loop_tiny.py"), "--workdir",
+           str(work), "--images", str(images), "--quiet", "--config.models.tiny=False",
+           f"--config.models.vlm={images}", f"--config.synth.command={fake}", f"--config.train.command={fake}"]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_loop_killed_at_its_status_writes_and_before_the_export_rename(tmp_path):
+    """The loop's own bookkeeping (its steps are stand-ins: tests/fake_loop_steps.py): killed right after a
+    step is marked done, right after one is marked running, and with the export converted but not renamed, each
+    rerun goes on from there: no finished step redone, the unfinished one redone, the same round at the end."""
+    images = tmp_path / "images"
+    images.mkdir()
+    ref_log, log = tmp_path / "ref.log", tmp_path / "steps.log"
+    assert _loop(tmp_path / "ref", images, ref_log).returncode == 0
+    assert ref_log.read_text().split() == ["caption-refine", "visual-ops", "train", "convert"]
+
+    work = tmp_path / "work"
+    # A run's status.json writes: its start, then "running" and "done" of each step it does.
+    assert _loop(work, images, log, "loop.status_written:3").returncode == KILLED  # caption-refine done
+    assert log.read_text().split() == ["caption-refine"]
+    assert _loop(work, images, log, "loop.status_written:4").returncode == KILLED  # visual-ops done, train running
+    assert log.read_text().split() == ["caption-refine", "visual-ops"]
+    assert _loop(work, images, log, "loop.export_converted:1").returncode == KILLED
+    assert not (work / "round_000" / "export").exists()
+    done = _loop(work, images, log)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # Nothing finished is redone; the export, killed before its rename, is.
+    assert log.read_text().split() == ["caption-refine", "visual-ops", "train", "convert", "convert"]
+
+    def round_state(w: Path) -> dict:
+        status = json.loads((w / "round_000" / "status.json").read_text())
+        export = w / "round_000" / "export"
+        return {"state": status["state"], "steps": {k: v["state"] for k, v in status["steps"].items()},
+                "export": sorted(p.name for p in export.iterdir()), "leftovers": sorted(
+                    str(p.relative_to(w)) for p in w.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial"))}
+
+    assert round_state(work) == round_state(tmp_path / "ref")
+    assert round_state(work)["state"] == "done" and round_state(work)["leftovers"] == []
