@@ -359,3 +359,35 @@ def test_quick_shares_the_full_runs_base(tmp_path, monkeypatch):
     assert "stage1_train_s4" not in names and "shuffled_train_s5" in names and "eval_viper_s5_r2" in names
     with pytest.raises(SystemExit, match="unknown"):
         settings_from_args(parse_args(["--controls", "sft,bogus"]))
+
+
+def test_option_scoring_gets_its_own_splits_best_rounds_and_goals(tmp_path):
+    """A viper eval JSON with option_scoring (--score_options) gives 'val_options' / 'test_options' splits built from
+    the option choices; the best round for them is chosen on val_options, and the report has their tables."""
+    def with_options(path: Path, val: dict[str, int], test: dict[str, int]) -> None:
+        data = json.loads(path.read_text())
+        for key, right in (("shapeworld_val", val), ("shapeworld_test", test)):
+            f = data["files"][key]
+            scored = _file(_preds(right))
+            for p, q in zip(f["predictions"], scored["predictions"]):
+                p.update(option_choice=q["extracted"], option_correct=q["correct"], option_logprobs={},
+                         forced_prefix=False)
+            f["option_scoring"] = {"overall": scored["overall"], "categories": scored["categories"], "forced_prefix": 0}
+        path.write_text(json.dumps(data))
+
+    specs = [s for s in _specs(tmp_path) if s["kind"] in ("base", "viper round 0", "viper round 1")]
+    for s in specs:  # by likelihood, round 0 is the better one on val for both seeds (generation: see _specs)
+        good = s["kind"] == "viper round 0"
+        with_options(Path(s["eval"]), {"coarse": 9 if good else 6, "fine": 4, "hallucination": 5},
+                     {"coarse": 8 if good else 5, "fine": 4, "hallucination": 5})
+    rows = [report.model_row(s) for s in specs]
+    base = rows[0]
+    assert base["test_options"]["categories"]["coarse"] == pytest.approx(0.5)
+    assert base["test"]["categories"]["coarse"] == pytest.approx(0.5)  # generation is unchanged
+    assert {k: v["name"] for k, v in report.best_rounds(rows, "val_options").items()} == \
+        {0: "viper_s0_r0", 1: "viper_s1_r0"}
+    g = {x["goal"].split(" (")[0]: x for x in report.goals(rows, "test_options")}
+    assert g["ViPER best - base, average"]["deltas"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.1)}
+    results = report.build_report(tmp_path / "work", specs, {})
+    assert results["goals_options_by_likelihood"]
+    assert "## Options by likelihood" in (tmp_path / "work" / "report.md").read_text()

@@ -57,10 +57,29 @@ def summarize_file(result: dict[str, Any]) -> dict[str, Any]:
             "hallucination_rate": hallucination_rate(result.get("predictions", []))}
 
 
+OPTIONS_SUFFIX = "_options"  # a split scored by option likelihood (viper eval --score_options): "test_options"
+
+
+def options_view(result: dict[str, Any]) -> dict[str, Any] | None:
+    """A viper eval file result as scored by option likelihood (its option_scoring and option choices), or None."""
+    scoring = result.get("option_scoring")
+    if not scoring:
+        return None
+    predictions = [{**p, "extracted": p["option_choice"], "correct": p["option_correct"]}
+                   for p in result.get("predictions", [])]
+    return {**scoring, "predictions": predictions}
+
+
 def summarize_eval(path: str | Path) -> dict[str, dict[str, Any]]:
-    """{split: summarize_file(...)} of a `viper eval --out` JSON."""
+    """{split: summarize_file(...)} of a `viper eval --out` JSON, plus {split + OPTIONS_SUFFIX: ...} for the
+    files scored by option likelihood too."""
     data = json.loads(Path(path).read_text())
-    return {split_name(k): summarize_file(v) for k, v in data.get("files", {}).items()}
+    out = {split_name(k): summarize_file(v) for k, v in data.get("files", {}).items()}
+    for k, v in data.get("files", {}).items():
+        view = options_view(v)
+        if view is not None:
+            out[split_name(k) + OPTIONS_SUFFIX] = summarize_file(view)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ metrics files
@@ -120,19 +139,25 @@ def model_row(spec: dict[str, Any]) -> dict[str, Any] | None:
     return {"name": spec["name"], "kind": spec["kind"], "seed": spec.get("seed"), "round": spec.get("round"),
             "model": spec.get("model"), "eval": str(path),
             "val": splits.get("val"), "test": splits.get("test"),
+            **{k: v for k, v in splits.items() if k.endswith(OPTIONS_SUFFIX)},
             "average": test.get("average"), "hallucination_rate": test.get("hallucination_rate"),
             "seconds_per_step": seconds_per_step(rows, trainer) if rows else None,
             "train_steps": max((r.get("step", 0) for r in rows), default=0) if rows else None,
             "trainer": trainer if spec.get("metrics") else None}
 
 
-def best_rounds(rows: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-    """Per seed, the ViPER round with the highest val average (settings are chosen on val, never on test)."""
+def val_split(split: str) -> str:
+    """The validation split that chooses for `split`: 'test' -> 'val', 'test_options' -> 'val_options'."""
+    return "val" + split[len("test"):] if split.startswith("test") else split
+
+
+def best_rounds(rows: Sequence[dict[str, Any]], val: str = "val") -> dict[Any, dict[str, Any]]:
+    """Per seed, the ViPER round with the highest `val` average (settings are chosen on val, never on test)."""
     best: dict[Any, dict[str, Any]] = {}
     for r in rows:
-        if not r["kind"].startswith("viper round") or not r.get("val") or r["val"].get("average") is None:
+        if not r["kind"].startswith("viper round") or not r.get(val) or r[val].get("average") is None:
             continue
-        if r["seed"] not in best or r["val"]["average"] > best[r["seed"]]["val"]["average"]:
+        if r["seed"] not in best or r[val]["average"] > best[r["seed"]][val]["average"]:
             best[r["seed"]] = r
     return best
 
@@ -149,7 +174,7 @@ def group_rows(rows: Sequence[dict[str, Any]], split: str = "test") -> list[dict
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["kind"], []).append(r)
-    best = list(best_rounds(rows).values())
+    best = list(best_rounds(rows, val_split(split)).values())
     if best:
         groups["viper best"] = best
     order = ["base", "sft"] + sorted(k for k in groups if k.startswith("viper round")) + \
@@ -200,7 +225,7 @@ def _paired(rows, kind_a, kind_b, key, split="test"):
         return s.get("average") if key == "average" else (s.get("hallucination_rate") if key == "hallucination"
                                                            else (s.get("categories") or {}).get(key))
 
-    best = best_rounds(rows)
+    best = best_rounds(rows, val_split(split))
     by = {}
     for r in rows:
         by.setdefault(r["kind"], {})[r["seed"]] = r
@@ -214,8 +239,8 @@ def _paired(rows, kind_a, kind_b, key, split="test"):
     return out
 
 
-def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals, each measured per seed on test (best round chosen on val): deltas in points."""
+def goals(rows: Sequence[dict[str, Any]], split: str = "test") -> list[dict[str, Any]]:
+    """The issue's goals, each measured per seed on `split` (best round chosen on val): deltas in points."""
     spec = [("ViPER best - base, fine (>= +5)", "viper best", "base", "fine", lambda d: d >= 0.05),
             ("ViPER best - base, average (>= +2)", "viper best", "base", "average", lambda d: d >= 0.02),
             ("ViPER best - base, hallucination rate (no rise: <= 0)", "viper best", "base", "hallucination",
@@ -226,7 +251,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             ("shuffled truth - base, average (no gain: <= +1)", "shuffled", "base", "average", lambda d: d <= 0.01)]
     out = []
     for label, a, b, key, ok in spec:
-        d = _paired(rows, a, b, key)
+        d = _paired(rows, a, b, key, split)
         out.append({"goal": label, "deltas": {str(k): v for k, v in d.items()},
                     "met_seeds": sum(bool(ok(v)) for v in d.values()), "seeds": len(d)})
     return out
@@ -377,6 +402,7 @@ def build_report(workdir: str | Path, specs: Sequence[dict[str, Any]], settings:
     from viper_common.atomic_files import write_json_atomic
 
     root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
     rows = [r for r in (model_row(s) for s in specs) if r is not None]
     missing = [s["name"] for s in specs if not Path(s["eval"]).exists()]
     figures = []
@@ -394,7 +420,10 @@ def build_report(workdir: str | Path, specs: Sequence[dict[str, Any]], settings:
     if synth_dir and Path(synth_dir).exists():
         synth = synth_examples(synth_dir, root / "report" / "examples")
     goal_items = goals(rows)
+    scored = any("test" + OPTIONS_SUFFIX in r for r in rows)
+    option_goals = goals(rows, "test" + OPTIONS_SUFFIX) if scored else []
     results = {"settings": settings or {}, "rows": rows, "missing": missing, "goals": goal_items,
+               "goals_options_by_likelihood": option_goals,
                "best_rounds_by_val": {str(k): v["name"] for k, v in best.items()}}
     write_json_atomic(root / "results.json", results, indent=1, default=str)
     md = ["# ViPER in ShapeWorld: the experiment of issue 18", "",
@@ -403,6 +432,13 @@ def build_report(workdir: str | Path, specs: Sequence[dict[str, Any]], settings:
           "category's absent objects (lower is better). The best ViPER round of each seed is chosen on val.", "",
           "## Test", "", table_markdown(group_rows(rows, "test")), "## Validation", "",
           table_markdown(group_rows(rows, "val")), "## Goals (test, per seed)", "", goals_markdown(goal_items)]
+    if scored:
+        md += ["## Options by likelihood", "",
+               "The same questions, each answered by the option the model finds most likely as its answer "
+               "(viper eval --score_options; viper_jax/evaluation/likelihood.py).", "",
+               "### Test", "", table_markdown(group_rows(rows, "test" + OPTIONS_SUFFIX)), "### Validation", "",
+               table_markdown(group_rows(rows, "val" + OPTIONS_SUFFIX)), "### Goals (test, per seed)", "",
+               goals_markdown(option_goals)]
     speed = [(r["name"], r["seconds_per_step"], r["train_steps"]) for r in rows if r.get("seconds_per_step")]
     if speed:
         md += ["## Training speed", "", "| model | s / step | steps |", "|---|---|---|"]
