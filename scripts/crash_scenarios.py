@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -240,7 +240,6 @@ def differences(a: Any, b: Any, path: str = "", limit: int = 5) -> list[str]:
     return out[:limit]
 
 
-COMMANDS: dict[str, Callable[..., Any]] = {c: command_line for c in
-                                           ("train", "sft", "caption-refine", "visual-ops", "loop", "convert")}
+COMMANDS = ("train", "sft", "caption-refine", "visual-ops", "convert", "loop")
 LABELS = {"train": "viper train", "sft": "viper sft", "caption-refine": "viper-synth caption-refine",
           "visual-ops": "viper-synth visual-ops", "loop": "viper loop", "convert": "viper convert orbax-to-hf"}
