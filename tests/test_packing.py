@@ -101,7 +101,7 @@ def test_pack_layout_keeps_every_sequence_in_its_own_segment(world):
     inputs = update_inputs(batch, 0, 4, config)
     micro = packing.pack_micro(inputs, G, TP + N, max_rows=64)
     x = micro.inputs
-    assert micro.seqs == 9 and micro.tokens == int(batch.resp_mask.sum())
+    assert micro.seqs == 9 and micro.tokens == int(batch.resp_mask.sum()) == int(x["resp_mask"].sum())
     assert x["segment_ids"].shape[0] == packing.row_bucket(len(packing.first_fit(
         packing._sequence_lengths(batch, 0, 4), TP + N)), 64)
     assert micro.processed == int(batch.prompt_mask.sum(1)[[0, 2, 3]].sum() * G + batch.resp_mask.sum())
@@ -124,8 +124,12 @@ def test_pack_layout_keeps_every_sequence_in_its_own_segment(world):
             pos = full_positions(prompt_positions(batch.prompt_ids, batch.prompt_mask, batch.image_grid_thw, config),
                                  N, G)[:, r]
             np.testing.assert_array_equal(x["positions"][:, row, at], pos[:, np.r_[cols, TP:TP + n]])
-            np.testing.assert_array_equal(x["targets"][row, at[lp - 1:-1]], batch.tokens[r, :n])
-            assert x["resp_mask"][row, at].sum() == n and x["seq_tokens"][row, at[lp - 1]] == n
+            # The positions predicting its response: the prompt's last token, then response tokens 0 .. n-2.
+            flat = row * (TP + N) + at[lp - 1:-1]
+            ks = np.flatnonzero(np.isin(x["pred_index"], flat) & (x["resp_mask"][0] > 0))
+            np.testing.assert_array_equal(x["pred_index"][ks], flat)
+            np.testing.assert_array_equal(x["targets"][0, ks], batch.tokens[r, :n])
+            assert np.all(x["seq_tokens"][0, ks] == n) and np.all(x["advantages"][0, ks] == batch.advantages[r])
             seen += 1
     assert seen == 9
 
@@ -133,7 +137,7 @@ def test_pack_layout_keeps_every_sequence_in_its_own_segment(world):
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_packed_loss_and_gradients_equal_the_padded(world, aggregation):
     """The summed micro-batch losses and gradients of one minibatch (shared denominators): padded micro-batches
-    of 2 prompts vs packed ones under a budget of 2 rows (so both layouts cut the minibatch differently), with
+    of 2 prompts vs packed ones under a budget of 3 rows (so both layouts cut the minibatch differently), with
     KL (reference log-probs from other parameters) and entropy terms in the loss."""
     config, _, params, ref, _ = world
     fns, *_ = fns_for(world, aggregation=aggregation, kl_coef=0.1, entropy_coef=0.01)
@@ -150,7 +154,7 @@ def test_packed_loss_and_gradients_equal_the_padded(world, aggregation):
         return loss, jax.device_get(acc), sums
 
     padded = run([packing.padded_micro(batch, a, a + 2, update_inputs(batch, a, a + 2, config)) for a in (0, 2)])
-    micros = packing.pack_minibatch(batch, 0, 4, config, max_rows=2)
+    micros = packing.pack_minibatch(batch, 0, 4, config, max_rows=3)
     assert len(micros) >= 2 and max(m.inputs["segment_ids"].max() for m in micros) >= 2  # rows hold several
     packed = run(micros)
     assert abs(padded[0]) > 1e-3 and padded[2]["clip_frac_low"] > 0 and padded[2]["clip_frac_high"] > 0
@@ -166,7 +170,8 @@ def test_packed_loss_and_gradients_equal_the_padded(world, aggregation):
 
 
 def test_learner_update_packed_and_trimmed_equal_padded(world):
-    """GRPOLearner._update (two minibatches, old log-probs recomputed, KL on): padded at full width, padded
+    """GRPOLearner._update (two minibatches, old log-probs recomputed, KL on, Dr. GRPO's aggregation, whose
+    denominator must stay max_new_tokens when the span shrinks): padded at full width, padded
     with the response span trimmed to the longest (rl.response_bucket), and packed give the same metrics;
     packed runs on fewer token slots."""
     config, graphdef, params, ref, _ = world
@@ -174,7 +179,7 @@ def test_learner_update_packed_and_trimmed_equal_padded(world):
     for name, changes in (("padded", {}), ("trimmed", dict(response_bucket=4)),
                           ("packed", dict(packing=True, response_bucket=4, pack_tokens=3 * (TP + N)))):
         fns, optimizer, shardings, schedule, settings = fns_for(
-            world, aggregation="seq-mean-token-sum-norm", kl_coef=0.1, num_minibatches=2, micro_batch_prompts=1,
+            world, aggregation="seq-mean-token-sum-norm", kl_coef=0.1, num_minibatches=2,
             recompute_old_logprobs=True, **changes)
         batch = with_old_logp(world, fns)
         mask = batch.resp_mask.copy()
@@ -202,4 +207,6 @@ def test_response_width_and_first_fit():
     assert all(sum([5, 0, 3, 7, 2, 4][i] for i in r) <= 8 for r in rows) and len(rows) == 3
     with pytest.raises(ValueError, match="does not fit"):
         packing.first_fit(np.asarray([9]), 8)
-    assert [packing.row_bucket(n, 6) for n in (1, 3, 5, 6, 9)] == [1, 4, 6, 6, 9]
+    assert [packing.row_bucket(n, 6) for n in (1, 3, 5, 6, 9)] == [1, 3, 5, 6, 9]
+    assert [packing.row_bucket(n, 64) for n in (1, 9, 64, 70)] == [8, 16, 64, 70]  # eighths of the budget
+    assert [packing.row_bucket(n, 6, multiple=4) for n in (1, 3, 5, 9)] == [4, 4, 8, 12]  # the mesh's batch shards

@@ -29,7 +29,7 @@ from flax import nnx
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
 from viper_jax.rl import grpo_loss
 from viper_jax.rollout.engine import RolloutConfig, useful_slot_share
-from viper_jax.sharding import DEFAULT_RULES, use_mesh
+from viper_jax.sharding import DEFAULT_RULES, batch_shard_count, use_mesh
 from viper_jax.train.config import minibatches_per_pass
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
 from viper_jax.train.grpo_multihost import MultiProcess, SingleProcess
@@ -293,7 +293,9 @@ class GRPOLearner:
         width = rollout_batch.prompt_ids.shape[1] + rollout_batch.tokens.shape[1]
         rows = (ranges[0][0][1] - ranges[0][0][0]) * settings.group_size  # the padded micro-batch's rows
         max_rows = max(1, settings.pack_tokens // width) if settings.pack_tokens > 0 else rows
-        return [pack_minibatch(rollout_batch, mb[0][0], mb[-1][1], self.model_config, max_rows) for mb in ranges]
+        shards = batch_shard_count(self.fns.mesh, self.fns.rules)
+        return [pack_minibatch(rollout_batch, mb[0][0], mb[-1][1], self.model_config, max_rows, shards)
+                for mb in ranges]
 
     def _update(self, rollout_batch: RolloutBatch) -> dict[str, float]:
         settings, fns, processes = self.settings, self.fns, self.processes

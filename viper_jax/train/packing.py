@@ -10,15 +10,18 @@ response tokens) is a segment of a row of fixed length L, several segments a row
   segment_ids [rows, L]       1, 2, ... per segment, 0 = padding: attention is causal within a segment
   positions [3, rows, L]      each segment's own MRoPE positions: those of its padded row (update_inputs'),
                               real columns only, so every token sits where the sampler saw it
-  targets / resp_mask / old_logp / advantages / seq_tokens [rows, L]
-                              at the position that predicts response token i (prompt's last token, then
-                              response token i - 1): the token, its loss mask, old log-prob, its response's
-                              advantage and that response's counted token count (seq-mean-token-mean)
+  pred_index [K]              flat index (row * L + column) of each position that predicts a response token
+                              (prompt's last token, then response token i - 1), segment after segment;
+                              K = response width x max(rows, what the tokens need), the rest index 0, mask 0
+  targets / resp_mask / old_logp / advantages / seq_tokens [1, K]
+                              per predicted token: the token, its loss mask, old log-prob, its response's
+                              advantage and that response's counted token count (seq-mean-token-mean). The
+                              lm_head runs on these K positions only, not on prompt tokens and padding.
 
 Responses whose mask is all zero (groups dropped by rl.drop_zero_spread) add nothing to the loss or its
 gradient, so they are left out. Micro-batches are cut by a token budget (verl's dynamic batch size): prompts
 are taken in order while their sequences fit `max_rows` rows of L (first-fit decreasing), the row count
-rounded up to a power of two (fewer distinct shapes to compile). Denominators stay the minibatch's (token
+rounded up to an eighth of the budget (few distinct shapes to compile). Denominators stay the minibatch's (token
 and sequence counts), so the summed gradients equal the padded update's whatever the cut.
 """
 
@@ -109,16 +112,17 @@ def first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
     return rows
 
 
-def row_bucket(needed: int, max_rows: int) -> int:
-    """Rows a micro-batch is padded to: the next power of two, capped at the budget's rows (or at `needed`
-    when one prompt's group alone exceeds the budget)."""
-    rows = 1
-    while rows < needed:
-        rows *= 2
-    return min(rows, max(max_rows, needed))
+def row_bucket(needed: int, max_rows: int, multiple: int = 1) -> int:
+    """Rows a micro-batch is padded to: a multiple of an eighth of the budget's rows (at most 8 shapes to
+    compile; powers of two wasted up to half the rows, e.g. 16 for 9), capped at the budget (or at `needed` when
+    one prompt's group alone exceeds it), then rounded up to a multiple of the mesh's batch shards (every
+    device takes an equal share of the rows)."""
+    granule = max(1, max_rows // 8)
+    rows = min(-(-needed // granule) * granule, max(max_rows, needed))
+    return -(-rows // multiple) * multiple
 
 
-def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: int) -> MicroBatch:
+def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: int, multiple: int = 1) -> MicroBatch:
     """update_inputs' padded dict of some prompts -> their packed MicroBatch (layout: module docstring)."""
     ids, pmask, resp = inputs["prompt_ids"], inputs["prompt_mask"], inputs["resp_mask"]
     tp = ids.shape[1]
@@ -126,13 +130,19 @@ def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: 
     cols = [np.flatnonzero(m) for m in pmask]
     lengths = np.asarray([len(cols[r // group_size]) + counted[r] if counted[r] else 0 for r in range(len(resp))])
     layout = first_fit(lengths, row_len)
-    rows = row_bucket(len(layout), max_rows)
-    shape = (rows, row_len)
-    out = {k: np.zeros(shape, dt) for k, dt in (("ids", np.int32), ("segment_ids", np.int32), ("targets", np.int32),
-                                                ("resp_mask", np.float32), ("old_logp", np.float32),
-                                                ("advantages", np.float32), ("seq_tokens", np.float32))}
+    rows = row_bucket(len(layout), max_rows, multiple)
+    shape, width = (rows, row_len), resp.shape[1]
+    # Predicted tokens: a multiple of the response width, tied to the row count (no extra shape to compile)
+    # unless short prompts let the rows hold more response tokens than that.
+    k = width * max(rows, -(-int(counted.sum()) // width))
+    out = {name: np.zeros(shape, np.int32) for name in ("ids", "segment_ids")}
+    out.update({name: np.zeros((1, k), dt) for name, dt in (
+        ("targets", np.int32), ("resp_mask", np.float32), ("old_logp", np.float32), ("advantages", np.float32),
+        ("seq_tokens", np.float32))})
+    out["pred_index"] = np.zeros(k, np.int32)
     out["prompt_src"] = np.full(shape, -1, np.int32)
     out["positions"] = np.zeros((3, *shape), np.int32)
+    done = 0  # predicted tokens written
     for row, members in enumerate(layout):
         at = 0
         for segment, r in enumerate(members, start=1):
@@ -143,20 +153,22 @@ def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: 
             out["segment_ids"][row, at:end] = segment
             out["positions"][:, row, at:end] = np.concatenate(
                 [inputs["positions"][:, r, c], inputs["positions"][:, r, tp:tp + n]], axis=1)
-            pred = slice(at + lp - 1, end - 1)  # prompt's last token, then response tokens 0 .. n-2
-            out["targets"][row, pred] = inputs["tokens"][r, :n]
-            out["resp_mask"][row, pred] = resp[r, :n]
-            out["old_logp"][row, pred] = inputs["old_logp"][r, :n]
-            out["advantages"][row, pred] = inputs["advantages"][r]
-            out["seq_tokens"][row, pred] = resp[r].sum()
-            at = end
+            pred = slice(done, done + n)
+            out["pred_index"][pred] = row * row_len + np.arange(at + lp - 1, end - 1)  # prompt's last, then 0..n-2
+            out["targets"][0, pred] = inputs["tokens"][r, :n]
+            out["resp_mask"][0, pred] = resp[r, :n]
+            out["old_logp"][0, pred] = inputs["old_logp"][r, :n]
+            out["advantages"][0, pred] = inputs["advantages"][r]
+            out["seq_tokens"][0, pred] = resp[r].sum()
+            at, done = end, done + n
     packed = {k: v for k, v in inputs.items() if k in ("prompt_ids", "pixel_values", "vision_inputs")}
     packed.update(out)
     return MicroBatch(packed, out["resp_mask"], out["old_logp"].copy(), int((counted > 0).sum()),
                       int(lengths.sum()))
 
 
-def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_rows: int) -> list[MicroBatch]:
+def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_rows: int,
+                   multiple: int = 1) -> list[MicroBatch]:
     """Prompts [start, stop) (one minibatch) as packed micro-batches of at most `max_rows` rows of prompt
     bucket + response width tokens (the padded row width, so any sequence fits), prompts in order."""
     g, row_len = batch.group_size, batch.prompt_ids.shape[1] + batch.tokens.shape[1]
@@ -166,13 +178,13 @@ def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_
         b = a + 1  # at least one prompt, even if its group alone needs more rows than the budget
         while b < stop and len(first_fit(lengths[a - start:b + 1 - start].reshape(-1), row_len)) <= max_rows:
             b += 1
-        micros.append(pack_micro(update_inputs(batch, a, b, config), g, row_len, max_rows))
+        micros.append(pack_micro(update_inputs(batch, a, b, config), g, row_len, max_rows, multiple))
         a = b
     return micros
 
 
 def packed_forward(model: Any, micro: dict[str, Any], temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Log-probs and entropies [rows, L] at the packed prediction positions (0 elsewhere is masked)."""
+    """Log-probs and entropies [1, K] of the packed predicted tokens (pred_index's positions)."""
     from viper_jax.train.grpo_step import response_logprobs  # grpo_step imports this module
 
     # Prompts embedded once each (vision tower included), as the padded path does; every segment then takes
@@ -183,4 +195,5 @@ def packed_forward(model: Any, micro: dict[str, Any], temperature: float, chunk:
     flat = prompt.reshape(-1, prompt.shape[-1])
     x = jnp.where((src >= 0)[..., None], flat[jnp.maximum(src, 0)], model.language_model.embed(micro["ids"]))
     hidden, _ = model.language_model(x, micro["positions"], segment_ids=micro["segment_ids"])
-    return response_logprobs(model, hidden, micro["targets"], temperature, chunk)
+    predicting = hidden.reshape(-1, hidden.shape[-1])[micro["pred_index"]][None]  # [1, K, D]
+    return response_logprobs(model, predicting, micro["targets"], temperature, chunk)
