@@ -10,11 +10,22 @@ a matmul measured in the same run on CPU, against the device's peak given with -
 By default glibc keeps freed memory (viper_jax.host_memory; `--malloc default` to compare).
 
 Usage: python scripts/bench_grpo.py [--prompts 8 --group 4 --new 64 --steps 3 --minibatches 1 --dtype float32]
+
+--realistic: lengths as at ViPER's scale instead of every row full. Prompts of varied length (one 112x112 image
+and 16 to 2 x --text_tokens text tokens each, left-padded to a 256 bucket); responses drawn long-tailed
+(exponential, mean a quarter of --new, clipped to [1, --new]: the rollout generates --new tokens and each row is
+cut to its drawn length, end token at its end). The same batches and lengths go through each --modes learner,
+from the same initial parameters: `padded` (today's update: every row prompt bucket + --new), `trimmed`
+(rl.response_bucket=32: the response span cut to the batch's longest) and `packed` (rl.packing, plus trimming).
+The modes run interleaved step by step (a shared machine's load drifts). It prints useful tokens/s (real prompt
++ response tokens of the update / update seconds, compiles excluded: a new row count or trimmed width compiles
+anew in a steady step) side by side, and the first step's seconds (compiles) in their own columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_common import (PAD, add_malloc_arg, apply_malloc, bench_config_dict, build_models,  # noqa: E402
+from bench_common import (EOS, PAD, add_malloc_arg, apply_malloc, bench_config_dict, build_models,  # noqa: E402
                           describe_machine, image_batch, matmul_flops_per_second, train_flops)
 from viper_jax.dtypes import dtype_named  # noqa: E402
 from viper_jax.models.qwen2_5_vl import load_hf  # noqa: E402
@@ -35,6 +46,7 @@ from viper_jax.rollout.engine import RolloutConfig  # noqa: E402
 from viper_jax.rollout.sampling import SamplingConfig  # noqa: E402
 from viper_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from viper_jax.train.config import base_config  # noqa: E402
+from viper_jax.train.grpo_multihost import SingleProcess  # noqa: E402
 from viper_jax.train.grpo_step import GRPOLearner, GRPOSettings, UpdateFns  # noqa: E402
 from viper_jax.train.optim import make_optimizer  # noqa: E402
 from viper_jax.train.state import init_train_state, train_state_shardings  # noqa: E402
@@ -55,6 +67,118 @@ def prompt_batch(prompts: int, text_tokens: int, seed: int) -> dict:
                 id=[f"bench-{seed}-{i}" for i in range(prompts)])
 
 
+def varied_prompt_batch(prompts: int, max_text: int, seed: int, bucket: int) -> dict:
+    """prompt_batch's layout with 16 .. max_text text tokens per prompt (one image each), left-padded to `bucket`."""
+    rng = np.random.default_rng(seed)
+    rows = [image_batch(1, int(rng.integers(16, max_text + 1)), seed=seed * 1000 + i) for i in range(prompts)]
+    ids = np.full((prompts, bucket), PAD, np.int32)
+    for i, r in enumerate(rows):
+        ids[i, bucket - r["input_ids"].shape[1]:] = r["input_ids"][0]
+    b = prompt_batch(prompts, 16, seed)
+    b.update(input_ids=ids, attention_mask=(ids != PAD).astype(np.int32),
+             pixel_values=np.concatenate([r["pixel_values"] for r in rows]),
+             image_grid_thw=np.concatenate([r["image_grid_thw"] for r in rows]).astype(np.int32))
+    return b
+
+
+class LongTailLengths(SingleProcess):
+    """The rollout as it is, then each response cut to a long-tailed length (exponential, mean cap / 4, in
+    [1, cap]) ending in an end token: the lengths of a real policy, which a random benchmark model does not
+    produce. Draws are seeded by the step, so every learner sees the same lengths."""
+
+    def __init__(self, cap: int):
+        self.cap, self.step = cap, 0
+
+    def rollout(self, model, batch, pixels, rng, cfg):
+        samples, ids, mask, has_images = super().rollout(model, batch, pixels, rng, cfg)
+        draw = np.random.default_rng(self.step)
+        self.step += 1
+        rows = len(samples.lengths)
+        lengths = np.clip(np.ceil(draw.exponential(self.cap / 4, rows)), 1, self.cap).astype(samples.lengths.dtype)
+        keep = np.arange(samples.tokens.shape[1])[None] < lengths[:, None]
+        tokens = np.where(keep, samples.tokens, PAD)
+        tokens[np.arange(rows), lengths - 1] = EOS
+        return dataclasses.replace(samples, tokens=tokens, lengths=lengths, logprobs=samples.logprobs * keep), \
+            ids, mask, has_images
+
+
+MODES = {"padded": {}, "trimmed": dict(response_bucket=32), "packed": dict(packing=True, response_bucket=32)}
+
+
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (its monitoring events), so steady steps can be
+    timed without the programs a new shape (row count, trimmed width) compiles."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._event)
+
+    def _event(self, event: str, duration: float, **_: object) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+
+def timed_update(learner: GRPOLearner, clock: CompileClock) -> list[float]:
+    """Wraps learner._update; the returned list gets each update's compile seconds."""
+    compiles, update = [], learner._update
+
+    def wrapped(batch):
+        before = clock.seconds
+        out = update(batch)
+        compiles.append(clock.seconds - before)
+        return out
+
+    learner._update = wrapped
+    return compiles
+
+
+def realistic(args, graphdef, params, optimizer, schedule, shardings, mesh, config, reward) -> None:
+    """--realistic: each mode's learner over the same batches, the modes interleaved step by step (the
+    machine's load drifts; interleaving spreads it over all modes alike); one table."""
+    bucket, rows, clock = 256, args.prompts * args.group, CompileClock()
+    rollout = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(bucket,), max_cache_len=bucket + args.new,
+                            eos_token_ids=(), pad_token_id=PAD, group_size=args.group,
+                            sampling=SamplingConfig(temperature=1.0))
+    learners, compiles, results = {}, {}, {}
+    for mode in args.modes.split(","):
+        settings = dataclasses.replace(GRPOSettings.from_config(config.rl, 1.0), **MODES[mode])
+        # A copy per learner: its updates donate (free) the state's buffers.
+        state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, shardings, donate=False)
+        learners[mode] = GRPOLearner(graphdef, state, UpdateFns(graphdef, optimizer, shardings, settings, mesh),
+                                     settings, rollout, decode, schedule, nnx.merge(graphdef, state.params).config,
+                                     processes=LongTailLengths(args.new))
+        compiles[mode], results[mode] = timed_update(learners[mode], clock), []
+    for s in range(args.steps + 1):
+        for mode, learner in learners.items():
+            t = time.perf_counter()
+            m = learner.step(varied_prompt_batch(args.prompts, 2 * args.text_tokens, s, bucket), jax.random.key(s),
+                             reward)
+            m["wall_s"] = time.perf_counter() - t
+            m["useful"] = m["rollout/prompt_tokens"] + m["response_length/mean"] * rows
+            m["compile_s"] = compiles[mode][-1]
+            results[mode].append(m)
+    first = next(iter(results.values()))
+    print(f"machine: {describe_machine()}, malloc {args.malloc}")
+    print(f"workload: {args.prompts} prompts x group {args.group}, prompts of {first[0]['rollout/prompt_tokens'] / rows:.0f} "
+          f"real tokens on average in a {bucket} bucket, responses capped at {args.new}: mean "
+          f"{np.mean([m['response_length/mean'] for m in first]):.1f} tokens, {args.steps} steady steps + the first, "
+          f"compute {args.dtype}; update seconds exclude compiles (a new row count or width compiles anew)")
+    head = ("mode", "first step s", "first update s", "update s", "useful tok/s", "slot tok/s", "vs padded",
+            "steady compiles s", "entropy step 0")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    base = None
+    for mode, steps in results.items():
+        steady = steps[1:]
+        seconds = [m["time/update_s"] - m["compile_s"] for m in steady]
+        useful = float(np.sum([m["useful"] for m in steady])) / float(np.sum(seconds))
+        slots = float(np.mean([m["throughput/update_tokens_per_s"] * m["time/update_s"] / s
+                               for m, s in zip(steady, seconds)]))
+        base = base or useful
+        print(f"| {mode} | {steps[0]['wall_s']:.1f} | {steps[0]['time/update_s']:.1f} | {np.mean(seconds):.2f} | "
+              f"{useful:.0f} | {slots:.0f} | {useful / base:.2f}x | {sum(m['compile_s'] for m in steady):.1f} | "
+              f"{steps[0]['update/entropy']:.6f} |")
+
+
 def decode(tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     """The benchmark vocabulary has no tokenizer: map ids onto printable ASCII, a few spaces and periods."""
     table = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz .  ,ABCDEFGH", np.uint8)
@@ -71,6 +195,8 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (accelerators)")
+    ap.add_argument("--realistic", action="store_true", help="varied prompts, long-tailed responses (docstring)")
+    ap.add_argument("--modes", default="padded,trimmed,packed", help="--realistic: learners to compare")
     add_malloc_arg(ap)
     args = ap.parse_args()
     apply_malloc(args.malloc)
@@ -86,6 +212,9 @@ def main() -> None:
     shardings = train_state_shardings(optimizer, nnx.to_pure_dict(state), param_shardings(model, mesh))
     train_state = init_train_state(nnx.to_pure_dict(state), optimizer, shardings)
     del model, state
+    if args.realistic:
+        realistic(args, graphdef, train_state.params, optimizer, schedule, shardings, mesh, config, ViperReward())
+        return
     settings = GRPOSettings.from_config(config.rl, 1.0)
     rollout = RolloutConfig(max_new_tokens=args.new, prompt_buckets=(BUCKET,), max_cache_len=BUCKET + args.new,
                             eos_token_ids=(), pad_token_id=PAD, group_size=args.group,
