@@ -250,3 +250,52 @@ def test_parallel_synthesis_shards(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_EXIT", "7")
     with pytest.raises(loop.StepFailed, match="status 7"):
         lp._synth("visual_ops", rd, lp._models(0), 0)
+
+
+_EMPTY_STAGE_STEPS = '''
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+arg = lambda flag: argv[argv.index(flag) + 1]
+with open(sys.argv[0] + ".log", "a") as log:
+    log.write(json.dumps(argv) + "\\n")
+if argv[0] in ("caption-refine", "visual-ops"):
+    task = argv[0].replace("-", "_")
+    job = Path(arg("--out")) / f"{task}-00000-of-00001"
+    job.mkdir(parents=True, exist_ok=True)
+    n = 0 if task == "visual_ops" else 2  # the synthesiser cannot make stage 2's data
+    (job / "manifest.json").write_text(json.dumps({"complete": True, "num_records": n, "num_rejects": 3 - n}))
+elif argv[0] == "train":
+    work = Path(arg("--workdir"))
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (work / "metrics.jsonl").write_text(json.dumps({"step": 1, "stage": "caption_refine"}) + "\\n")
+else:  # convert
+    Path(arg("--out")).mkdir(parents=True, exist_ok=True)
+'''
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_empty_stage_stops_or_is_skipped_in_training(tmp_path, mode):
+    """A stage whose synthesis made no records stops the loop (default) or, with empty_stage=skip, is left out of
+    that round's stage_order; the round then finishes and its status says which stage was skipped."""
+    script = tmp_path / "steps.py"
+    script.write_text(_EMPTY_STAGE_STEPS)
+    images = tmp_path / "images"
+    images.mkdir()
+    cmd = [sys.executable, "-m", "viper_jax", "loop", "--config", str(REPO / "configs/loop_tiny.py"), "--workdir",
+           str(tmp_path / "work"), "--images", str(images), "--quiet", "--config.models.tiny=False",
+           f"--config.models.vlm={images}", f"--config.synth.command={sys.executable} {script}",
+           f"--config.train.command={sys.executable} {script}", f"--config.empty_stage={mode}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    calls = [json.loads(line) for line in Path(str(script) + ".log").read_text().splitlines()]
+    status = json.loads((tmp_path / "work" / "round_000" / "status.json").read_text())
+    if mode == "stop":
+        assert proc.returncode != 0 and "visual_ops synthesis made no records (rejects: 3)" in proc.stderr + proc.stdout
+        assert [c[0] for c in calls] == ["caption-refine", "visual-ops"]  # nothing trained
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == ["caption-refine", "visual-ops", "train", "convert"]
+    train = calls[2]
+    assert "--config.stage_order=('caption_refine',)" in train
+    assert status["steps"]["synth_visual_ops"]["skipped_in_training"] is True and status["state"] == "done"

@@ -35,6 +35,10 @@ def base_config() -> ConfigDict:
         config="",  # viper train config file (required); its stages must be named caption_refine, visual_ops
         overrides=(),  # "--config.a.b=v" flags for viper train
         compilation_cache=True))  # JAX persistent compilation cache in WORK/jax_cache (faster resumes)
+    # A stage whose synthesis made no records: "stop" the loop there (an error naming the rejects), or "skip" it in
+    # that round's training (the round trains the other stage alone; status.json says so). Not ViPER any more
+    # when a stage is skipped: for a synthesiser too weak for one stage, to measure the other.
+    c.empty_stage = "stop"
     c.echo = True  # stream the subprocesses' output to the console (always written to R/logs/)
     return c
 

@@ -9,7 +9,7 @@ import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ml_collections import ConfigDict
 
@@ -31,6 +31,8 @@ class Loop:
             raise ValueError("loop config train.config is required")
         if config.synth.mode not in ("run", "wait"):
             raise ValueError(f"synth.mode must be 'run' or 'wait', got {config.synth.mode!r}")
+        if config.empty_stage not in ("stop", "skip"):
+            raise ValueError(f"empty_stage must be 'stop' or 'skip', got {config.empty_stage!r}")
         if config.synth.mode == "run" and not config.images:
             raise ValueError("loop config images is required (--images DIR)")
         self.c = config
@@ -109,8 +111,12 @@ class Loop:
         if state is None:
             raise StepFailed(f"{task} synthesis exited without complete manifests in {out}")
         if state["num_records"] == 0:
-            raise StepFailed(f"{task} synthesis made no records (rejects: {state['num_rejects']}); "
-                             f"see `viper-synth summary {out}`")
+            message = (f"{task} synthesis made no records (rejects: {state['num_rejects']}); "
+                       f"see `viper-synth summary {out}`")
+            if self.c.empty_stage != "skip":
+                raise StepFailed(message)
+            self.say(f"  {message}; the stage is skipped in this round's training (empty_stage=skip)")
+            state = {**state, "skipped_in_training": True}
         return {**state, "commands": [shlex.join(c) for c in commands]}
 
     def _wait(self, task: str, out: Path, commands: list[list[str]]) -> dict[str, Any]:
@@ -130,10 +136,12 @@ class Loop:
             time.sleep(float(s.poll_s))
         return state
 
-    def _train(self, rd: Path, models: dict[str, str]) -> dict[str, Any]:
+    def _train(self, rd: Path, models: dict[str, str], stages: Sequence[str] = TASKS) -> dict[str, Any]:
         t = self.c.train
         values: dict[str, Any] = {"model.path": models["vlm"], "model.tokenizer_path": models["vlm"],
                                   "model.tiny_init": False}
+        if tuple(stages) != TASKS:  # a stage without records (empty_stage=skip) is left out of the order
+            values["stage_order"] = tuple(stages)
         for task in TASKS:
             values[f"stages.{task}.data_globs"] = (str(rd / "synth" / f"{task}-*" / "part-*.arrayrecord"),)
         cmd = command_line(t.command, "viper_jax") + [
@@ -171,7 +179,15 @@ class Loop:
         status = RoundStatus(rd, index, models["vlm"])
         for task in TASKS:
             status.run(f"synth_{task}", lambda task=task: self._synth(task, rd, models, index), self.say)
-        status.run("train", lambda: self._train(rd, models), self.say)
+        stages = tuple(task for task in TASKS
+                       if not status.data["steps"].get(f"synth_{task}", {}).get("skipped_in_training"))
+
+        def train() -> dict[str, Any]:
+            if not stages:
+                raise StepFailed("no stage of this round has synthesised records; see the synthesis summaries")
+            return self._train(rd, models, stages)
+
+        status.run("train", train, self.say)
         status.run("export", lambda: self._export(rd, models), self.say)
         return status
 

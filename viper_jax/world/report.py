@@ -143,7 +143,17 @@ def model_row(spec: dict[str, Any]) -> dict[str, Any] | None:
             "average": test.get("average"), "hallucination_rate": test.get("hallucination_rate"),
             "seconds_per_step": seconds_per_step(rows, trainer) if rows else None,
             "train_steps": max((r.get("step", 0) for r in rows), default=0) if rows else None,
-            "trainer": trainer if spec.get("metrics") else None}
+            "trainer": trainer if spec.get("metrics") else None,
+            "stages_skipped": skipped_stages(spec.get("status"))}
+
+
+def skipped_stages(status_path: str | None) -> list[str]:
+    """The stages a `viper loop` round left out of its training (no records; loop empty_stage=skip)."""
+    try:
+        steps = json.loads(Path(status_path).read_text())["steps"] if status_path else {}
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return []
+    return [k.removeprefix("synth_") for k, v in steps.items() if k.startswith("synth_") and v.get("skipped_in_training")]
 
 
 def val_split(split: str) -> str:
@@ -439,6 +449,10 @@ def build_report(workdir: str | Path, specs: Sequence[dict[str, Any]], settings:
                "### Test", "", table_markdown(group_rows(rows, "test" + OPTIONS_SUFFIX)), "### Validation", "",
                table_markdown(group_rows(rows, "val" + OPTIONS_SUFFIX)), "### Goals (test, per seed)", "",
                goals_markdown(option_goals)]
+    skipped = [f"{r['name']} (no {', '.join(r['stages_skipped'])})" for r in rows if r.get("stages_skipped")]
+    if skipped:
+        md += ["**Not ViPER's two stages:** these rounds trained without a stage whose synthesis made no records "
+               "(viper loop empty_stage=skip): " + "; ".join(skipped) + ".", ""]
     speed = [(r["name"], r["seconds_per_step"], r["train_steps"]) for r in rows if r.get("seconds_per_step")]
     if speed:
         md += ["## Training speed", "", "| model | s / step | steps |", "|---|---|---|"]

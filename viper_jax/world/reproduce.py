@@ -154,7 +154,8 @@ class Plan:
         return step
 
     def _eval(self, name: str, model: Path, needs: tuple[str, ...], kind: str, seed: int | None,
-              metrics: Path | None = None, trainer: str = "grpo", round_: int | None = None) -> None:
+              metrics: Path | None = None, trainer: str = "grpo", round_: int | None = None,
+              status: Path | None = None) -> None:
         out = self.w / "eval" / f"{name}.json"
         self.add(Step(f"eval_{name}", self.viper + ["eval", "--model", str(model), "--tsv", str(self.val_tsv),
                                                     "--tsv", str(self.test_tsv), "--out",
@@ -162,7 +163,8 @@ class Plan:
                       out, partial=out.with_suffix(".partial.json"), needs=needs + ("bench",),
                       requires=(str(model / "config.json"),)))
         self.specs.append({"name": name, "kind": kind, "seed": seed, "round": round_, "model": str(model),
-                           "eval": str(out), "metrics": str(metrics) if metrics else None, "trainer": trainer})
+                           "eval": str(out), "metrics": str(metrics) if metrics else None, "trainer": trainer,
+                           **({"status": str(status)} if status else {})})
 
     def _train_flags(self, data: Path, seed: int, stage_order: tuple[str, ...] | None) -> list[str]:
         values: dict[str, Any] = {"model.path": str(self.base), "model.tokenizer_path": str(self.base),
@@ -231,7 +233,7 @@ class Plan:
             for r in range(s.rounds):
                 rd = self.round_dir(seed, r)
                 self._eval(f"viper_s{seed}_r{r}", rd / "export", (), f"viper round {r}", seed,
-                           rd / "train" / "metrics.jsonl", round_=r)
+                           rd / "train" / "metrics.jsonl", round_=r, status=rd / "status.json")
                 self.curve_runs.setdefault(f"curves_seed{seed}", {})[f"viper round {r}"] = \
                     str(rd / "train" / "metrics.jsonl")
             r0 = self.round_dir(seed, 0) / "synth"
