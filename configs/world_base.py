@@ -16,7 +16,10 @@ def get_config():
     c = base_config()
     c.world.n_train = 16000
     c.world.one_object_share = 0.25
-    c.world.weights.update(describe=0.3, ask=0.25, compare=0.15, choose=0.3)
+    c.world.weights.update(describe=0.25, ask=0.2, compare=0.15, choose=0.25, edit=0.15)
+    # base7: the editing requests of stage-2 synthesis (kind "edit"), and multiple-choice answers in the option's
+    # words (base4 answered with one letter per question kind). Val, options by likelihood: 37.7% (base6 33.3%).
+    c.world.mcq_answer = "text"
     # Differences as "- " lines: the list format the synthesis's critique needs (base6; without it the base's
     # critiques were empty, run rq4). Its open readings were lower than base4's (hue 37.5% vs 54.7%).
     c.world.compare_lists = True
