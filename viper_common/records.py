@@ -269,8 +269,8 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-                raise write_failed(exc, self.path) from exc  # e.g. ENOSPC: name the shard, not just the errno
+            if isinstance(exc, OSError):  # e.g. ENOSPC: name the shard, not the errno and a temporary name
+                raise write_failed(exc, self.path) from exc
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[bytes]:
