@@ -5,7 +5,7 @@ the ShapeWorld base synthesised itself (configs/synth_shapeworld.py), starting f
 
 `viper loop` sets model.path (the round's synthesiser, i.e. the base or the previous round's export) and the
 stages' data globs. The reward is the paper's (0.05 format + 0.95 sentence precision at tau 0.85) with
-all-MiniLM-L6-v2. Sizes: 112 px images (16 visual tokens each), world-tokenizer prompts of 130-220 tokens,
+all-MiniLM-L6-v2. Sizes: 112 px images (16 visual tokens each), world-tokenizer prompts of 130-260 tokens,
 answers of a few short sentences.
 """
 
@@ -17,7 +17,7 @@ def get_config():
     c.model.scan_layers = False  # per-layer modules: faster steps for a small model on CPU
     pixels = 112 * 112
     c.data.min_pixels = c.data.max_pixels = pixels
-    c.data.length_buckets = (160, 192, 256)
+    c.data.length_buckets = (160, 192, 256, 320)  # a caption_refine prompt holds a caption of up to 160 tokens
     c.data.read_threads = 1
     c.stages.caption_refine = stage("caption_refine", (), 12)
     c.stages.visual_ops = stage("visual_ops", (), 12)
