@@ -159,8 +159,9 @@ def realistic(args, graphdef, params, optimizer, schedule, shardings, mesh, conf
             results[mode].append(m)
     first = next(iter(results.values()))
     print(f"machine: {describe_machine()}, malloc {args.malloc}")
-    print(f"workload: {args.prompts} prompts x group {args.group}, prompts of {first[0]['rollout/prompt_tokens'] / rows:.0f} "
-          f"real tokens on average in a {bucket} bucket, responses capped at {args.new}: mean "
+    print(f"workload: {args.prompts} prompts x group {args.group}, prompts of "
+          f"{first[0]['rollout/prompt_tokens'] / rows:.0f} real tokens on average in a {bucket} bucket, "
+          f"responses capped at {args.new}: mean "
           f"{np.mean([m['response_length/mean'] for m in first]):.1f} tokens, {args.steps} steady steps + the first, "
           f"compute {args.dtype}; update seconds exclude compiles (a new row count or width compiles anew)")
     head = ("mode", "first step s", "first update s", "update s", "useful tok/s", "slot tok/s", "vs padded",

@@ -210,3 +210,18 @@ def test_response_width_and_first_fit():
     assert [packing.row_bucket(n, 6) for n in (1, 3, 5, 6, 9)] == [1, 3, 5, 6, 9]
     assert [packing.row_bucket(n, 64) for n in (1, 9, 64, 70)] == [8, 16, 64, 70]  # eighths of the budget
     assert [packing.row_bucket(n, 6, multiple=4) for n in (1, 3, 5, 9)] == [4, 4, 8, 12]  # the mesh's batch shards
+
+
+def test_packing_is_refused_with_several_processes():
+    """Packed micro-batches are cut per process; several processes would disagree on their count and shapes."""
+    from types import SimpleNamespace
+
+    from viper_jax.train.config import ConfigError
+    from viper_jax.train.grpo_multihost import check_split
+
+    rl = base_config().rl
+    rl.prompts_per_step, rl.micro_batch_prompts = 4, 2
+    check_split(rl, SimpleNamespace(count=2, per_process=1))  # padded: fine
+    rl.packing = True
+    with pytest.raises(ConfigError, match="rl.packing: runs in one JAX process"):
+        check_split(rl, SimpleNamespace(count=2, per_process=1))

@@ -192,7 +192,8 @@ class TextModel(nnx.Module):
             mask = KernelMask(segment_ids.astype(jnp.int32)) if self.attention != "xla" else \
                 _mask(t, None, None, 0) & (segment_ids[:, :, None] == segment_ids[:, None, :])
         # A kernel attends without a cache, or in a prefill (cache_index 0: the T tokens are all the cache holds).
-        elif self.attention != "xla" and t > 1 and (cache is None or (isinstance(cache_index, int) and cache_index == 0)):
+        elif self.attention != "xla" and t > 1 and (cache is None
+                                                     or (isinstance(cache_index, int) and cache_index == 0)):
             mask = kernel_mask(attention_mask, b, t)
         else:
             mask = _mask(t, attention_mask, None if cache is None else cache["k"].shape[3], cache_index)
