@@ -67,16 +67,16 @@ def test_scores_equal_unpadded_log_probabilities(session):
 
     img = [Image.open(io.BytesIO(image_bytes(k))) for k in range(2)]
     options = {"A": "red", "B": "a dark blue circle", "C": "x", "D": "two"}
-    for images in ([img[0]], img, []):
+    formatted, unformatted = "<think>I look at it.</think><answer>red</answer>", "no format at all"
+    for images, response in (([img[0]], formatted), (img, unformatted), ([], formatted)):
         prompt = session.prompt(images, "Which one?\nA. red\nB. a dark blue circle\nC. x\nD. two")
-        for response in ("<think>I look at it.</think><answer>red</answer>", "no format at all"):
-            scored = likelihood.score_row(session, prompt, response, options, "text")
-            prefix, forced = likelihood.answer_prefix(response)
-            assert scored.forced_prefix == forced
-            for letter, text in options.items():
-                assert scored.logprobs[letter] == pytest.approx(_reference_logprob(session, prompt, prefix, text),
-                                                                abs=1e-4)
-            assert scored.choice == max(scored.logprobs, key=scored.logprobs.get)
+        scored = likelihood.score_row(session, prompt, response, options, "text")
+        prefix, forced = likelihood.answer_prefix(response)
+        assert scored.forced_prefix == forced
+        for letter, text in options.items():
+            assert scored.logprobs[letter] == pytest.approx(_reference_logprob(session, prompt, prefix, text),
+                                                            abs=1e-4)
+        assert scored.choice == max(scored.logprobs, key=scored.logprobs.get)
     yes_no = likelihood.score_row(session, session.prompt([img[0]], "Is it red?"), "", {}, "text")
     assert set(yes_no.logprobs) == {"yes", "no"}
     assert yes_no.logprobs["no"] == pytest.approx(_reference_logprob(session, session.prompt([img[0]], "Is it red?"),
