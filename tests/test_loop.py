@@ -37,6 +37,12 @@ def status(work: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _default_sigint() -> None:
+    """In the forked child before exec: SIGINT handled by default and not blocked (exec keeps both settings)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def round_one(tmp_path_factory):
     """(work, images, facts) after: run 1 (SIGINT during train), run 2 (resume), run 3 (no-op)."""
@@ -47,10 +53,12 @@ def round_one(tmp_path_factory):
     cmd = [sys.executable, "-m", "viper_jax", "loop", *loop_args(work, images)]
     facts: dict = {"images": made}
 
-    # Run 1: interrupted (SIGINT, as Ctrl-C) as soon as training has started. Once in CI (two xdist workers, the
-    # machine loaded) the loop trained to the end after one SIGINT; the cause was not found, so, as a user would,
-    # the test presses Ctrl-C again while training still shows as running, and records how often.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Run 1: interrupted (SIGINT, as Ctrl-C) as soon as training has started. In CI (an xdist worker that had run
+    # other test files) the loop trained to the end through every SIGINT: it had inherited SIGINT ignored or
+    # blocked. The child starts as from a shell prompt instead, SIGINT at its default and unblocked; and, as a
+    # user would, the test presses Ctrl-C again while training still shows as running, recording how often.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_default_sigint)
     deadline, sent = time.time() + 600, 0
     while proc.poll() is None and time.time() < deadline:
         if status(work).get("steps", {}).get("train", {}).get("state") == "running":
