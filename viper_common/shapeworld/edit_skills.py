@@ -35,10 +35,6 @@ _NAME_FIELDS = (("size", "colour", "pattern", "shape"), ("size", "colour", "shap
 _TARGET_OPS = ("attribute", "attribute", "remove", "replace", "move", "count", "text")
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def _respond(think: str, answer: str) -> str:
     return f"<think>{think}</think><answer>{answer}</answer>"
 
@@ -60,7 +56,7 @@ def _edit_of(scene: Scene, index: int, rng: np.random.Generator) -> edits.Edit |
     ops = [op for op in _TARGET_OPS if op != "text" or scene.objects[index].size in LABELLED_SIZES]
     for _ in range(4):
         try:
-            return edits.random_edit(scene, rng, _pick(rng, ops), target=index)
+            return edits.random_edit(scene, rng, edits._pick(rng, tuple(ops)), target=index)
         except edits.EditError:  # no free cell to move to, no other count: try another op
             continue
     return None

@@ -20,6 +20,7 @@ attention keeps the padding out of every scored position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,6 +58,7 @@ def candidates(options: dict[str, str], form: str) -> dict[str, str]:
 _WIDTH_MULTIPLE = 32  # sequence widths are padded to a multiple: a few compiled programs for a whole benchmark
 
 
+@functools.cache  # one jitted function for the process (it compiles once per shape)
 def _tail_logprobs_fn():
     from flax import nnx
 
@@ -70,15 +72,10 @@ def _tail_logprobs_fn():
     return tail_logprobs
 
 
-_TAIL_LOGPROBS: list = []
-
-
 def score_row(session: Any, prompt: Any, response: str, options: dict[str, str], form: str = "text") -> Scored:
     """Scores every candidate of one row (prompt: the row's `Prompt`, response: the model's greedy answer)."""
     import jax.numpy as jnp
 
-    if not _TAIL_LOGPROBS:
-        _TAIL_LOGPROBS.append(_tail_logprobs_fn())
     tok, model = session.tokenizer, session.model
     prefix, forced = answer_prefix(response)
     head = np.concatenate([prompt.input_ids, np.asarray(tok(prefix, add_special_tokens=False).input_ids)])
@@ -94,7 +91,7 @@ def score_row(session: Any, prompt: Any, response: str, options: dict[str, str],
         pixels = jnp.asarray(np.concatenate([prompt.pixel_values] * len(tails)))
         grids = np.concatenate([prompt.image_grid_thw] * len(tails))
     positions, vision_inputs, _ = model.prepare_inputs(ids, None, grids)
-    per_token = np.asarray(_TAIL_LOGPROBS[0](model, jnp.asarray(ids), pixels, jnp.asarray(positions), vision_inputs))
+    per_token = np.asarray(_tail_logprobs_fn()(model, jnp.asarray(ids), pixels, jnp.asarray(positions), vision_inputs))
     start = len(head) - 1
     logprobs = {choice: float(per_token[r, start:start + len(tail)].sum())
                 for r, (choice, tail) in enumerate(zip(cands, tails))}
@@ -102,6 +99,7 @@ def score_row(session: Any, prompt: Any, response: str, options: dict[str, str],
     return Scored(best, logprobs, forced)
 
 
-def score_rows(session: Any, items: Sequence[tuple[Any, Any, str]], form: str = "text") -> list[Scored]:
-    """`score_row` for (row, prompt, response) triples, rows being evaluation.tsv.EvalRow."""
-    return [score_row(session, prompt, response, row.options, form) for row, prompt, response in items]
+def option_predictions(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Predictions as scored by likelihood: `extracted` / `correct` replaced by the option choice (for
+    answers.score and the reproduce report)."""
+    return [{**p, "extracted": p["option_choice"], "correct": p["option_correct"]} for p in predictions]

@@ -40,8 +40,7 @@ class FileResult:
         out = {"path": self.path, "overall": overall.to_dict(),
                "categories": {k: v.to_dict() for k, v in per.items()}}
         if self.predictions and "option_choice" in self.predictions[0]:
-            scored = [{**p, "extracted": p["option_choice"], "correct": p["option_correct"]} for p in self.predictions]
-            o, c = answers.score(scored)
+            o, c = answers.score(likelihood.option_predictions(self.predictions))
             out["option_scoring"] = {"overall": o.to_dict(), "categories": {k: v.to_dict() for k, v in c.items()},
                                      "forced_prefix": sum(p["forced_prefix"] for p in self.predictions)}
         return {**out,

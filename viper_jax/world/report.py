@@ -67,9 +67,9 @@ def options_view(result: dict[str, Any]) -> dict[str, Any] | None:
     scoring = result.get("option_scoring")
     if not scoring:
         return None
-    predictions = [{**p, "extracted": p["option_choice"], "correct": p["option_correct"]}
-                   for p in result.get("predictions", [])]
-    return {**scoring, "predictions": predictions}
+    from viper_jax.evaluation.likelihood import option_predictions
+
+    return {**scoring, "predictions": option_predictions(result.get("predictions", []))}
 
 
 def summarize_eval(path: str | Path) -> dict[str, dict[str, Any]]:
