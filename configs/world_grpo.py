@@ -22,6 +22,9 @@ def get_config():
     c.stages.caption_refine = stage("caption_refine", (), 12)
     c.stages.visual_ops = stage("visual_ops", (), 12)
     c.rollout.max_new_tokens = 64
+    # The base answers ViPER's (new to it) prompts with the answer block and then goes on writing instead of ending
+    # its turn (run rq10: format rate 0 at every step); the response ends at the block's end, as with vLLM's stop.
+    c.rollout.stop_strings = ("</answer>",)
     c.rl.prompts_per_step = 8
     c.rl.group_size = 5  # the paper's
     c.optim.learning_rate = 5e-5

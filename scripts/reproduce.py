@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from viper_jax.world.reproduce import main  # noqa: E402
+from viper_jax.world.reproduce_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

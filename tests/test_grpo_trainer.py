@@ -155,6 +155,39 @@ def test_it_learns_a_toy_reward(root):
     assert all(r["update/skipped_nonfinite"] == 0 and r["update/updates"] == 2 for r in rows)
 
 
+def test_responses_end_at_the_first_stop_string(root):
+    """rollout.stop_strings (every lower-case letter: about 10% of a random policy's characters): each response
+    the reward sees holds no stop string or ends at its first one; rows cut there count as ended."""
+    import string
+
+    from viper_jax.rl.reward import register_reward
+    from viper_jax.rl.toy_rewards import LetterFraction
+    from viper_jax.train.trainer import train
+
+    seen: list[str] = []
+
+    class Recording(LetterFraction):
+        def __call__(self, responses, truths, prompt_index=None):
+            seen.extend(responses)
+            return super().__call__(responses, truths, prompt_index)
+
+    register_reward("recording_letters", overwrite=True)(Recording)
+    stops = tuple(string.ascii_lowercase)
+    config = tiny_config(root / "stop", root / "data", [
+        "--config.stage_order=('caption_refine',)", "--config.stages.caption_refine.steps=2",
+        "--config.stages.caption_refine.reward=recording_letters", f"--config.rollout.stop_strings={stops!r}",
+        "--config.checkpoint.every_steps=100"])
+    train(config)
+    rows = [json.loads(line) for line in (root / "stop" / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 2 * 16
+    stopped = [r for r in seen if any(c in stops for c in r)]
+    assert len(stopped) >= 8, seen
+    for r in stopped:  # one letter, the last character
+        assert r[-1] in stops and not any(c in stops for c in r[:-1]), r
+    truncated = np.mean([r["response_length/truncated_rate"] for r in rows])
+    assert truncated <= 1 - len(stopped) / len(seen) + 1e-6
+
+
 def test_per_layer_modules_train_resume_and_export(root):
     """model.scan_layers=False: the trainer loads the HF weights into per-layer modules, checkpoints them
     as such, resumes, and exports an HF directory whose layers match the checkpoint's."""

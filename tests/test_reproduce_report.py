@@ -344,7 +344,7 @@ def test_controls_wait_for_round_0_synthesis_and_evals_for_their_model(tmp_path)
 
 
 def test_quick_shares_the_full_runs_base(tmp_path, monkeypatch):
-    from viper_jax.world.reproduce import parse_args, settings_from_args
+    from viper_jax.world.reproduce_cli import parse_args, settings_from_args
 
     monkeypatch.chdir(tmp_path)
     plan = Plan(settings_from_args(parse_args(["--quick"])), viper=["viper"])

@@ -14,6 +14,11 @@ RESPONSE_FORMAT = (
     "<answer> </answer> tags, one short sentence per item."
 )
 
+
+def reasoning_response(think: str, answer: str) -> str:
+    """A response in RESPONSE_FORMAT's structure (what the format reward's default regex matches)."""
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
 TRAINING_PROMPTS: dict[str, str] = {
     # Stage 1, caption self-refining: image + a caption that has errors and omissions.
     "caption_refine": (

@@ -38,7 +38,7 @@ import numpy as np
 
 from viper_common import records
 from viper_common.atomic_files import write_json_atomic
-from viper_common.prompts import SYNTHESIS_PROMPTS
+from viper_common.prompts import SYNTHESIS_PROMPTS, reasoning_response as respond
 from viper_common.shapeworld import edit_skills, language, render
 from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, MAX_OBJECTS, SHAPES, Obj, Scene, sample_object,
                                            sample_scene)
@@ -80,10 +80,6 @@ class Example:
         return records.ViperRecord(id=self.id, task=records.INSTRUCT, images=self.images, truth=(),
                                    prompt=self.prompt, answer=self.answer, answer_focus=self.focus,
                                    provenance={"source": "shapeworld.base_data", "kind": self.kind, "seed": self.seed})
-
-
-def respond(think: str, answer: str) -> str:
-    return f"<think>{think}</think><answer>{answer}</answer>"
 
 
 def content_spans(answer: str) -> tuple[tuple[int, int], ...]:

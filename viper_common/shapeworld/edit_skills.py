@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from viper_common.prompts import SYNTHESIS_PROMPTS
+from viper_common.prompts import SYNTHESIS_PROMPTS, reasoning_response
 from viper_common.shapeworld import edits, render
 from viper_common.shapeworld.language import object_phrase
 from viper_common.shapeworld.scene import LABELLED_SIZES, Scene
@@ -33,10 +33,6 @@ EDIT_PROMPT = ("Write {num_ops} image editing instruction(s) that change these o
 _NAME_FIELDS = (("size", "colour", "pattern", "shape"), ("size", "colour", "shape"), ("colour", "pattern", "shape"),
                 ("size", "pattern", "shape"), ("colour", "shape"))
 _TARGET_OPS = ("attribute", "attribute", "remove", "replace", "move", "count", "text")
-
-
-def _respond(think: str, answer: str) -> str:
-    return f"<think>{think}</think><answer>{answer}</answer>"
 
 
 def entity_name(scene: Scene, index: int, rng: np.random.Generator) -> str | None:
@@ -76,7 +72,7 @@ def write(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
             return None
         lines.append(edits.instruction(edit, scene, rng, ref="the " + name.split(" ", 1)[1]))
     prompt = EDIT_PROMPT.format(num_ops=num_ops, entities="; ".join(f'"{name}"' for _, name in named))
-    return prompt, _respond("I pick one edit for each object I was asked to change.", "\n".join(lines))
+    return prompt, reasoning_response("I pick one edit for each object I was asked to change.", "\n".join(lines))
 
 
 def verify(scene: Scene, rng: np.random.Generator, seed: int, size: int
@@ -97,5 +93,5 @@ def verify(scene: Scene, rng: np.random.Generator, seed: int, size: int
     if verdict == "No." and after == wanted:  # another edit with the same result is not a failure
         return None
     prompt = SYNTHESIS_PROMPTS["verify_edit"].format(instruction=text)
-    return prompt, _respond("I compare the two images with the instruction.", verdict), \
+    return prompt, reasoning_response("I compare the two images with the instruction.", verdict), \
         (render.render_png(scene, seed, size), render.render_png(after, seed, size))

@@ -7,9 +7,10 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from viper_jax.loop.status import StepFailed
 
@@ -20,31 +21,48 @@ _BAR = re.compile(r"\d+%\|")
 def run_logged(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None, echo: bool = True,
                prefix: str = "") -> None:
     """Runs `cmd`, appending its output to `log_path` (and echoing lines); raises StepFailed on failure.
-    An interrupt terminates the child before it propagates."""
+    An interrupt terminates the child before it propagates.
+
+    The output is read by a thread while this one waits in short timed waits: a signal the OS hands to another
+    thread runs its Python handler only when the main thread next executes, which a read blocked on a quiet
+    child would delay until the child's next line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         tail: list[str] = []
+        reader = threading.Thread(target=_pump, args=(proc.stdout, log, tail, echo, prefix), daemon=True)
+        reader.start()
         try:
-            for raw in proc.stdout:  # type: ignore[union-attr]
-                log.write(raw)
-                line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip("\n").split("\r")[-1].rstrip()
-                if line and (_BAR.search(line) is None or "100%|" in line):  # progress bars: only when full
-                    tail = (tail + [line])[-15:]
-                    if echo:
-                        print(f"{prefix}{line}", flush=True)
-            code = proc.wait()
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            reader.join()
         except BaseException:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            reader.join(timeout=5)
             raise
     if code != 0:
         raise StepFailed(f"`{shlex.join(cmd)}` exited with status {code}; log: {log_path}\n" + "\n".join(tail))
+
+
+def _pump(stream: Any, log: Any, tail: list[str], echo: bool, prefix: str) -> None:
+    """The child's output lines into `log`, the last 15 shown ones into `tail` (progress bars only when full)."""
+    for raw in stream:
+        log.write(raw)
+        line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip("\n").split("\r")[-1].rstrip()
+        if line and (_BAR.search(line) is None or "100%|" in line):
+            tail[:] = (tail + [line])[-15:]
+            if echo:
+                print(f"{prefix}{line}", flush=True)
 
 
 def run_parallel(commands: Sequence[Sequence[str]], logs: Sequence[Path], envs: Sequence[dict[str, str]]) -> None:

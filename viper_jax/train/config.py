@@ -98,6 +98,9 @@ def base_config() -> ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.eos_tokens = ("<|im_end|>", "<|endoftext|>")  # Qwen2.5-VL-Instruct's generation_config
+    # Strings that end a response, included in it (vLLM's stop): e.g. ("</answer>",) for a policy that does not
+    # yet end its turn after the answer block. Cut on the host after decoding (rollout/stop.py).
+    c.rollout.stop_strings = ()
     c.rollout.cache_dtype = ""  # default: the compute dtype
     # Rows that ended leave the decode batch as it halves (same tokens, see rollout.engine.decode), to sizes
     # that are multiples of this. -1: auto (halving at most 3 times, multiples of the batch's mesh shards);
@@ -257,6 +260,9 @@ def validate(config: ConfigDict) -> None:
              "data.auto_buckets_sample/auto_buckets_multiple", "must be positive")
     _require(config.rollout.get("shrink_rows", -1) >= -1, "rollout.shrink_rows",
              "must be -1 (auto), 0 (off) or positive")
+    stops = config.rollout.get("stop_strings", ())
+    _require(isinstance(stops, (tuple, list)) and all(isinstance(x, str) and x for x in stops),
+             "rollout.stop_strings", f"must be a tuple of non-empty strings, got {stops!r}")
     _require(config.rollout.temperature > 0, "rollout.temperature",
              "must be positive (GRPO samples; log-probs are taken under it)")
     _require(len(config.stage_order) > 0, "stage_order", "lists no stage")

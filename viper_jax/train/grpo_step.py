@@ -29,6 +29,7 @@ from flax import nnx
 from viper_jax.models.qwen2_5_vl import Qwen2_5_VL
 from viper_jax.rl import grpo_loss
 from viper_jax.rollout.engine import RolloutConfig, useful_slot_share
+from viper_jax.rollout.stop import StopStrings
 from viper_jax.sharding import DEFAULT_RULES, batch_shard_count, use_mesh
 from viper_jax.train.config import minibatches_per_pass
 from viper_jax.train.grpo_batch import RolloutBatch, response_mask, slices
@@ -198,13 +199,14 @@ class GRPOLearner:
     def __init__(self, graphdef: Any, state: TrainState, fns: UpdateFns, settings: GRPOSettings,
                  rollout: RolloutConfig, decode: Callable[[np.ndarray, np.ndarray], list[str]],
                  schedule: optax.Schedule, model_config: Any, ref_params: Any = None,
-                 processes: SingleProcess | MultiProcess | None = None):
+                 processes: SingleProcess | MultiProcess | None = None, stop: StopStrings | None = None):
         if settings.kl_coef > 0 and ref_params is None:
             raise ValueError("rl.kl_coef > 0 needs the reference parameters")
         self.graphdef, self.state, self.fns, self.settings = graphdef, state, fns, settings
         self.rollout_cfg = rollout
         self.decode, self.schedule, self.ref_params = decode, schedule, ref_params
         self.model_config = model_config
+        self.stop = stop  # responses end at the first stop string (rollout.stop_strings), if any
         # Where the batch lives: this host only, or split over JAX processes (grpo_multihost.py).
         self.processes = processes or SingleProcess()
 
@@ -223,7 +225,12 @@ class GRPOLearner:
                                                                              self.rollout_cfg)
         del model
         t1 = time.perf_counter()
+        stopped = np.zeros(samples.lengths.shape, bool)
+        if self.stop is not None:
+            samples, stopped = self.stop.apply(samples, self.rollout_cfg.pad_token_id)
         responses = self.decode(samples.tokens, samples.lengths)
+        if self.stop is not None:
+            responses = self.stop.trim(responses)
         out = reward_fn(responses, [tuple(t) for t in batch["truth"]], samples.prompt_index)
         rewards = np.asarray(out.reward, np.float32)
         t2 = time.perf_counter()
@@ -240,7 +247,7 @@ class GRPOLearner:
         t3 = time.perf_counter()
 
         ended = np.isin(samples.tokens[np.arange(len(samples.lengths)), np.maximum(samples.lengths - 1, 0)],
-                        np.asarray(self.rollout_cfg.eos_token_ids or (-1,)))
+                        np.asarray(self.rollout_cfg.eos_token_ids or (-1,))) | stopped
         parts = {name: np.asarray(v) for name, v in (out.as_dict().items() if hasattr(out, "as_dict") else ())
                  if name != "reward"}
         if hasattr(out, "format"):

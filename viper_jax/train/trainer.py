@@ -38,6 +38,7 @@ from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
 from viper_jax.rollout.engine import RolloutConfig, auto_shrink_rows
 from viper_jax.rollout.sampling import SamplingConfig
+from viper_jax.rollout.stop import StopStrings
 from viper_jax.sharding import batch_shard_count
 from viper_jax.train.config import ConfigError, updates_per_step, validate
 from viper_jax.train.grpo_multihost import MultiProcess, check_split
@@ -149,8 +150,11 @@ def train(config: ConfigDict) -> dict[str, Any]:
     settings = GRPOSettings.from_config(rl, config.rollout.temperature)
     decode = lambda tokens, lengths: tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
+    stop_strings = tuple(config.rollout.get("stop_strings", ()))
+    stop = StopStrings(stop_strings, lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) \
+        if stop_strings else None
     learner = GRPOLearner(setup.graphdef, state, UpdateFns(setup.graphdef, optimizer, shardings, settings, mesh, rules),
-                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, processes)
+                          settings, rollout_cfg, decode, schedule, model_cfg, ref_params, processes, stop)
 
     # ---------------------------------------------------------------------------------------- stages
     step = int(meta["step"])
