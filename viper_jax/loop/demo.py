@@ -1,6 +1,7 @@
-"""`viper demo`: one full ViPER round on a CPU, no downloads, no GPU, and a report of what it made.
+"""`viper demo --photos`: one full ViPER round on a CPU, no downloads, no GPU, and a report of what it made.
+(`viper demo` without --photos runs in ShapeWorld: world/demo.py.)
 
-    viper demo [--workdir demo_run]
+    viper demo --photos [--workdir demo_run]
 
 1. Real photographs from installed packages (public domain / CC0 photos that scikit-image ships; the
    CC BY 2.0 photos of scikit-learn as a fallback), square-cropped to 224 px: WORK/images/.
@@ -272,11 +273,17 @@ def _check_installed() -> None:
 
 
 def add_demo_args(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="one ViPER round on CPU with tiny random models, real photos, and a report")
+    p = sub.add_parser("demo", help="one ViPER round in ShapeWorld on CPU, measured before / after (--photos: tiny "
+                                    "random models on real photographs)")
     p.add_argument("--workdir", default="demo_run", help="where everything goes (default ./demo_run)")
-    p.add_argument("--num_images", type=int, default=6, help="input images (crops of the sample photographs)")
-    p.add_argument("--steps", type=int, default=3, help="GRPO steps per stage")
-    p.add_argument("--reward", default="", help="reward of both stages (default: the ViPER reward; "
+    p.add_argument("--photos", action="store_true", help="the photograph demo with tiny random-init models "
+                                                         "(the machinery end to end; its reward stays 0)")
+    p.add_argument("--base_hf", default=None, help="ShapeWorld: the base VLM (default: the shipped "
+                                                   "assets/world_base, else one built by `viper world base`)")
+    p.add_argument("--num_images", type=int, default=None, help="source images (ShapeWorld default 24; "
+                                                                "--photos: crops of the sample photographs, 6)")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps per stage (default 3)")
+    p.add_argument("--reward", default="", help="--photos: reward of both stages (default: the ViPER reward; "
                                                 "toy_letters gives a reward a random tiny model can learn)")
     p.add_argument("--quiet", action="store_true", help="do not echo the steps' output")
 
@@ -287,8 +294,15 @@ def run_demo_cli(args: argparse.Namespace) -> None:
     from viper_jax.loop.rounds import Loop
     from viper_jax.train.config import override_flags
 
-    start = time.time()
     _check_installed()
+    if not args.photos:
+        from viper_jax.world.demo import run_world_demo
+
+        raise SystemExit(run_world_demo(args))
+    if args.base_hf:
+        raise SystemExit("viper demo: --base_hf is for the ShapeWorld demo, not --photos")
+    args.num_images, args.steps = args.num_images or 6, args.steps or 3
+    start = time.time()
     work = Path(args.workdir).absolute()
     images = prepare_images(work / "images", args.num_images)
     (work / "images.json").write_text(json.dumps(images, indent=1))

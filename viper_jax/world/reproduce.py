@@ -369,3 +369,11 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
     from viper_common.atomic_files import write_json_atomic
 
     write_json_atomic(path, payload, indent=1, default=str)
+
+
+def grpo_defaults(path: Path) -> tuple[dict[str, int], int]:
+    """(stage steps, rl.prompts_per_step) of a viper train config file (configs/world_grpo.py)."""
+    from viper_jax.train.config import load_config
+
+    c = load_config(path)
+    return {t: int(c.stages[t].steps) for t in TASKS}, int(c.rl.prompts_per_step)

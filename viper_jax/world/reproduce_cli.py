@@ -9,15 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from viper_jax.world import reproduce
-from viper_jax.world.reproduce import CONTROLS, TASKS, Plan, Settings, quick_settings
-
-
-def grpo_defaults(path: Path) -> tuple[dict[str, int], int]:
-    """(stage steps, rl.prompts_per_step) of a viper train config file (configs/world_grpo.py)."""
-    from viper_jax.train.config import load_config
-
-    c = load_config(path)
-    return {t: int(c.stages[t].steps) for t in TASKS}, int(c.rl.prompts_per_step)
+from viper_jax.world.reproduce import CONTROLS, Plan, Settings, grpo_defaults, quick_settings
 
 
 def parse_args(argv: Sequence[str] | None = None):
