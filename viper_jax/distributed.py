@@ -44,12 +44,14 @@ from viper_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
-               cpu_collectives: str | None = None, timeout_s: int = 300) -> None:
+               cpu_collectives: str | None = None, timeout_s: int = 300, heartbeat_timeout_s: int = 100) -> None:
     """Starts the JAX distributed runtime when more than one process takes part.
 
     auto=True calls `jax.distributed.initialize()` with no arguments (Cloud TPU, Slurm auto-detect).
     cpu_collectives: "gloo" lets several CPU processes form one mesh (used by tests on localhost).
     timeout_s: how long to wait for every process to reach the coordinator.
+    heartbeat_timeout_s: a process silent this long counts as dead and every other one stops (JAX's
+    coordination service; 100 s is JAX's default). See peer_loss.py for how a survivor reports it.
     Must run before anything touches a JAX device (jax.devices() included).
     """
     coordinator = coordinator or os.environ.get("VIPER_COORDINATOR")
@@ -58,7 +60,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     if auto:
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s)
         return
     if coordinator is None and (num_processes or 1) == 1:
         return
@@ -68,15 +70,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"multi-process start needs {missing}: set them in config.distributed or as "
                          f"VIPER_COORDINATOR / VIPER_NUM_PROCESSES / VIPER_PROCESS_ID")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
+                               process_id=process_id, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def initialize_from_config(cfg: Any) -> None:
-    """`cfg` is the `distributed` ConfigDict: coordinator, num_processes, process_id, auto, cpu_collectives."""
+    """`cfg` is the `distributed` ConfigDict: coordinator, num_processes, process_id, auto, cpu_collectives,
+    timeout_s, heartbeat_timeout_s."""
+    heartbeat = int(cfg.get("heartbeat_timeout_s", 100))
+    if heartbeat < 1:
+        raise ValueError(f"distributed.heartbeat_timeout_s must be at least 1 (seconds), got {heartbeat}")
     initialize(cfg.get("coordinator") or None, cfg.get("num_processes") or None,
                cfg.get("process_id") if cfg.get("process_id", -1) >= 0 else None,
                auto=bool(cfg.get("auto", False)), cpu_collectives=cfg.get("cpu_collectives") or None,
-               timeout_s=int(cfg.get("timeout_s", 300)))
+               timeout_s=int(cfg.get("timeout_s", 300)), heartbeat_timeout_s=heartbeat)
 
 
 def is_main_process() -> bool:

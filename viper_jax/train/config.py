@@ -74,8 +74,10 @@ def base_config() -> ConfigDict:
 
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.sharding_rules = ()  # ((logical name, mesh axis | (axes,) | None), ...) over sharding.DEFAULT_RULES
+    # heartbeat_timeout_s: a process silent this long counts as dead; every other process then stops with one
+    # line and exit status 1 (peer_loss.py). A collective with a dead peer fails at once; this bounds the rest.
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, auto=False,
-                                    cpu_collectives="", timeout_s=300))
+                                    cpu_collectives="", timeout_s=300, heartbeat_timeout_s=100))
 
     # Input pipeline defaults for every stage; shard_globs come from the stage and batch_size from
     # rl.prompts_per_step (both are overwritten per stage).

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ml_collections import ConfigDict
 
 from viper_common.atomic_files import write_text_atomic
 from viper_common.kill_points import kill_point
-from viper_jax import checkpoint, compile_cache, distributed
+from viper_jax import checkpoint, compile_cache, distributed, peer_loss
 from viper_jax.distributed import ProcessBlocks, allgather_json
 from viper_jax.dtypes import dtype_named
 from viper_jax.rl.reward import get_reward
@@ -234,17 +235,27 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
     """`viper train --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
     from viper_jax.train.config import apply_overrides, load_config
 
-    log_to_console()
     config = load_config(config_path)
     apply_overrides(config, overrides)
     if workdir:
         config.workdir = workdir
+    if peer_loss.needs_supervisor(config.distributed):  # this process only watches the one that trains
+        from viper_common.cli_errors import debugging
+
+        command = [sys.executable, "-m", "viper_jax", *(["--debug"] if debugging() else []), "train",
+                   "--config", config_path, *(["--workdir", workdir] if workdir else []), *overrides]
+        status = peer_loss.supervise(command, "viper", config.distributed)
+        if status:
+            raise SystemExit(status)
+        return
+    log_to_console()
     if config.keep_freed_host_memory:  # before JAX starts its CPU client: see host_memory.py
         from viper_jax.host_memory import keep_freed_host_memory
 
         keep_freed_host_memory()
     cache = compile_cache.enable(config.compile_cache_dir)  # before the first compile
     logging.getLogger(__name__).info("compilation cache: %s", cache or "off")
-    result = train(config)
+    with peer_loss.stop_on_peer_loss("viper", config.distributed):
+        result = train(config)
     if distributed.is_main_process():
         print(f"finished at step {result['step']}; workdir {Path(config.workdir).absolute()}")

@@ -1,0 +1,162 @@
+"""A dying peer in a multi-process run (`viper train` over several `jax.distributed` processes): every
+survivor stops with one line naming it and exit status 1, within `distributed.heartbeat_timeout_s`, instead of
+hanging in JAX's shutdown barrier or dying in an XLA abort with a C++ stack trace.
+
+How a peer's death reaches a survivor (jax 0.10.2; measured on CPU with gloo, docs/reliability.md):
+- a collective in flight or the next one fails at once (gloo: "Connection closed by peer"): a Python
+  exception in the main thread. `stop_on_peer_loss` turns it into the one line and leaves with `os._exit`:
+  the normal exit would wait in jax.distributed's shutdown barrier, which cannot succeed with a peer gone,
+  until the heartbeat timeout, and then abort.
+- the coordinator (process 0) dies: the others' coordination agents lose it at once. Another process dies
+  while process 0 runs no collective (compiling, writing a checkpoint): the coordination service notices the
+  missing heartbeats after heartbeat_timeout_s. Both end inside XLA: LOG(FATAL) "Terminating process because
+  the JAX distributed service detected fatal errors", SIGABRT, a C++ stack trace. No Python runs there (the
+  `missed_heartbeat_callback` jaxlib's client accepts fails with std::bad_cast when called: no caster for the
+  status it passes), so `supervise` runs the command as a child process and reports that end from outside.
+
+The child stays in the supervisor's process group, so a kill of the group (a preemption, the crash sweep, the
+tests) takes both; the child also dies when the supervisor alone is SIGKILLed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import traceback
+from typing import Any, Iterator, Sequence
+
+CHILD_ENV = "VIPER_PEER_SUPERVISED"  # set in the supervised child: it runs the command itself
+XLA_FATAL = "JAX distributed service detected fatal errors"  # XLA's client.h LOG(FATAL) on a lost peer
+EXIT_STATUS = 1  # as every other error of the command lines (viper_common/cli_errors.py)
+
+# What a collective or the coordination client raises when another process is gone: gloo's and NCCL's
+# transport errors and the coordination service's. Matched in the error's text: XLA raises them as
+# ValueError / JaxRuntimeError with the backend's message, no type of their own.
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|Broken pipe|Socket closed|heartbeat|coordination service|"
+                        r"NCCL error|peer process|DEADLINE_EXCEEDED", re.IGNORECASE)
+
+
+def several_processes(cfg: Any) -> bool:
+    """Whether the `distributed` ConfigDict (or the VIPER_* environment) starts more than one process."""
+    count = int(cfg.get("num_processes") or os.environ.get("VIPER_NUM_PROCESSES") or 1)
+    return bool(cfg.get("auto", False)) or count > 1
+
+
+def needs_supervisor(cfg: Any) -> bool:
+    """True in the command the user started for a multi-process run; False in its supervised child."""
+    return several_processes(cfg) and not os.environ.get(CHILD_ENV)
+
+
+def message(where: str, cause: str, heartbeat_timeout_s: int) -> str:
+    """The one line (without the program's name) a survivor prints."""
+    return (f"{where}: another process of this run is gone ({cause}); it died, was preempted or hangs, so this "
+            f"process stops too. Rerun the same command on every host: it resumes from the last checkpoint "
+            f"(distributed.heartbeat_timeout_s={heartbeat_timeout_s} bounds how long a silent process is waited for)")
+
+
+def is_peer_loss(error: BaseException) -> bool:
+    return bool(_PEER_GONE.search(str(error)))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _where(cfg: Any) -> str:
+    pid = cfg.get("process_id", -1)
+    pid = pid if pid is not None and pid >= 0 else os.environ.get("VIPER_PROCESS_ID", "?")
+    count = cfg.get("num_processes") or os.environ.get("VIPER_NUM_PROCESSES") or "?"
+    return f"process {pid} of {count}"
+
+
+@contextlib.contextmanager
+def stop_on_peer_loss(prog: str, cfg: Any) -> Iterator[None]:
+    """Inside a multi-process run: an error that says another process is gone becomes `prog: <one line>`
+    on stderr and an immediate exit with EXIT_STATUS (no shutdown barrier: it could only time out). Other
+    errors pass unchanged; VIPER_DEBUG (--debug) prints the traceback before the line."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a lost peer
+        import jax
+
+        if not (jax.distributed.is_initialized() and is_peer_loss(e)):
+            raise
+        from viper_common.cli_errors import debugging
+
+        if debugging():
+            traceback.print_exc()
+        cause = f"{type(e).__name__}: {_short(str(e))}"
+        _leave(f"{prog}: {message(_where(cfg), cause, int(cfg.get('heartbeat_timeout_s', 100)))}")
+
+
+def _leave(line: str) -> None:
+    import logging
+
+    logging.shutdown()  # flush the log handlers: os._exit runs no atexit
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(EXIT_STATUS)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the supervisor dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def xla_cause(text: str) -> str:
+    """A short cause from XLA's fatal message (and the coordination service's lines before it)."""
+    gone = re.search(r"stopped sending heartbeats\):\s*([\d\s,]+)", text) or re.search(r"Task (\d+) heartbeat timeout",
+                                                                                        text)
+    if gone:
+        ids = ", ".join(gone.group(1).replace(",", " ").split())
+        return f"the coordination service had no heartbeat from process {ids} within the heartbeat timeout"
+    if re.search(r"Failed to send RPC to coordination service|leader task", text):
+        return "the coordination service on process 0 does not answer: process 0 is gone"
+    status = text.split("absl::Status:", 1)[-1]
+    return f"the JAX distributed runtime stopped: {_short(status, 200)}"
+
+
+def supervise(command: Sequence[str], prog: str, cfg: Any) -> int:
+    """Runs `command` (this same command line) as a child with CHILD_ENV set, its stderr passed through;
+    when XLA aborts it over a lost peer, prints `prog: <one line>` instead of XLA's stack trace and returns
+    EXIT_STATUS. Otherwise returns the child's status (128 + N for a signal N, as a shell does)."""
+    from viper_common.cli_errors import debugging
+
+    child = subprocess.Popen(list(command), env=dict(os.environ, **{CHILD_ENV: "1"}), stderr=subprocess.PIPE,
+                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    # Ctrl-C reaches the child directly (same process group); a SIGTERM/SIGHUP sent to this process only
+    # (a scheduler, `kill PID`) is passed on, so the child stops as it would unsupervised.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, _frame: child.send_signal(s))
+    fatal: list[str] = []  # XLA's fatal message and the lines after it
+    recent: list[str] = []  # the lines before it (the coordination service's errors name the process)
+    err = sys.stderr.buffer
+    assert child.stderr is not None
+    for raw in iter(child.stderr.readline, b""):
+        line = raw.decode(errors="replace")
+        if XLA_FATAL in line or fatal:
+            fatal.append(line)
+            if not debugging():  # XLA's abort and its C++ frames: replaced by the one line below
+                continue
+        else:
+            recent = (recent + [line])[-40:]
+        err.write(raw)
+        err.flush()
+    status = child.wait()
+    if fatal:
+        cause = xla_cause("".join(recent[-20:] + fatal[:30]))
+        print(f"{prog}: {message(_where(cfg), cause, int(cfg.get('heartbeat_timeout_s', 100)))}", file=sys.stderr,
+              flush=True)
+        return EXIT_STATUS
+    return status if status >= 0 else 128 - status
