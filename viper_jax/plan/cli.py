@@ -20,6 +20,10 @@ def add_plan_args(sub: Any) -> None:
     p.add_argument("--images_per_prompt", type=int, default=None, help="default 2 (visual_ops)")
     p.add_argument("--image_tokens", type=int, default=None, help="merged tokens per image (default from max_pixels)")
     p.add_argument("--rollout_prompts", type=int, default=None, help="default: rl.prompts_per_step")
+    p.add_argument("--lengths", default="full", choices=("full", "realistic"),
+                   help="prompt/response lengths rl.packing packs (viper_jax/plan/packed.py): full (every row at its "
+                        "bucket and max_new_tokens) or realistic (varied prompts, long-tailed responses)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the realistic lengths")
     p.set_defaults(accepts_config_overrides=True)
 
 
@@ -39,7 +43,7 @@ def run_plan(args: Any) -> None:
                       programs=[x.strip() for x in args.programs.split(",") if x.strip()], verbose=True,
                       prompt_len=args.prompt_len, response_len=args.response_len,
                       images_per_prompt=args.images_per_prompt, image_tokens=args.image_tokens,
-                      rollout_prompts=args.rollout_prompts)
+                      rollout_prompts=args.rollout_prompts, lengths=args.lengths, seed=args.seed)
     except (PlanError, ConfigError) as e:
         print(f"viper plan: {e}", file=sys.stderr)
         raise SystemExit(2)

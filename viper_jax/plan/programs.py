@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # chips first: it sets libtpu's environment before anything can load libtpu.
 from viper_jax.plan.chips import PlanError, chip_spec, chips_in, topology_devices
+from viper_jax.plan.packed import attention_keys, draw_lengths, packed_layout
 from viper_jax.plan.report import PlanReport, ProgramReport
 from viper_jax.plan.workload import (default_shapes, image_grid, model_config_for, remat_extra, text_forward_flops,
                                      vision_forward_flops)
@@ -76,15 +77,16 @@ def _nbytes(tree: Any, per_device: bool = True) -> int:
 
 
 def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequence[str] = ("update", "rollout"),
-         verbose: bool = False, **shape_overrides: int | None) -> PlanReport:
-    """Compiles the configured GRPO step for `topology` and reports per-chip memory, FLOPs and time."""
+         verbose: bool = False, lengths: str = "full", seed: int = 0, **shape_overrides: int | None) -> PlanReport:
+    """Compiles the configured GRPO step for `topology` and reports per-chip memory, FLOPs and time. `lengths`
+    (packed.LENGTHS, drawn with `seed`) shapes rl.packing's micro-batches; the padded update ignores it."""
     from viper_jax.dtypes import dtype_named
     from viper_jax.models.qwen2_5_vl import Qwen2_5_VL, prepare_vision
     from viper_jax.rollout.engine import RolloutConfig, prefill, sample_next
     from viper_jax.rollout.sampling import SamplingConfig
     from viper_jax.sharding import (batch_sharding, check_divisible, logical_to_spec, mesh_from_config,
                                     param_shardings, rules_from_config, use_mesh)
-    from viper_jax.train.config import minibatches_per_pass, model_options
+    from viper_jax.train.config import ConfigError, minibatches_per_pass, model_options
     from viper_jax.train.grpo_step import GRPOSettings, UpdateFns
     from viper_jax.train.optim import make_optimizer
     from viper_jax.train.state import TrainState, train_state_shardings
@@ -103,11 +105,14 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     try:
         mesh = mesh_from_config(config.mesh, devices=devices)
         rules = rules_from_config(config.sharding_rules)
-        abstract = nnx.eval_shape(lambda: Qwen2_5_VL(mcfg, dtype=dtype, param_dtype=jnp.float32,
-                                                     **model_options(config), rngs=nnx.Rngs(0)))
+        # model.attention as on a TPU (the target), whatever this machine runs: splash compiles for it here.
+        options = model_options(config, platform="tpu")
+        abstract = nnx.eval_shape(lambda: Qwen2_5_VL(mcfg, dtype=dtype, param_dtype=jnp.float32, **options,
+                                                     rngs=nnx.Rngs(0)))
         p_sh = param_shardings(abstract, mesh, rules)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, ConfigError) as e:
         raise PlanError(str(e)) from None
+    attention = options["attention"]
     graphdef, abstract_state = nnx.split(abstract)
     params = nnx.to_pure_dict(abstract_state)
     optimizer, _ = make_optimizer(config.optim, 1000)
@@ -151,6 +156,27 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         raise PlanError(f"unknown programs {sorted(unknown)}; choose from {sorted(PROGRAM_GROUPS)}, "
                         f"{list(PROGRAM_GROUPS['all'])}")
     reports: list[ProgramReport] = []
+
+    def packed_inputs(m: Any, row_len: int) -> dict[str, Any]:
+        """pack_micro's dict (train/packing.py) for micro-batch shapes `m`: rows and predicted slots split over
+        the batch axes (row_bucket makes rows a multiple of them)."""
+        r_sh = rows_sharding(m.rows, "packed rows")
+        r2 = NamedSharding(mesh, P(*r_sh.spec, None)) if r_sh.spec else replicated
+        k_sh = rows_sharding(m.slots, "packed predicted slots")
+        k2 = NamedSharding(mesh, P(None, *k_sh.spec)) if k_sh.spec else replicated
+        x = dict(prompt_ids=_sds((m.prompts, shapes.prompt_len), jnp.int32, rows_sharding(m.prompts, "packed prompts")),
+                 positions=_sds((3, m.rows, row_len), jnp.int32,
+                                NamedSharding(mesh, P(None, *r_sh.spec)) if r_sh.spec else replicated),
+                 pred_index=_sds((m.slots,), jnp.int32, k_sh), targets=_sds((1, m.slots), jnp.int32, k2))
+        x.update({name: _sds((m.rows, row_len), jnp.int32, r2) for name in ("ids", "segment_ids", "prompt_src")})
+        x.update({name: _sds((1, m.slots), jnp.float32, k2)
+                  for name in ("resp_mask", "old_logp", "advantages", "seq_tokens")})
+        pix, vi = vision(m.prompts)
+        if pix is not None:
+            x.update(pixel_values=pix, vision_inputs=vi)
+        if rl.kl_coef > 0:
+            x["ref_logp"] = x["old_logp"]
+        return x
     minibatches = minibatches_per_pass(rl)
     num_micro = minibatches * (rl.prompts_per_step // minibatches) // shapes.micro_prompts
     if shapes.rollout_prompts != rl.prompts_per_step:
@@ -162,6 +188,7 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
         fns = UpdateFns(graphdef, optimizer, shardings, settings, mesh, rules)
         b, length = shapes.micro_prompts, shapes.prompt_len + shapes.response_len
         rows = b * shapes.group_size
+        padded_notes = len(notes)  # the padded inputs' notes, dropped when the packed ones replace them
         p_rows = rows_sharding(b, "micro-batch prompts")
         r_rows = rows_sharding(rows, "micro-batch rows")
         r_rows2 = NamedSharding(mesh, P(*r_rows.spec, None)) if r_rows.spec else replicated
@@ -178,10 +205,29 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
             micro_inputs.update(pixel_values=pix, vision_inputs=vi)
         if rl.kl_coef > 0:
             micro_inputs["ref_logp"] = micro_inputs["old_logp"]
-        denoms = {"tokens": _sds((), jnp.float32, replicated), "seqs": _sds((), jnp.float32, replicated)}
+        denoms = {name: _sds((), jnp.float32, replicated) for name in ("tokens", "seqs", "norm_length")}
         vi_flops = vision_forward_flops(v, vi)
-        fwd = text_forward_flops(t, rows, length, length, rows * shapes.response_len) + vi_flops
+        fwd = text_forward_flops(t, rows, length, attention_keys(attention, length), rows * shapes.response_len) \
+            + vi_flops
         pad = padding(rows)
+        if rl.packing:  # the packed micro-batches of the drawn lengths: one program, for the largest of them
+            layout = packed_layout(shapes, rl, batch_parts, *draw_lengths(shapes, lengths, seed))
+            del notes[padded_notes:]
+            micro_inputs = packed_inputs(layout.largest, layout.row_len)
+            padded_fwd, padded_micro = fwd * pad, num_micro
+            per_prompt_vision = vision_forward_flops(v, vision(1)[1])
+            fwds = [text_forward_flops(t, m.rows, layout.row_len, attention_keys(attention, layout.row_len), m.slots)
+                    + m.prompts * per_prompt_vision for m in layout.micros]
+            fwd, num_micro, pad = sum(fwds) / len(fwds), len(fwds), 1.0  # rows: multiples of the batch shards
+            real = sum(m.real_tokens for m in layout.micros) / sum(m.rows * layout.row_len for m in layout.micros)
+            padded_real = sum(m.real_tokens for m in layout.micros) / (padded_micro * rows * length)
+            big = layout.largest
+            notes.append(
+                f"packing ({lengths} lengths, seed {seed}): {num_micro} micro-batches a pass in {layout.distinct_shapes} "
+                f"shapes, compiled for the largest ({big.prompts} prompts, {big.rows} rows of {layout.row_len}, "
+                f"{big.slots} predicted slots); real tokens {100 * real:.0f}% of the packed rows' positions "
+                f"({100 * padded_real:.0f}% of the padded update's); forward FLOPs of a pass "
+                f"{sum(fwds) / 1e15:.3g} PFLOP packed vs {padded_micro * padded_fwd / 1e15:.3g} PFLOP padded")
 
         micro = ProgramReport("update micro-step", per_step=rl.ppo_epochs * num_micro, resident=opt_bytes)
         if "micro" in wanted:
@@ -242,7 +288,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
             _compile(p, lambda: jax.jit(prefill_program, out_shardings=(p_rows if p_rows.spec else replicated,
                                                                 {"k": cache_sh, "v": cache_sh})).lower(*args), verbose)
             # The lm_head runs on the last prompt position only (the first sampled token's logits).
-            p.model_flops = p.hw_flops = (text_forward_flops(t, b, shapes.prompt_len, slots, b)
+            keys = attention_keys(attention, shapes.prompt_len) if attention == "splash" else slots
+            p.model_flops = p.hw_flops = (text_forward_flops(t, b, shapes.prompt_len, keys, b)
                                           + vision_forward_flops(v, vi))
             p.hw_flops *= padding(b)
             reports.append(p)
@@ -290,7 +337,8 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
     bw = chip.hbm_bandwidth * chips / len(devices)
     for p in reports:
         p.seconds = max(p.hw_flops / len(devices) / peak, p.hbm_traffic / bw)
-    settings = {"dtype": config.model.dtype, "remat": remat, "prompts_per_step": rl.prompts_per_step,
+    settings = {"dtype": config.model.dtype, "remat": remat, "attention": attention, "packing": rl.packing,
+                "prompts_per_step": rl.prompts_per_step,
                 "num_minibatches": minibatches, "micro_batch_prompts": rl.micro_batch_prompts,
                 "logit_chunk": rl.logit_chunk}
     return PlanReport(topology=topology, chip=chip, num_devices=len(devices), chips=chips, mesh=dict(mesh.shape),

@@ -122,6 +122,27 @@ def row_bucket(needed: int, max_rows: int, multiple: int = 1) -> int:
     return -(-rows // multiple) * multiple
 
 
+def predicted_slots(rows: int, tokens: int, width: int) -> int:
+    """K, the predicted-token slots of a packed micro-batch of `rows` rows holding `tokens` response tokens: a
+    multiple of the response width, tied to the row count (no extra shape to compile) unless short prompts
+    let the rows hold more response tokens than that."""
+    return width * max(rows, -(-tokens // width))
+
+
+def cut_prompts(lengths: np.ndarray, row_len: int, max_rows: int) -> list[tuple[int, int]]:
+    """A minibatch's prompts as micro-batches [a, b) (indices into `lengths`, [prompts, G] packed lengths):
+    prompts taken in order while their sequences fit `max_rows` rows of row_len, at least one a micro-batch
+    (even if its group alone needs more rows than the budget)."""
+    cuts, a, stop = [], 0, len(lengths)
+    while a < stop:
+        b = a + 1
+        while b < stop and len(first_fit(lengths[a:b + 1].reshape(-1), row_len)) <= max_rows:
+            b += 1
+        cuts.append((a, b))
+        a = b
+    return cuts
+
+
 def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: int, multiple: int = 1) -> MicroBatch:
     """update_inputs' padded dict of some prompts -> their packed MicroBatch (layout: module docstring)."""
     ids, pmask, resp = inputs["prompt_ids"], inputs["prompt_mask"], inputs["resp_mask"]
@@ -132,9 +153,7 @@ def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: 
     layout = first_fit(lengths, row_len)
     rows = row_bucket(len(layout), max_rows, multiple)
     shape, width = (rows, row_len), resp.shape[1]
-    # Predicted tokens: a multiple of the response width, tied to the row count (no extra shape to compile)
-    # unless short prompts let the rows hold more response tokens than that.
-    k = width * max(rows, -(-int(counted.sum()) // width))
+    k = predicted_slots(rows, int(counted.sum()), width)
     out = {name: np.zeros(shape, np.int32) for name in ("ids", "segment_ids")}
     out.update({name: np.zeros((1, k), dt) for name, dt in (
         ("targets", np.int32), ("resp_mask", np.float32), ("old_logp", np.float32), ("advantages", np.float32),
@@ -173,14 +192,8 @@ def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_
     bucket + response width tokens (the padded row width, so any sequence fits), prompts in order."""
     g, row_len = batch.group_size, batch.prompt_ids.shape[1] + batch.tokens.shape[1]
     lengths = _sequence_lengths(batch, start, stop).reshape(-1, g)
-    micros, a = [], start
-    while a < stop:
-        b = a + 1  # at least one prompt, even if its group alone needs more rows than the budget
-        while b < stop and len(first_fit(lengths[a - start:b + 1 - start].reshape(-1), row_len)) <= max_rows:
-            b += 1
-        micros.append(pack_micro(update_inputs(batch, a, b, config), g, row_len, max_rows, multiple))
-        a = b
-    return micros
+    return [pack_micro(update_inputs(batch, start + a, start + b, config), g, row_len, max_rows, multiple)
+            for a, b in cut_prompts(lengths, row_len, max_rows)]
 
 
 def packed_forward(model: Any, micro: dict[str, Any], temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
