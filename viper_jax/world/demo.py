@@ -53,12 +53,7 @@ def run_world_demo(args: argparse.Namespace) -> int:
         print(f"viper demo: no base given or shipped; building one in {plan.base_dir} (about 25 minutes)")
     else:
         print(f"viper demo: base {plan.base}")
-    states: dict[str, str] = {}
-    try:
-        states = plan.run(echo=not args.quiet)
-    finally:  # an interrupted demo still reports what it has
-        plan.report(states)
-    left = {k: v for k, v in states.items() if v not in ("done", "ran")}
-    print(f"viper demo: {'finished' if not left else 'not finished: ' + str(left)} in {time.time() - start:.0f} s; "
+    _, left = plan.run_and_report(echo=not args.quiet)
+    print(f"viper demo: {'finished' if not left else 'not finished'} in {time.time() - start:.0f} s; "
           f"report: {plan.w / 'report.md'}")
     return 1 if left else 0

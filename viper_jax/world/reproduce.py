@@ -330,6 +330,20 @@ class Plan:
             _write(record_path, record)
         return states
 
+    def run_and_report(self, echo: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+        """run(), then the report, written even when a step or an interrupt ends the run early. Returns
+        ({step name: state}, the steps neither done nor ran, with their states); prints how long it took."""
+        start = time.time()
+        states: dict[str, str] = {}
+        try:
+            states = self.run(echo=echo)
+        finally:  # an interrupted run still reports what it has
+            self.report(states)
+        left = {k: v for k, v in states.items() if v not in ("done", "ran")}
+        print(f"steps finished in {time.time() - start:.0f} s; "
+              + ("not done: " + ", ".join(f"{k}={v}" for k, v in left.items()) if left else "all done"))
+        return states, left
+
     def report(self, steps: dict[str, Any] | None = None) -> dict[str, Any]:
         from viper_jax.world.report import build_report
 

@@ -4,7 +4,6 @@ The experiment itself, its steps and their outputs: reproduce.py."""
 from __future__ import annotations
 
 import shlex
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -89,13 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         if plan.s.base_hf is not None and not plan.base.exists():
             raise SystemExit(f"--base_hf {plan.base} does not exist")
-        start = time.time()
-        try:
-            states = plan.run(echo=not args.quiet)
-        finally:  # an interrupted run still reports what it has
-            plan.report(states)
-        left = ", ".join(f"{k}={v}" for k, v in states.items() if v not in ("done", "ran"))
-        print(f"steps finished in {time.time() - start:.0f} s; {('not done: ' + left) if left else 'all done'}")
+        states, _ = plan.run_and_report(echo=not args.quiet)
     else:
         plan.report()
     print(f"wrote {plan.w / 'results.json'} and {plan.w / 'report.md'}")
