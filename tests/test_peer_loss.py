@@ -82,7 +82,7 @@ def test_survivor_of_a_killed_peer_exits_with_one_line(tmp_path, mode, victim, c
 
 # ---------------------------------------------------------------------------------------------- pieces (no JAX run)
 
-CFG = {"num_processes": 2, "process_id": 1, "heartbeat_timeout_s": 7}
+CFG = {"coordinator": "10.0.0.1:1234", "num_processes": 2, "process_id": 1, "timeout_s": 5, "heartbeat_timeout_s": 7}
 
 
 def _supervised(tmp_path: Path, code: str) -> tuple[int, str]:
@@ -91,15 +91,17 @@ def _supervised(tmp_path: Path, code: str) -> tuple[int, str]:
               f"sys.exit(peer_loss.supervise([sys.executable, '-c', {code!r}], 'viper', {CFG!r}))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("VIPER_DEBUG", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=GUARD_S)
-    return done.returncode, done.stderr
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=GUARD_S)
+    return done.returncode, done.stderr.decode()  # bytes: text mode would turn a "\r" into a newline
 
 
 def test_supervise_passes_an_ordinary_end_through(tmp_path):
     status, err = _supervised(tmp_path, "import os, sys; print('viper: bad key', file=sys.stderr); "
                                         "assert os.environ['VIPER_PEER_SUPERVISED'] == '1'; sys.exit(3)")
     assert (status, err) == (3, "viper: bad key\n")
+    bar = ("import sys, time; w = sys.stderr.write; w('bar 1/2\\r'); sys.stderr.flush(); time.sleep(0.5); "
+           "w('bar 2/2\\r'); sys.stderr.flush(); time.sleep(0.5); w('done')")  # a progress bar, no newline at the end
+    assert _supervised(tmp_path, bar) == (0, "bar 1/2\rbar 2/2\rdone")
     status, err = _supervised(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
     assert (status, err) == (128 + signal.SIGTERM, "")
 
@@ -117,6 +119,18 @@ def test_supervise_replaces_the_xla_abort_by_one_line(tmp_path):
     assert lines[1].startswith("viper: process 1 of 2: another process of this run is gone (the coordination "
                                "service on process 0 does not answer: process 0 is gone)")
     assert lines[1].endswith("(distributed.heartbeat_timeout_s=7 bounds how long a silent process is waited for)")
+
+
+def test_supervise_names_a_start_that_timed_out(tmp_path):
+    """XLA's abort when a process never came (measured: `initialize` with one of two processes started)."""
+    xla = ("F1202 client.h:80] Terminating process because the JAX distributed service detected fatal errors. "
+           "absl::Status: DEADLINE_EXCEEDED: Deadline Exceeded\n\nRPC: /xla.coordination.CoordinationService/"
+           "RegisterTask\n*** Check failure stack trace: ***\n")
+    status, err = _supervised(tmp_path, f"import os, sys; sys.stderr.write({xla!r}); sys.stderr.flush(); os.abort()")
+    assert status == 1 and err.splitlines() == [
+        "viper: process 1 of 2: not every process of this run reached the coordinator 10.0.0.1:1234 within "
+        "distributed.timeout_s=5 s: start the same command on every host (distributed.num_processes of them) and "
+        "check the coordinator's address and port"], err
 
 
 def test_other_errors_pass_through_the_guard():

@@ -13,6 +13,7 @@ How a peer's death reaches a survivor (jax 0.10.2; measured on CPU with gloo, do
   the JAX distributed service detected fatal errors", SIGABRT, a C++ stack trace. No Python runs there (the
   `missed_heartbeat_callback` jaxlib's client accepts fails with std::bad_cast when called: no caster for the
   status it passes), so `supervise` runs the command as a child process and reports that end from outside.
+  The same abort ends a start at which a process never registers within distributed.timeout_s: its own line.
 
 The child stays in the supervisor's process group, so a kill of the group (a preemption, the crash sweep, the
 tests) takes both; the child also dies when the supervisor alone is SIGKILLed (PR_SET_PDEATHSIG).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -58,6 +60,14 @@ def message(where: str, cause: str, heartbeat_timeout_s: int) -> str:
             f"(distributed.heartbeat_timeout_s={heartbeat_timeout_s} bounds how long a silent process is waited for)")
 
 
+def start_message(where: str, cfg: Any) -> str:
+    """The one line for a start that timed out: not every process registered with the coordinator."""
+    return (f"{where}: not every process of this run reached the coordinator "
+            f"{cfg.get('coordinator') or os.environ.get('VIPER_COORDINATOR') or '(auto-detected)'} within "
+            f"distributed.timeout_s={int(cfg.get('timeout_s', 300))} s: start the same command on every host "
+            f"(distributed.num_processes of them) and check the coordinator's address and port")
+
+
 def is_peer_loss(error: BaseException) -> bool:
     return bool(_PEER_GONE.search(str(error)))
 
@@ -68,10 +78,11 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _where(cfg: Any) -> str:
+    """"process I of N" from the config or the VIPER_* environment; "this process" when JAX detects them."""
     pid = cfg.get("process_id", -1)
-    pid = pid if pid is not None and pid >= 0 else os.environ.get("VIPER_PROCESS_ID", "?")
-    count = cfg.get("num_processes") or os.environ.get("VIPER_NUM_PROCESSES") or "?"
-    return f"process {pid} of {count}"
+    pid = pid if pid is not None and pid >= 0 else os.environ.get("VIPER_PROCESS_ID")
+    count = cfg.get("num_processes") or os.environ.get("VIPER_NUM_PROCESSES")
+    return "this process" if pid is None or not count else f"process {pid} of {count}"
 
 
 @contextlib.contextmanager
@@ -91,7 +102,8 @@ def stop_on_peer_loss(prog: str, cfg: Any) -> Iterator[None]:
         if debugging():
             traceback.print_exc()
         cause = f"{type(e).__name__}: {_short(str(e))}"
-        _leave(f"{prog}: {message(_where(cfg), cause, int(cfg.get('heartbeat_timeout_s', 100)))}")
+        where = f"process {jax.process_index()} of {jax.process_count()}"
+        _leave(f"{prog}: {message(where, cause, int(cfg.get('heartbeat_timeout_s', 100)))}")
 
 
 def _leave(line: str) -> None:
@@ -136,27 +148,63 @@ def supervise(command: Sequence[str], prog: str, cfg: Any) -> int:
                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     # Ctrl-C reaches the child directly (same process group); a SIGTERM/SIGHUP sent to this process only
     # (a scheduler, `kill PID`) is passed on, so the child stops as it would unsupervised.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, _frame: child.send_signal(s))
-    fatal: list[str] = []  # XLA's fatal message and the lines after it
-    recent: list[str] = []  # the lines before it (the coordination service's errors name the process)
-    err = sys.stderr.buffer
+    try:
+        return _watch(child, prog, cfg, debugging())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(child: subprocess.Popen, prog: str, cfg: Any, debug: bool) -> int:
+    """Relays the child's stderr as it comes (a progress bar's \\r updates included) until XLA's abort,
+    which is held back (shown with --debug); then the child's status or the one line."""
     assert child.stderr is not None
-    for raw in iter(child.stderr.readline, b""):
-        line = raw.decode(errors="replace")
-        if XLA_FATAL in line or fatal:
-            fatal.append(line)
-            if not debugging():  # XLA's abort and its C++ frames: replaced by the one line below
-                continue
+    fd, out, marker = child.stderr.fileno(), sys.stderr.buffer, XLA_FATAL.encode()
+    held = bytearray()  # the unfinished last line: it may be the start of XLA's abort
+    before = bytearray()  # the last bytes relayed (the coordination service's error lines name the process)
+    fatal = bytearray()  # XLA's abort and everything after it
+
+    def relay(data: bytes) -> None:
+        if not data:
+            return
+        if not fatal and marker in data:
+            start = data.rfind(b"\n", 0, data.index(marker)) + 1  # from the start of XLA's line on
+            relay(data[:start])
+            fatal.extend(data[start:])
+            if debug:
+                out.write(data[start:])
+        elif fatal:
+            fatal.extend(data)
+            if debug:
+                out.write(data)
         else:
-            recent = (recent + [line])[-40:]
-        err.write(raw)
-        err.flush()
+            out.write(data)
+            before.extend(data)
+            del before[:-8192]
+        out.flush()
+
+    while True:
+        ready = select.select([fd], [], [], 0.2)[0]
+        chunk = os.read(fd, 65536) if ready else None
+        if chunk == b"":  # the child closed its stderr: it ended
+            relay(bytes(held))
+            break
+        held.extend(chunk or b"")
+        # Complete lines go on at once; the unfinished rest when nothing more came for 0.2 s (a progress bar).
+        cut = len(held) if chunk is None else max(held.rfind(b"\n"), held.rfind(b"\r")) + 1
+        relay(bytes(held[:cut]))
+        del held[:cut]
     status = child.wait()
     if fatal:
-        cause = xla_cause("".join(recent[-20:] + fatal[:30]))
-        print(f"{prog}: {message(_where(cfg), cause, int(cfg.get('heartbeat_timeout_s', 100)))}", file=sys.stderr,
-              flush=True)
+        text = (bytes(before[-4096:]) + bytes(fatal[:8192])).decode(errors="replace")
+        if b"RegisterTask" in fatal[:8192]:  # the start timed out: no peer was lost, one never came
+            line = start_message(_where(cfg), cfg)
+        else:
+            line = message(_where(cfg), xla_cause(text), int(cfg.get("heartbeat_timeout_s", 100)))
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
         return EXIT_STATUS
     return status if status >= 0 else 128 - status
