@@ -102,7 +102,9 @@ def stop_on_peer_loss(prog: str, cfg: Any) -> Iterator[None]:
         if debugging():
             traceback.print_exc()
         cause = f"{type(e).__name__}: {_short(str(e))}"
-        where = f"process {jax.process_index()} of {jax.process_count()}"
+        where = _where(cfg)  # from the config first: asking JAX could start a backend that waits for the dead peer
+        if where == "this process" and jax.process_count() > 1:  # auto-detected ids (Cloud TPU, Slurm)
+            where = f"process {jax.process_index()} of {jax.process_count()}"
         _leave(f"{prog}: {message(where, cause, int(cfg.get('heartbeat_timeout_s', 100)))}")
 
 
