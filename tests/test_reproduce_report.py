@@ -289,6 +289,24 @@ def test_quick_plan_and_existing_base(tmp_path):
     assert _tuple(["a"]) == '("a",)' and _tuple([]) == "()"
 
 
+def test_train_override_reaches_every_grpo_run_alike(tmp_path):
+    from viper_jax.loop.config import load_config as loop_config
+    from viper_jax.train import config as train_config
+    from viper_jax.world.reproduce_cli import parse_args, settings_from_args
+
+    s = settings_from_args(parse_args(["--quick", "--workdir", str(tmp_path / "q"), "--train_override",
+                                       "reward.matcher=shapeworld", "--train_override", "rl.group_size=4"]))
+    steps = {st.name: st for st in Plan(s, viper=["viper"]).steps}
+    c = loop_config(s.loop_config, _flags(steps["loop_s0"].cmd, "loop"))
+    assert c.train.overrides[:3] == ("--config.seed=0", "--config.reward.matcher=shapeworld", "--config.rl.group_size=4")
+    for name in ("stage1_train_s0", "stage2_train_s0", "shuffled_train_s0"):
+        t = train_config.load_config(s.grpo_config)
+        train_config.apply_overrides(t, _flags(steps[name].cmd, "train"))
+        assert t.reward.matcher == "shapeworld" and t.rl.group_size == 4, name
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        settings_from_args(parse_args(["--quick", "--train_override", "reward.matcher"]))
+
+
 def test_run_skips_done_steps_renames_partials_and_blocks_dependents(tmp_path):
     plan = Plan(Settings(workdir=tmp_path / "w", seeds=(0,), rounds=1, controls=()), viper=["viper"])
     py = sys.executable

@@ -79,6 +79,7 @@ def test_unknown_key_in_config_file_is_refused(tmp_path):
                                           ("--config.rl.num_minibatches=3", "rl.num_minibatches"),
                                           ("--config.rl.aggregation=sum", "rl.aggregation"),
                                           ("--config.rl.kl_estimator=k4", "rl.kl_estimator"),
+                                          ("--config.reward.matcher=bleu", "reward.matcher"),
                                           ("--config.model.remat=everything", "model.remat.*offload"),
                                           ("--config.stage_order=('caption_refine','vop')", "stage 'vop'"),
                                           ("--config.stages.visual_ops.data_globs=()", "stages.visual_ops.data_globs")])

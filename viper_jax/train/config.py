@@ -18,7 +18,7 @@ from viper_common import config_overrides
 from viper_common.config_overrides import ConfigError, apply_overrides, load_config_file  # noqa: F401 (re-exported)
 from viper_jax.data.config import get_data_config
 from viper_jax.dtypes import DTYPE_NAMES, dtype_named
-from viper_jax.rl.reward import get_reward_config
+from viper_jax.rl.reward import MATCHERS, get_reward_config
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -267,6 +267,7 @@ def validate(config: ConfigDict) -> None:
              "rollout.stop_strings", f"must be a tuple of non-empty strings, got {stops!r}")
     _require(config.rollout.temperature > 0, "rollout.temperature",
              "must be positive (GRPO samples; log-probs are taken under it)")
+    _require(config.reward.get("matcher", "embedding") in MATCHERS, "reward.matcher", f"must be one of {MATCHERS}")
     _require(len(config.stage_order) > 0, "stage_order", "lists no stage")
     for name in config.stage_order:
         _require(name in config.stages, "stage_order", f"names stage {name!r}, which config.stages does not define "

@@ -63,6 +63,7 @@ class Settings:
     sft_config: Path = CONFIGS / "world_sft_control.py"
     quick: bool = False
     step_overrides: bool = False  # pass the stage steps to viper train (True when they differ from the config's)
+    train_overrides: tuple[str, ...] = ()  # "--config.a.b=v" flags for every viper train (ViPER's and the controls')
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -187,7 +188,8 @@ class Plan:
         d = self.control_dir(seed, kind)
         train = self.add(Step(f"{kind}_train_s{seed}", self.viper + [
             "train", "--config", str(self.s.grpo_config), "--workdir", str(d / "train"),
-            *self._train_flags(data, seed, stage_order)], d / "train" / "DONE", mark=True, needs=needs,
+            *self._train_flags(data, seed, stage_order), *self.s.train_overrides], d / "train" / "DONE", mark=True,
+            needs=needs,
             requires=tuple(str(data / f"{t}-*" / "part-*.arrayrecord") for t in (stage_order or TASKS)), **ready))
         export = self.add(Step(f"{kind}_export_s{seed}", self.viper + [
             "convert", "orbax-to-hf", "--ckpt", str(d / "train" / "checkpoints"), "--out", str(d / "export.partial"),
@@ -219,7 +221,7 @@ class Plan:
                                         check=lambda d=d: d.is_dir() and len(list(d.glob("*.png"))) >= s.images)).name)
         self._eval("base", self.base, base_needs, "base", None)
         for seed in s.seeds:
-            overrides = [f"--config.seed={seed}"]
+            overrides = [f"--config.seed={seed}", *s.train_overrides]
             if s.step_overrides:
                 overrides += [f"--config.stages.{t}.steps={s.steps[t]}" for t in TASKS]
                 overrides.append(f"--config.checkpoint.every_steps={min(s.steps.values())}")

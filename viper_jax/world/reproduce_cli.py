@@ -28,6 +28,9 @@ def parse_args(argv: Sequence[str] | None = None):
                                                     "quick without sft); 'none' for none")
     p.add_argument("--single_stage_steps", choices=("total", "own"), default="total",
                    help="steps of the stage-1-only / stage-2-only controls: both stages' (default) or the stage's own")
+    p.add_argument("--train_override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a viper train setting for ViPER's rounds and every GRPO control alike, e.g. "
+                        "reward.matcher=shapeworld (repeatable)")
     p.add_argument("--base_hf", default=None, help="use this base HF directory instead of building one")
     p.add_argument("--base_workdir", default=None, help="where `viper world base` builds the base (default "
                                                         "WORKDIR/base; with --quick runs/reproduce/base, the full "
@@ -68,6 +71,11 @@ def settings_from_args(args) -> Settings:
             raise SystemExit(f"--controls: unknown {bad}; known: {CONTROLS}")
         s.controls = chosen
     s.single_stage_steps = args.single_stage_steps
+    for item in args.train_override:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--train_override must be KEY=VALUE (a viper train config key), got {item!r}")
+        s.train_overrides += (f"--config.{key.strip()}={value}",)
     if args.base_hf:
         s.base_hf = Path(args.base_hf)
     if args.base_workdir:
