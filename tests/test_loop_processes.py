@@ -48,12 +48,11 @@ def test_an_interrupt_delivered_to_another_thread_stops_a_silent_child(tmp_path,
 
     helper = threading.Thread(target=interrupt_from_this_thread, daemon=True)
     monkeypatch.setattr(subprocess, "Popen", recording_popen)
-    t0 = time.monotonic()
     try:
         helper.start()
         with pytest.raises(KeyboardInterrupt):
             run_logged([sys.executable, "-c", code], tmp_path / "step.log", echo=False)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - t0 < 20  # the child's 30 s sleep was not waited out
     assert children and children[0].poll() is not None  # terminated before the interrupt propagated
+    assert children[0].returncode != 0  # stopped, not a 30 s sleep waited out (that ends with status 0)
