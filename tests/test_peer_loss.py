@@ -145,3 +145,18 @@ def test_other_errors_pass_through_the_guard():
     assert peer_loss.xla_cause("unhealthy (stopped sending heartbeats):\n1\nThe tasks") == (
         "the coordination service had no heartbeat from process 1 within the heartbeat timeout")
     assert peer_loss.several_processes({"num_processes": 2}) and not peer_loss.several_processes({"num_processes": 0})
+
+
+def test_only_a_multi_process_train_is_supervised(monkeypatch):
+    """`viper train` (cli._run_train) trains in its own process unless the config starts several processes,
+    and the supervised child (VIPER_PEER_SUPERVISED) always trains itself."""
+    from viper_jax import peer_loss
+
+    monkeypatch.delenv(peer_loss.CHILD_ENV, raising=False)
+    monkeypatch.delenv("VIPER_NUM_PROCESSES", raising=False)
+    config = str(ROOT / "configs" / "tiny.py")
+    assert not peer_loss.supervised_train(config, None, [])
+    monkeypatch.setenv(peer_loss.CHILD_ENV, "1")
+    assert not peer_loss.supervised_train(config, None, ["--config.distributed.num_processes=2"])
+    monkeypatch.delenv(peer_loss.CHILD_ENV)
+    assert peer_loss.needs_supervisor({"num_processes": 2}) and peer_loss.needs_supervisor({"auto": True})

@@ -79,6 +79,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from viper_jax.peer_loss import supervised_train
+
+    if supervised_train(args.config, args.workdir, args.overrides):  # several processes: the child trained
+        return
     from viper_jax.train.trainer import run_cli
 
     run_cli(args.config, args.workdir, args.overrides)

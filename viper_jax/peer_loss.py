@@ -140,6 +140,26 @@ def xla_cause(text: str) -> str:
     return f"the JAX distributed runtime stopped: {_short(status, 200)}"
 
 
+def supervised_train(config_path: str, workdir: str | None, overrides: Sequence[str]) -> bool:
+    """`viper train` of a multi-process run, in the process the user started: runs the same command line as a
+    supervised child and returns True once it ended well (raises SystemExit with its status otherwise); False
+    for a one-process run or in the child, which then trains itself. Before the trainer's imports: this
+    process stays small (no JAX)."""
+    from viper_common.cli_errors import debugging
+    from viper_jax.train.config import apply_overrides, load_config
+
+    config = load_config(config_path)
+    apply_overrides(config, list(overrides))
+    if not needs_supervisor(config.distributed):
+        return False
+    command = [sys.executable, "-m", "viper_jax", *(["--debug"] if debugging() else []), "train", "--config",
+               config_path, *(["--workdir", workdir] if workdir else []), *overrides]
+    status = supervise(command, "viper", config.distributed)
+    if status:
+        raise SystemExit(status)
+    return True
+
+
 def supervise(command: Sequence[str], prog: str, cfg: Any) -> int:
     """Runs `command` (this same command line) as a child with CHILD_ENV set, its stderr passed through;
     when XLA aborts it over a lost peer, prints `prog: <one line>` instead of XLA's stack trace and returns

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -235,20 +234,11 @@ def run_cli(config_path: str, workdir: str | None, overrides: list[str]) -> None
     """`viper train --config FILE [--workdir DIR] [--config.a.b=value ...]`."""
     from viper_jax.train.config import apply_overrides, load_config
 
+    log_to_console()
     config = load_config(config_path)
     apply_overrides(config, overrides)
     if workdir:
         config.workdir = workdir
-    if peer_loss.needs_supervisor(config.distributed):  # this process only watches the one that trains
-        from viper_common.cli_errors import debugging
-
-        command = [sys.executable, "-m", "viper_jax", *(["--debug"] if debugging() else []), "train",
-                   "--config", config_path, *(["--workdir", workdir] if workdir else []), *overrides]
-        status = peer_loss.supervise(command, "viper", config.distributed)
-        if status:
-            raise SystemExit(status)
-        return
-    log_to_console()
     if config.keep_freed_host_memory:  # before JAX starts its CPU client: see host_memory.py
         from viper_jax.host_memory import keep_freed_host_memory
 
