@@ -214,19 +214,20 @@ def plan(config: Any, topology: str, *, model_config: Any = None, programs: Sequ
             layout = packed_layout(shapes, rl, batch_parts, *draw_lengths(shapes, lengths, seed))
             del notes[padded_notes:]
             micro_inputs = packed_inputs(layout.largest, layout.row_len)
-            padded_fwd, padded_micro = fwd * pad, num_micro
+            # The padded rows as they run: split evenly over the batch shards (pad), as their FLOPs count them.
+            padded_fwd, padded_micro, padded_rows = fwd * pad, num_micro, rows * pad
             per_prompt_vision = vision_forward_flops(v, vision(1)[1])
             fwds = [text_forward_flops(t, m.rows, layout.row_len, attention_keys(attention, layout.row_len), m.slots)
                     + m.prompts * per_prompt_vision for m in layout.micros]
             fwd, num_micro, pad = sum(fwds) / len(fwds), len(fwds), 1.0  # rows: multiples of the batch shards
             real = sum(m.real_tokens for m in layout.micros) / sum(m.rows * layout.row_len for m in layout.micros)
-            padded_real = sum(m.real_tokens for m in layout.micros) / (padded_micro * rows * length)
+            padded_real = sum(m.real_tokens for m in layout.micros) / (padded_micro * padded_rows * length)
             big = layout.largest
             notes.append(
                 f"packing ({lengths} lengths, seed {seed}): {num_micro} micro-batches a pass in {layout.distinct_shapes} "
                 f"shapes, compiled for the largest ({big.prompts} prompts, {big.rows} rows of {layout.row_len}, "
-                f"{big.slots} predicted slots); real tokens {100 * real:.0f}% of the packed rows' positions "
-                f"({100 * padded_real:.0f}% of the padded update's); forward FLOPs of a pass "
+                f"{big.slots} predicted slots); real tokens {100 * real:.0f}% of the packed rows' positions, "
+                f"{100 * padded_real:.0f}% of the padded rows' (as run); forward FLOPs of a pass "
                 f"{sum(fwds) / 1e15:.3g} PFLOP packed vs {padded_micro * padded_fwd / 1e15:.3g} PFLOP padded")
 
         micro = ProgramReport("update micro-step", per_step=rl.ppo_epochs * num_micro, resident=opt_bytes)
