@@ -97,3 +97,40 @@ def test_jitted_packed_update_equals_padded_with_xla_and_splash(world):
     for (path, a), b, c in zip(leaves, jax.tree.leaves(packed[1]), jax.tree.leaves(splash[1])):
         np.testing.assert_allclose(b, a, **TOL, err_msg=f"packed {jax.tree_util.keystr(path)}")
         np.testing.assert_allclose(c, b, **KERNEL_TOL, err_msg=f"splash {jax.tree_util.keystr(path)}")
+
+
+UNEVEN_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp, numpy as np
+from test_attention_kernels import _check, _qkv, D
+from test_packed_kernels import _packed_segments
+from viper_jax.models.qwen2_5_vl.attention_kernels import splash_attend
+from viper_jax.sharding import make_mesh, use_mesh
+
+assert jax.device_count() == 4
+q, k, v = (jnp.concatenate([x, x[:1]]) for x in _qkv(seed=12))  # 3 rows: they do not divide over 4 devices
+seg = _packed_segments(128, [[40, 60], [128], [7, 100]])
+mesh = make_mesh((1, 4, 1))
+splash = lambda *a: splash_attend(*a, interpret=True)
+with use_mesh(mesh):
+    _check(jax.jit(splash), q, k, v, seg, D**-0.5)  # forward and gradients equal xla's
+    jaxpr = jax.make_jaxpr(splash)(q, k, v, seg, D**-0.5)
+(eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+qkv = [(spec, x.aval.shape) for spec, x in zip(eqn.params["in_specs"], eqn.invars) if x.aval.ndim == 4]
+assert len(qkv) == 3 and all(spec[0] is not None and shape[0] == 4 for spec, shape in qkv), qkv  # padded to 4, split
+print("OK")
+"""
+
+
+def test_splash_splits_a_batch_the_devices_do_not_divide():
+    """3 packed rows over 4 devices (fsdp=4): splash pads the batch to 4 rows of segment -1 and splits it over
+    the devices (unsplit, every device ran the kernel on every row: docs/plan.md), with outputs and gradients
+    equal to xla's. In a subprocess: the device count must be set before JAX starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", UNEVEN_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

@@ -9,10 +9,11 @@ Kernels serve the forward passes without a cache (training, the log-prob passes)
 (cache_index 0: the prompt's own keys are all the cache holds); decode steps always run the xla path.
 
 Splash runs inside `jax.shard_map` over the active mesh (sharding.use_mesh): the batch split over the
-"batch" rule's axes and the heads over the "kv_heads" rule's axes where they divide (a Mosaic kernel cannot
-be partitioned automatically). Sequences are padded to a multiple of 128 for its blocks. Away from a TPU it
-runs in Pallas interpret mode (tests only: the config refuses `splash` there). The cudnn path takes the
-segments as a [B, 1, T, T] mask (cuDNN wants a full-size bias; its sequence lengths cannot say left padding).
+"batch" rule's axes (the batch padded to a multiple of them) and the heads over the "kv_heads" rule's axes
+where they divide (a Mosaic kernel cannot be partitioned automatically). Sequences are padded to a multiple
+of 128 for its blocks. Away from a TPU it runs in Pallas interpret mode (tests only: the config refuses
+`splash` there). The cudnn path takes the segments as a [B, 1, T, T] mask (cuDNN wants a full-size bias; its
+sequence lengths cannot say left padding).
 """
 
 from __future__ import annotations
@@ -148,11 +149,19 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
 
     if _ACTIVE:
         mesh, rules = _ACTIVE[-1]
-        batch_axes = _mesh_axes(mesh, logical_to_spec(("batch",), rules)[0], b)
+        entry = logical_to_spec(("batch",), rules)[0]
+        # A batch the batch axes do not divide (e.g. 20 rows over 16 chips) is padded up to a multiple with
+        # rows of segment -1, so it still splits: unsplit, every chip ran the kernel on every row (docs/plan.md).
+        shards = int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ()))]))
+        extra = -b % shards
+        if extra:
+            qh, kh, vh = (jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0))) for x in (qh, kh, vh))
+            seg = jnp.pad(seg, ((0, extra), (0, 0)), constant_values=-1)
+        batch_axes = _mesh_axes(mesh, entry, b + extra)
         head_axes = _mesh_axes(mesh, logical_to_spec(("kv_heads",), rules)[0], kvh, batch_axes or ())
         qkv = P(batch_axes, head_axes, None, None)
         out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
-                            check_vma=False)(qh, kh, vh, seg)
+                            check_vma=False)(qh, kh, vh, seg)[:b]
     else:
         out = local(qh, kh, vh, seg)
     return out[:, :, :t].transpose(0, 2, 1, 3).reshape(b, t, kvh, g, d)
