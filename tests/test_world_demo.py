@@ -46,3 +46,26 @@ def test_demo_user_errors_are_one_line(tmp_path):
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert message in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "d").exists()  # nothing started
+
+
+def test_the_shipped_base_loads_in_transformers_and_answers_in_the_reasoning_format():
+    """assets/world_base is what `viper demo` runs on by default: a real HF directory (model, tokenizer,
+    processor) that writes a <think>/<answer> reply to a world question about a rendered scene."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from viper_common.shapeworld.render import render
+    from viper_common.shapeworld.scene import sample_scene
+
+    assert (demo.SHIPPED_BASE / "config.json").is_file()
+    processor = AutoProcessor.from_pretrained(demo.SHIPPED_BASE)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(demo.SHIPPED_BASE).eval()
+    image = render(sample_scene(np.random.default_rng(123_456)), seed=123_456)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=80, do_sample=False)
+    reply = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert reply.lstrip().startswith("<think>") and "<answer>" in reply, reply
