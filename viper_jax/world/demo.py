@@ -3,8 +3,8 @@ held-out questions.
 
     viper demo [--workdir demo_run] [--base_hf DIR] [--num_images 24] [--steps 3]
 
-The base: --base_hf, else the one the repository ships (SHIPPED_BASE, made by `viper world base` with the
-fixed seed of configs/world_base.py; its README.md gives the command), else one built here by
+The base: --base_hf, else the one the repository ships (SHIPPED_BASE = assets/world_base, made by `viper world
+base` with the fixed seeds of configs/world_base.py; its README.md gives the command), else one built here by
 `viper world base` (about 25 minutes on 2 cores). Then the quick reproduce's plan (world/reproduce.py) without
 its controls: a benchmark of 40 test + 20 val questions per category, the round's unlabelled source images,
 `viper loop` (the base synthesises both stages' records itself, the diffusion models simulated; GRPO stage 1
