@@ -28,7 +28,8 @@ no communication time; the GRPO step time adds rollout (prefill + max_new_tokens
 row running to the limit), old-log-prob recomputation and the update; MFU = model FLOPs / (time x peak).
 
 Modules: chips.py (TPU chip table, abstract topologies; sets libtpu's environment), workload.py (the model
-config, the shapes of one GRPO step, analytic FLOPs), programs.py (`plan()`: compile and measure),
+config, the shapes of one GRPO step, analytic FLOPs), packed.py (rl.packing: drawn lengths, the trainer's packed
+micro-batches, splash's attention FLOPs), programs.py (`plan()`: compile and measure),
 report.py (PlanReport and its text), cli.py (`viper plan` arguments; no heavy imports). This file imports
 nothing, so `viper --help` stays instant.
 """
