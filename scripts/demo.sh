@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's main job on a fresh machine, CPU only, no downloads: installs .[demo] into .venv if
-# needed, then `viper demo` runs one full ViPER round (synthesise -> train stage 1 and 2 -> export) with
-# tiny random-init models on real photographs and writes demo_run/report.md.
+# needed, then `viper demo` runs one full ViPER round in ShapeWorld on the shipped base (assets/world_base:
+# synthesise -> train stage 1 and 2 -> export -> evaluate before / after) and writes demo_run/report.md;
+# `--photos` runs the round with tiny random-init models on real photographs instead.
 # Extra arguments go to `viper demo`, e.g. `bash scripts/demo.sh --workdir /tmp/viper_demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
