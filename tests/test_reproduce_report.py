@@ -180,6 +180,28 @@ def test_build_report_writes_results_report_and_curves(tmp_path):
     assert out["goals"]
 
 
+def test_grpo_signal_table_and_the_no_signal_line(tmp_path):
+    rows = [{"step": 1, "reward/mean": 0.2, "format_rate": 0.5, "groups/zero_spread_rate": 0.5,
+             "response_length/mean": 10.0},
+            {"step": 2, "reward/mean": 0.4, "format_rate": 1.0, "groups/zero_spread_rate": 0.0,
+             "response_length/mean": 20.0}]
+    g = report.grpo_signal(rows)
+    assert g == pytest.approx({"reward": 0.3, "format_rate": 0.75, "zero_spread": 0.25, "response_tokens": 15.0,
+                               "no_signal": False})
+    assert report.grpo_signal([{"step": 1, "loss": 1.0}]) is None  # an SFT run's rows
+    flat = [{"step": k, "reward/mean": 0.0, "format_rate": 0.0, "groups/zero_spread_rate": 1.0,
+             "response_length/mean": 6.0} for k in (1, 2, 3)]
+    assert report.grpo_signal(flat)["no_signal"] is True
+    specs = _specs(tmp_path)
+    flat_path = tmp_path / "flat.jsonl"
+    flat_path.write_text("".join(json.dumps(r) + "\n" for r in flat))
+    specs[1]["metrics"] = str(flat_path)  # viper_s0_r0 learned nothing
+    report.build_report(tmp_path / "work", specs)
+    md = (tmp_path / "work" / "report.md").read_text()
+    assert "| viper_s0_r0 | 0.000 | 0.00 | 100% | 6.0 |" in md
+    assert "**No learning signal:** every group had the same reward at every step in viper_s0_r0," in md
+
+
 def _png(value: int) -> bytes:
     from PIL import Image
 

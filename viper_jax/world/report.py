@@ -127,6 +127,21 @@ def curves(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+SIGNAL_KEYS = {"reward": "reward/mean", "format_rate": "format_rate", "zero_spread": "groups/zero_spread_rate",
+               "response_tokens": "response_length/mean"}
+
+
+def grpo_signal(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Means over a viper train run's steps of what GRPO learns from (SIGNAL_KEYS), and whether every group of
+    every step had zero reward spread: then every advantage, hence the update, was zero."""
+    steps = [r for r in rows if "reward/mean" in r]
+    if not steps:
+        return None
+    out: dict[str, Any] = {k: statistics.fmean(r.get(key, math.nan) for r in steps) for k, key in SIGNAL_KEYS.items()}
+    out["no_signal"] = all(r.get("groups/zero_spread_rate") == 1.0 for r in steps)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ rows
 
 def model_row(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -146,6 +161,7 @@ def model_row(spec: dict[str, Any]) -> dict[str, Any] | None:
             "seconds_per_step": seconds_per_step(rows, trainer) if rows else None,
             "train_steps": max((r.get("step", 0) for r in rows), default=0) if rows else None,
             "trainer": trainer if spec.get("metrics") else None,
+            "grpo_signal": grpo_signal(rows) if trainer == "grpo" else None,
             "stages_skipped": skipped_stages(spec.get("status"))}
 
 
@@ -372,6 +388,16 @@ def build_report(workdir: str | Path, specs: Sequence[dict[str, Any]], settings:
     if speed:
         md += ["## Training speed", "", "| model | s / step | steps |", "|---|---|---|"]
         md += [f"| {n} | {s:.2f} | {k} |" for n, s, k in speed] + [""]
+    signal = [(r["name"], r["grpo_signal"]) for r in rows if r.get("grpo_signal")]
+    if signal:
+        md += ["## GRPO's signal (means over the training steps)", "",
+               "| model | reward | format rate | groups with no reward spread | response tokens |", "|---|---|---|---|---|"]
+        md += [f"| {n} | {g['reward']:.3f} | {g['format_rate']:.2f} | {g['zero_spread']:.0%} | "
+               f"{g['response_tokens']:.1f} |" for n, g in signal] + [""]
+        flat = [n for n, g in signal if g["no_signal"]]
+        if flat:
+            md += ["**No learning signal:** every group had the same reward at every step in " + ", ".join(flat)
+                   + ", so every advantage and GRPO's update were zero: the model equals the one it started from.", ""]
     if figures:
         md += ["## Reward (solid) and format rate (dashed) per stage", "",
                "On the training batches (the trainer does not score held-out records).", ""]
