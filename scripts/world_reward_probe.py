@@ -37,9 +37,7 @@ def sentence(obj: sc.Obj, frame: int, words_seed: int) -> str:
     """One caption-grammar sentence about `obj` in frame `frame`, its synonyms drawn from `words_seed`."""
     words = np.random.default_rng(words_seed)
     desc = language.describe_object(obj, words)
-    region = language.region_phrase(obj.cell, words)
-    return language._FRAMES[frame].format(desc=desc, Desc=desc[0].upper() + desc[1:], region=region,
-                                          Region=region[0].upper() + region[1:])
+    return language.frame_sentence(language._FRAMES[frame], desc, language.region_phrase(obj.cell, words))
 
 
 def changed(obj: sc.Obj, field: str, rng: np.random.Generator) -> sc.Obj:

@@ -5,13 +5,13 @@ blocks the kernel runs, and the packed update compiles for a TPU slice (libtpu; 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from test_packing import G, N, TP, make_world
+from test_plan import needs_libtpu
 from viper_jax.plan.packed import attention_keys, draw_lengths, packed_layout
 from viper_jax.plan.workload import Shapes
 from viper_jax.train import packing
@@ -19,7 +19,6 @@ from viper_jax.train.config import base_config, load_config
 from viper_jax.train.grpo_batch import response_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 
 
 def test_planned_micro_batches_are_the_trainers():

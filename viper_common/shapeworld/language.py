@@ -225,6 +225,12 @@ def _label_text(label: str, rng: np.random.Generator) -> str:
     return frame.format(label)
 
 
+def frame_sentence(frame: str, desc: str, region: str) -> str:
+    """One of the caption frames (_FRAMES) filled with an object's description and region phrase."""
+    return frame.format(desc=desc, Desc=desc[0].upper() + desc[1:], region=region,
+                        Region=region[0].upper() + region[1:])
+
+
 def caption(scene: Scene, rng: np.random.Generator, background_prob: float = 0.7, count_prob: float = 0.3) -> str:
     """A caption of a complete scene: one sentence per object in random order, varied frames and words."""
     sentences = []
@@ -236,10 +242,7 @@ def caption(scene: Scene, rng: np.random.Generator, background_prob: float = 0.7
         obj = scene.objects[int(i)]
         desc = describe_object(obj, rng)
         region = region_phrase(obj.cell, rng) if obj.cell is not None else "somewhere"
-        frame = _pick(rng, _FRAMES)
-        sentence = frame.format(desc=desc, Desc=desc[0].upper() + desc[1:], region=region,
-                                Region=region[0].upper() + region[1:])
-        sentences.append(sentence)
+        sentences.append(frame_sentence(_pick(rng, _FRAMES), desc, region))
     if scene.background and rng.random() < background_prob:
         bg = _pick(rng, _BACKGROUND_FRAMES).format(bg=scene.background)
         sentences.insert(0 if rng.random() < 0.3 else len(sentences), bg)

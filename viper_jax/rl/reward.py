@@ -258,15 +258,16 @@ class ViperReward:
         answers = [split_sentences(text) for _, text in parsed]
         truth_sents = [[s for t in truth for s in split_sentences(t)] for truth in truths]
 
-        vocab: dict[str, int] = {}
-        for sents in answers:
-            for s in sents:
-                vocab.setdefault(s, len(vocab))
-        for p in set(pidx.tolist()):
-            for s in truth_sents[p]:
-                vocab.setdefault(s, len(vocab))
+        vocab: dict[str, int] = {}  # the unique sentences to embed (none for a text matcher)
+        if self.similarity is None:
+            for sents in answers:
+                for s in sents:
+                    vocab.setdefault(s, len(vocab))
+            for p in set(pidx.tolist()):
+                for s in truth_sents[p]:
+                    vocab.setdefault(s, len(vocab))
         emb = np.zeros((0, 1), np.float32)
-        if vocab and self.similarity is None:
+        if vocab:
             emb = np.asarray(self.embedder(list(vocab)), np.float32)
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 

@@ -113,10 +113,15 @@ def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
     return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
 
 
+def _entry_axes(mesh: Any, entry: Any, taken: tuple[str, ...] = ()) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes of a logical rule's entry, not in `taken`; how many shards they make together)."""
+    axes = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in taken)
+    return axes, int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
 def _mesh_axes(mesh: Any, entry: Any, size: int, taken: tuple[str, ...] = ()) -> tuple[str, ...] | None:
     """The mesh axes of a logical rule's entry that split a dimension of `size` (None: not split)."""
-    axes = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in taken)
-    total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    axes, total = _entry_axes(mesh, entry, taken)
     if total == 1 or size % total:
         return None
     return axes
@@ -152,8 +157,7 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
         entry = logical_to_spec(("batch",), rules)[0]
         # A batch the batch axes do not divide (e.g. 20 rows over 16 chips) is padded up to a multiple with
         # rows of segment -1, so it still splits: unsplit, every chip ran the kernel on every row (docs/plan.md).
-        shards = int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ()))]))
-        extra = -b % shards
+        extra = -b % _entry_axes(mesh, entry)[1]
         if extra:
             qh, kh, vh = (jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0))) for x in (qh, kh, vh))
             seg = jnp.pad(seg, ((0, extra), (0, 0)), constant_values=-1)
