@@ -6,7 +6,8 @@
 Text 128 wide x 4 layers, vision 96 wide x 3 blocks. The vision tower is pretrained first on the world's
 coarse content (world/vision_pretrain.py) and stays frozen during the SFT, which teaches the decoder to read
 it: trained end to end from random init, the base never read its images (docs/shapeworld.md). Lengths cover
-the longest base example (a five-object description, about 200 tokens).
+the longest base example (a "follow" example: a quoted five-object caption and a five-sentence list, about 300
+tokens).
 """
 
 from viper_jax.world.base import base_config
@@ -16,7 +17,10 @@ def get_config():
     c = base_config()
     c.world.n_train = 16000
     c.world.one_object_share = 0.25
-    c.world.weights.update(describe=0.25, ask=0.2, compare=0.15, choose=0.25, edit=0.15)
+    c.world.weights.update(describe=0.25, ask=0.2, compare=0.15, choose=0.25, edit=0.15, follow=0.2)
+    # base10: instruction following with long prompts (kind "follow": a quoted text, then a question or a list
+    # request, often an answer-format instruction). base9, without it, answered ViPER's long caption-refine
+    # prompt with an empty <think><answer> block in 6 of 6 samples (runs rq12-rq14): GRPO got no reward spread.
     # base7: the editing requests of stage-2 synthesis (kind "edit"), and multiple-choice answers in the option's
     # words (base4 answered with one letter per question kind). Val, options by likelihood: 37.7% (base6 33.3%).
     c.world.mcq_answer = "text"
@@ -32,7 +36,7 @@ def get_config():
     s.model.scan_layers = False  # per-layer modules: faster steps for a small model on CPU
     s.data.batch_size = 32
     s.sft.images_per_batch = 64  # 1- and 2-image examples: one compiled program per length bucket
-    s.data.length_buckets = (96, 128, 160, 224)
+    s.data.length_buckets = (96, 128, 160, 224, 320)  # follow examples reach about 300 tokens
     s.data.read_threads = 1
     s.optim.learning_rate = 2e-3
     s.optim.warmup_steps = 50

@@ -227,7 +227,7 @@ def _frame(text: str) -> str:
 
 
 def test_base_data_has_no_benchmark_questions_and_no_viper_tasks():
-    exs = list(base_data.examples(400, weights={**base_data.DEFAULT_WEIGHTS, "edit": 0.15}))
+    exs = list(base_data.examples(400, weights={**base_data.DEFAULT_WEIGHTS, "edit": 0.15, "follow": 0.15}))
     assert set(ex.kind for ex in exs) == set(base_data.KINDS)
     bench_texts = {q.question for c in questions.CATEGORIES for _, _, q in bench.generate("test", c, 60)}
     bench_frames = {_frame(t) for t in bench_texts}

@@ -11,6 +11,9 @@ Kinds of example (scenes from the `base_train` seed range only):
             question (optional: weight 0 turns it off)
   edit      the image-editing requests of stage-2 synthesis (edit_skills.py: write typed edit instructions
             for named objects, check an edit); weight 0 by default
+  follow    instruction following with long prompts: a quoted text about the image, then a question or a request
+            for one sentence per object, often with an answer-format instruction (follow_skills.py); weight 0 by
+            default
 Every answer is `<think>...</think><answer>...</answer>`, the think a short statement of what is looked at.
 Each example marks its answer's content words (`focus`: colours, shapes, sizes, counts, positions, yes / no,
 the option letter; content_spans): the words that can only be right by reading the image. `viper sft` can
@@ -39,14 +42,15 @@ import numpy as np
 from viper_common import records
 from viper_common.atomic_files import write_json_atomic
 from viper_common.prompts import SYNTHESIS_PROMPTS, reasoning_response as respond
-from viper_common.shapeworld import edit_skills, language, render
+from viper_common.shapeworld import edit_skills, follow_skills, language, render
 from viper_common.shapeworld.scene import (BACKGROUNDS, HUES, MAX_OBJECTS, SHAPES, Obj, Scene, sample_object,
                                            sample_scene)
 from viper_common.shapeworld.splits import SEED_RANGES
 
-KINDS = ("describe", "ask", "compare", "choose", "edit")
-# "edit" last, at weight 0: the draw of the other kinds is the same with or without it (older data unchanged)
-DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15, "edit": 0.0}
+KINDS = ("describe", "ask", "compare", "choose", "edit", "follow")
+# Newer kinds last, at weight 0: the draw of the other kinds is the same with or without them (older data unchanged)
+DEFAULT_WEIGHTS = {"describe": 0.35, "ask": 0.3, "compare": 0.2, "choose": 0.15, "edit": 0.0, "follow": 0.0}
+OPTIONAL_KINDS = ("edit", "follow")  # named in settings.json only when used
 MCQ_ANSWERS = ("letter", "text")
 SHARD_SIZE = 1000
 # The synthesis side asks the base for a caption with SYNTHESIS_PROMPTS["caption"]: it is one of the variants.
@@ -293,6 +297,8 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
         prompt, answer, images = compare(scene, rng, seed, size, ("list",) if compare_lists else ())
     elif kind == "choose":
         prompt, answer = choose(scene, rng, mcq_answer)
+    elif kind == "follow":
+        prompt, answer = follow_skills.follow(scene, rng, ask)
     elif kind != "edit":
         prompt, answer = (describe if kind == "describe" else ask)(scene, rng)
     return Example(f"base-{index:08d}", kind, prompt, answer, tuple(images), seed)
@@ -328,7 +334,7 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
         raise ValueError(f"mcq_answer must be one of {MCQ_ANSWERS}, got {mcq_answer!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights_used = {k: v for k, v in {**DEFAULT_WEIGHTS, **(weights or {})}.items() if k != "edit" or v}
+    weights_used = {k: v for k, v in {**DEFAULT_WEIGHTS, **(weights or {})}.items() if k not in OPTIONAL_KINDS or v}
     settings = {"n": n, "size": size, "shard_size": shard_size, "weights": weights_used,  # older folders: no "edit"
                 "seed_start": SEED_RANGES["base_train"].start}
     if one_object_share:

@@ -28,7 +28,7 @@ def world_texts(n_scenes: int = 2000) -> Iterator[str]:
     and, for n_scenes scenes from the base_train seed range, captions, base-data prompts and answers, coarse
     differences, benchmark-style questions and options, and edit instructions. No image is rendered."""
     from viper_common import prompts
-    from viper_common.shapeworld import base_data, edit_skills, edits, language, questions
+    from viper_common.shapeworld import base_data, edit_skills, edits, follow_skills, language, questions
     from viper_common.shapeworld.scene import sample_scene
     from viper_common.shapeworld.splits import SEED_RANGES
     from viper_jax.evaluation import tsv
@@ -36,6 +36,8 @@ def world_texts(n_scenes: int = 2000) -> Iterator[str]:
     yield from prompts.TRAINING_PROMPTS.values()
     yield from prompts.SYNTHESIS_PROMPTS.values()
     yield edit_skills.EDIT_PROMPT
+    yield from (*follow_skills.TEXT_INTROS, *follow_skills.LIST_INSTRUCTIONS, *follow_skills.FORMAT_INSTRUCTIONS,
+                follow_skills.ASK_THINK)
     yield from (prompts.RESPONSE_FORMAT, tsv.MCQ_INSTRUCTION, tsv.YES_NO_INSTRUCTION, "You are a helpful assistant.",
                 "system\nuser\nassistant\n", "Question: \nOptions:\nA. \nB. \nC. \nD. \nHint: ")
     start = SEED_RANGES["base_train"].start
