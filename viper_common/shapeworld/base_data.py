@@ -125,38 +125,43 @@ def describe(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------------------------------- ask
 
-def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+def ask_parts(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, reasoning, answer) for one short question about `scene`; `ask` formats it."""
     facet = _pick(rng, ("shape", "hue", "what_at", "count", "background"))
     if facet == "count":
         n = len(scene.objects)
-        word = language.NUMBER_WORDS[n]
-        return _pick(rng, ("Count the objects in this image.", "How many shapes can you see?")), respond(
-            "I count the objects one by one.", f"There {'is' if n == 1 else 'are'} {word} "
-                                               f"{'object' if n == 1 else 'objects'}.")
+        return (_pick(rng, ("Count the objects in this image.", "How many shapes can you see?")),
+                "I count the objects one by one.",
+                f"There {'is' if n == 1 else 'are'} {language.NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}.")
     if facet == "background":
-        return _pick(rng, ("Name the colour of the background.", "Which colour is the background?")), respond(
-            "I look at the background.", f"The background is {scene.background}.")
+        return (_pick(rng, ("Name the colour of the background.", "Which colour is the background?")),
+                "I look at the background.", f"The background is {scene.background}.")
     if len(scene.objects) == 1 and facet in ("shape", "hue"):  # nothing to point at: ask about "the object"
         obj = scene.objects[0]
         if facet == "shape":
-            return _pick(rng, ("Which shape do you see?", "Tell me the shape of the object.")), respond(
-                "I look at the object.", f"It is {language.article(obj.shape)} {obj.shape}.")
-        return _pick(rng, ("Tell me the colour of the object.", "Which colour does the object have?")), respond(
-            "I look at the object.", f"It is {obj.hue}.")
+            return (_pick(rng, ("Which shape do you see?", "Tell me the shape of the object.")),
+                    "I look at the object.", f"It is {language.article(obj.shape)} {obj.shape}.")
+        return (_pick(rng, ("Tell me the colour of the object.", "Which colour does the object have?")),
+                "I look at the object.", f"It is {obj.hue}.")
     cell = int(rng.integers(9))
     where = language.region_phrase(cell, rng)
     i = scene.object_at(cell)
     think = f"I look {where}."
     if facet == "what_at" or i is None:
         prompt = _pick(rng, (f"What is {where}?", f"Tell me what is {where}."))
-        return prompt, respond(think, f"There is {_name(scene.objects[i])} {where}." if i is not None else
+        return prompt, think, (f"There is {_name(scene.objects[i])} {where}." if i is not None else
                                f"There is nothing {where}.")
     obj = scene.objects[i]
     if facet == "shape":
         prompt = _pick(rng, (f"Tell me the shape of the object {where}.", f"Which shape do you see {where}?"))
-        return prompt, respond(think, f"It is {language.article(obj.shape)} {obj.shape}.")
+        return prompt, think, f"It is {language.article(obj.shape)} {obj.shape}."
     prompt = _pick(rng, (f"Tell me the colour of the object {where}.", f"Which colour does the object {where} have?"))
-    return prompt, respond(think, f"It is {obj.hue}.")
+    return prompt, think, f"It is {obj.hue}."
+
+
+def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    question, think, answer = ask_parts(scene, rng)
+    return question, respond(think, answer)
 
 
 # ------------------------------------------------------------------------------------------------- compare
@@ -298,7 +303,7 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
     elif kind == "choose":
         prompt, answer = choose(scene, rng, mcq_answer)
     elif kind == "follow":
-        prompt, answer = follow_skills.follow(scene, rng, ask)
+        prompt, answer = follow_skills.follow(scene, rng, ask_parts)
     elif kind != "edit":
         prompt, answer = (describe if kind == "describe" else ask)(scene, rng)
     return Example(f"base-{index:08d}", kind, prompt, answer, tuple(images), seed)

@@ -23,6 +23,7 @@ import numpy as np
 
 from viper_common.prompts import RESPONSE_FORMAT, reasoning_response
 from viper_common.shapeworld import language
+from viper_common.shapeworld.language import _pick
 from viper_common.shapeworld.scene import Scene, sample_scene
 
 MODES = ("ask", "list")
@@ -38,16 +39,6 @@ FORMAT_INSTRUCTIONS = (RESPONSE_FORMAT,
 ASK_THINK = "I read the text, but I answer from the image. "
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def object_sentence(obj, rng: np.random.Generator) -> str:
-    """One caption sentence about one object: every attribute and its region, in a random frame."""
-    return language.frame_sentence(_pick(rng, language._FRAMES), language.describe_object(obj, rng),
-                                   language.region_phrase(obj.cell, rng))
-
-
 def quoted_text(scene: Scene, rng: np.random.Generator) -> str:
     """The text in the prompt: a caption of this scene, or (40%) of another scene, so that copying it is not a
     way to answer."""
@@ -56,17 +47,17 @@ def quoted_text(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def follow(scene: Scene, rng: np.random.Generator, ask_fn) -> tuple[str, str]:
-    """(prompt, answer) for one instruction-following example of `scene`. `ask_fn(scene, rng)` is base_data.ask
-    (passed in, so this module does not import base_data)."""
+    """(prompt, answer) for one instruction-following example of `scene`. `ask_fn(scene, rng)` is
+    base_data.ask_parts, returning (question, reasoning, answer) (passed in, so this module does not import
+    base_data)."""
     text = quoted_text(scene, rng)
     mode = _pick(rng, MODES)
     if mode == "ask":
-        question, answer = ask_fn(scene, rng)
-        think, body = answer.removeprefix("<think>").split("</think><answer>", 1)
-        answer = reasoning_response(ASK_THINK + think, body.removesuffix("</answer>"))
+        question, think, body = ask_fn(scene, rng)
+        answer = reasoning_response(ASK_THINK + think, body)
     else:
         question = _pick(rng, LIST_INSTRUCTIONS)
-        lines = [object_sentence(scene.objects[int(i)], rng) for i in rng.permutation(len(scene.objects))]
+        lines = [language.object_sentence(scene.objects[int(i)], rng) for i in rng.permutation(len(scene.objects))]
         answer = reasoning_response("I look at each object in the image in turn.", " ".join(lines))
     prompt = f'{_pick(rng, TEXT_INTROS)}\n"{text}"\n{question}'
     if rng.random() < 0.5:

@@ -231,6 +231,13 @@ def frame_sentence(frame: str, desc: str, region: str) -> str:
                         Region=region[0].upper() + region[1:])
 
 
+def object_sentence(obj: Obj, rng: np.random.Generator) -> str:
+    """One caption sentence about one object: its description and region in one of the caption frames."""
+    desc = describe_object(obj, rng)
+    region = region_phrase(obj.cell, rng) if obj.cell is not None else "somewhere"
+    return frame_sentence(_pick(rng, _FRAMES), desc, region)
+
+
 def caption(scene: Scene, rng: np.random.Generator, background_prob: float = 0.7, count_prob: float = 0.3) -> str:
     """A caption of a complete scene: one sentence per object in random order, varied frames and words."""
     sentences = []
@@ -238,11 +245,7 @@ def caption(scene: Scene, rng: np.random.Generator, background_prob: float = 0.7
     if n and rng.random() < count_prob:
         many = (f"The image shows {NUMBER_WORDS[n]} shapes.", f"There are {NUMBER_WORDS[n]} objects.")
         sentences.append("The image shows a single shape." if n == 1 else _pick(rng, many))
-    for i in rng.permutation(n):
-        obj = scene.objects[int(i)]
-        desc = describe_object(obj, rng)
-        region = region_phrase(obj.cell, rng) if obj.cell is not None else "somewhere"
-        sentences.append(frame_sentence(_pick(rng, _FRAMES), desc, region))
+    sentences += [object_sentence(scene.objects[int(i)], rng) for i in rng.permutation(n)]
     if scene.background and rng.random() < background_prob:
         bg = _pick(rng, _BACKGROUND_FRAMES).format(bg=scene.background)
         sentences.insert(0 if rng.random() < 0.3 else len(sentences), bg)
