@@ -142,6 +142,17 @@ def test_other_errors_pass_through_the_guard():
             raise ValueError("Gloo AllGather failed: Connection closed by peer")
     assert peer_loss.is_peer_loss(ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer [::1]:1"))
     assert not peer_loss.is_peer_loss(ValueError("unknown config key 'optim.lr'"))
+    # the wordings of a lost peer on GPU (XLA's NCCL status) and TPU (the coordination service), from their
+    # sources and reports; a local GPU fault is not one
+    nccl = ("INTERNAL: external/xla/xla/service/gpu/runtime/nccl_api.cc:604: NCCL operation ncclAllReduce(...) "
+            "failed: remote process exited or there was a network error. Last NCCL warning(error) log entry (may "
+            "be unrelated) 'socketProgress: Connection closed by remote peer 10.0.0.2<40012>'.")
+    tpu = ("UNAVAILABLE: Task /job:jax_worker/replica:0/task:37 heartbeat timeout. This indicates that the remote "
+           "task has failed, got preempted, or crashed unexpectedly.")
+    for text in (nccl, nccl.split(". Last")[0], tpu, "UNAVAILABLE: recvmsg: Connection reset by peer"):
+        assert peer_loss.is_peer_loss(RuntimeError(text)), text
+    assert not peer_loss.is_peer_loss(RuntimeError(
+        "INTERNAL: nccl_api.cc:604: NCCL operation ncclAllReduce(...) failed: unhandled cuda error"))
     assert peer_loss.xla_cause("unhealthy (stopped sending heartbeats):\n1\nThe tasks") == (
         "the coordination service had no heartbeat from process 1 within the heartbeat timeout")
     assert peer_loss.several_processes({"num_processes": 2}) and not peer_loss.several_processes({"num_processes": 0})

@@ -35,11 +35,19 @@ CHILD_ENV = "VIPER_PEER_SUPERVISED"  # set in the supervised child: it runs the 
 XLA_FATAL = "JAX distributed service detected fatal errors"  # XLA's client.h LOG(FATAL) on a lost peer
 EXIT_STATUS = 1  # as every other error of the command lines (viper_common/cli_errors.py)
 
-# What a collective or the coordination client raises when another process is gone: gloo's and NCCL's
-# transport errors and the coordination service's. Matched in the error's text: XLA raises them as
-# ValueError / JaxRuntimeError with the backend's message, no type of their own.
-_PEER_GONE = re.compile(r"closed by peer|reset by peer|Broken pipe|Socket closed|heartbeat|coordination service|"
-                        r"NCCL error|peer process|DEADLINE_EXCEEDED", re.IGNORECASE)
+# What a collective or the coordination client raises when another process is gone, matched in the error's
+# text: XLA raises them as ValueError / JaxRuntimeError with the backend's message, no type of their own.
+# - gloo (CPU, measured here): "Gloo AllGather failed: Connection closed by peer".
+# - NCCL under XLA (GPU; XLA's ToStatus and NCCL's ncclGetErrorString, read in their sources): "NCCL operation
+#   ncclAllReduce(...) failed: remote process exited or there was a network error. Last NCCL warning(error) log
+#   entry (may be unrelated) 'socketProgress: Connection closed by remote peer ...'". A local device fault
+#   ("unhandled cuda error") is not a lost peer and is left as it is.
+# - the coordination service (TPU and GPU alike): "UNAVAILABLE: Task /job:jax_worker/replica:0/task:3 heartbeat
+#   timeout. This indicates that the remote task has failed, got preempted, or crashed unexpectedly", and the
+#   gRPC transport's "UNAVAILABLE: Socket closed" or "recvmsg: Connection reset by peer".
+_PEER_GONE = re.compile(r"closed by (remote )?peer|reset by peer|Broken pipe|Socket closed|heartbeat|"
+                        r"coordination service|NCCL error|remote process exited|peer process|DEADLINE_EXCEEDED",
+                        re.IGNORECASE)
 
 
 def several_processes(cfg: Any) -> bool:
