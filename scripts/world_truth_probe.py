@@ -35,7 +35,8 @@ from viper_common.shapeworld.render import read_scene
 from viper_common.shapeworld.scene import Obj, Scene
 from viper_jax.rl.reward import ViperReward, split_sentences
 
-SINGLE_FIELDS = ("hue", "shade", "size", "pattern", "label", "cell")
+SINGLE_FIELDS = ("hue", "shade", "size", "pattern", "label", "cell")  # one value per object, checked by agrees
+FIELDS = ("hue", "shape", "size", "shade", "pattern")  # the per-field columns
 
 
 def stated(sentence: str) -> dict[str, set[str]]:
@@ -51,9 +52,6 @@ def agrees(obj: Obj, said: dict[str, set[str]]) -> bool:
     if "shape" in said and obj.shape not in said["shape"]:
         return False
     return all(str(getattr(obj, f)) in said[f] for f in SINGLE_FIELDS if f in said)
-
-
-FIELDS = ("hue", "shape", "size", "shade", "pattern")
 
 
 class Tally:
@@ -85,11 +83,6 @@ def oracle_answer(scene: Scene, seed: int) -> str:
     rng = np.random.default_rng(seed)
     sentences = [language.object_sentence(obj, rng) for obj in scene.objects]
     return reasoning_response("I look at each object in turn.", " ".join(sentences))
-
-
-def unit(x) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def load(synth: Path) -> list[tuple[records.ViperRecord, Scene]]:
@@ -136,13 +129,12 @@ def main() -> None:
     answers = {"the truth itself": [reasoning_response("I check.", " ".join(t)) for t in truths],
                "oracle: one sentence per true object": [oracle_answer(s, i) for i, (_, s) in enumerate(data)],
                "the caption, copied": [reasoning_response("I check.", rec.caption or "") for rec, _ in data]}
-    sim = reward.similarity or (lambda a, t: unit(reward.embedder(a)) @ unit(reward.embedder(t)).T)
     print(f"\n| answer | correctness ({args.matcher}, tau {args.tau}) | records with any hit | "
           f"best sentence similarity, mean |\n|---|---|---|---|")
     for name, texts in answers.items():
         out = reward(texts, truths)
-        best = [float(np.max(sim(split_sentences(reward.answer_text(a)[1]), split_sentences(" ".join(t)))))
-                for a, t in zip(texts, truths)]
+        best = [float(np.max(reward.sentence_similarity(split_sentences(reward.answer_text(a)[1]),
+                                                        split_sentences(" ".join(t))))) for a, t in zip(texts, truths)]
         print(f"| {name} | {out.correctness.mean():.3f} | {np.mean(out.hits > 0):.0%} | {np.mean(best):.2f} |")
 
 

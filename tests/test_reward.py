@@ -86,6 +86,12 @@ def test_recall_variant_f1_hand_computed():
     np.testing.assert_allclose(r_p([wf("The cup is blue.")], [TRUTH]).correctness[0], 1.0, rtol=1e-6)
 
 
+def test_sentence_similarity_is_the_cosine_a_hit_compares():
+    r, _ = fake_reward()
+    sim = r.sentence_similarity(["The mug is blue.", "A cat sleeps."], TRUTH)  # vectors scaled by 3: normalised
+    np.testing.assert_allclose(sim, [[0.9, S(1 - 0.81)], [0.6, 0.8]], rtol=1e-6)
+
+
 def test_repeating_a_hit_does_not_raise_precision():
     r, _ = fake_reward()
     one = r([wf("The mug is blue. A cat sleeps.")], [TRUTH]).precision[0]

@@ -250,6 +250,18 @@ class ViperReward:
                 text = response
         return m is not None, self.strip_re.sub(" ", text)
 
+    def _unit_embeddings(self, texts: list[str]) -> np.ndarray:
+        emb = np.asarray(self.embedder(texts), np.float32)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    def sentence_similarity(self, answers: Sequence[str], truths: Sequence[str]) -> np.ndarray:
+        """[len(answers), len(truths)]: the similarity a hit compares with tau (the matcher's, or the cosine of
+        the sentence embeddings), for one answer's and one truth's sentences."""
+        if self.similarity is not None:
+            return self.similarity(answers, truths)
+        emb = self._unit_embeddings([*answers, *truths])
+        return emb[:len(answers)] @ emb[len(answers):].T
+
     def __call__(self, responses: Sequence[str], truths: Sequence[Sequence[str]],
                  prompt_index: Sequence[int] | None = None) -> RewardOutput:
         n = len(responses)
@@ -266,10 +278,7 @@ class ViperReward:
             for p in set(pidx.tolist()):
                 for s in truth_sents[p]:
                     vocab.setdefault(s, len(vocab))
-        emb = np.zeros((0, 1), np.float32)
-        if vocab:
-            emb = np.asarray(self.embedder(list(vocab)), np.float32)
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = self._unit_embeddings(list(vocab)) if vocab else np.zeros((0, 1), np.float32)
 
         out = {k: np.zeros(n, np.float32) for k in ("format", "precision", "recall")}
         hits, num_sents, num_truth = (np.zeros(n, np.int32) for _ in range(3))
