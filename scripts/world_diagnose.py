@@ -8,6 +8,12 @@
    hues), and which hue wins how often; and how collapsed are the vision tower's
    features (their spread across the image's tokens, against their overall scale). A model that ignores its
    images has near-zero logit differences; a collapsed tower gives near-constant features.
+3. Two-image comparison (`--compare N`): pairs made as the base data's compare examples are (one coarse change,
+   same render seed), asked the base data's list prompt, which is also stage 1's critique prompt in
+   configs/synth_shapeworld.py. Graded against the pair's true change sentence with the reward's fact matcher:
+   a hit (Jaccard >= 0.85, the reward's tau), the mean Jaccard, and whether the answer names a hue of the
+   changed object; each also against another pair's change (what an answer that ignores the images gets).
+   A critique can only be better than chance if this is.
 
     python scripts/world_diagnose.py --model runs/world_base/base_hf
     python scripts/world_diagnose.py --model runs/world_base/sft/checkpoints --step 500 \
@@ -26,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viper_common.shapeworld import render
+from viper_common.shapeworld import base_data, render
+from viper_common.shapeworld.fact_match import facts, fact_similarity
 from viper_common.shapeworld import scene as S
-from viper_common.shapeworld.splits import seed_block
+from viper_common.shapeworld.splits import SEED_RANGES, seed_block
 from viper_jax.evaluation.answers import answer_text
 from viper_jax.inference import add_model_args, generate_batch, rollout_config, session_from_args
 from viper_jax.models.qwen2_5_vl import prepare_vision
@@ -57,6 +64,43 @@ def open_questions(session, n: int, size: int) -> dict[str, tuple[int, int]]:
             hits[kind] += want in words
             totals[kind] += 1
     return {k: (hits[k], totals[k]) for k in totals}
+
+
+def _change_hues(scene: S.Scene, edited: S.Scene) -> set[str]:
+    """The hues of the objects the change touched (in either image)."""
+    before, after = set(scene.objects), set(edited.objects)
+    return {o.hue for o in before ^ after}
+
+
+def compare_lists(session, n: int, size: int) -> dict[str, float]:
+    prompts, truths, hues = [], [], []
+    # The last val-range seeds: the benchmark's category blocks and the open questions take from the start.
+    for seed in seed_block("val", len(SEED_RANGES["val"]) // n - 1, n):
+        rng = np.random.default_rng(seed)
+        scene = S.sample_scene(rng, min_objects=2)
+        edited, sentence = base_data.coarse_change(scene, rng)
+        images = [render.render(scene, seed, size), render.render(edited, seed, size)]
+        prompts.append(session.prompt(images, base_data.LIST_PROMPTS[0]))
+        truths.append(sentence)
+        hues.append(_change_hues(scene, edited))
+    cfg = rollout_config(session, 48, (96, 128, 160))
+    answers = []
+    for b in range(0, len(prompts), 32):
+        out = generate_batch(session, prompts[b:b + 32], cfg)
+        for r in range(len(out.lengths)):
+            text = answer_text(session.decode(out.tokens[r], out.lengths[r]))
+            answers.append(next((ln.strip("- ").strip() for ln in text.splitlines() if ln.strip()), ""))
+
+    def grade(shift: int) -> tuple[float, float, float]:
+        jac = [float(fact_similarity([a], [truths[(k + shift) % n]])[0, 0]) for k, a in enumerate(answers)]
+        hue = [bool({f.split("=")[1] for f in facts(a) if f.startswith("hue=")} & hues[(k + shift) % n])
+               for k, a in enumerate(answers)]
+        return float(np.mean([j >= 0.85 for j in jac])), float(np.mean(jac)), float(np.mean(hue))
+
+    own, other = grade(0), grade(1)
+    return {"compare_hit": own[0], "compare_hit_other_pair": other[0], "compare_jaccard": own[1],
+            "compare_jaccard_other_pair": other[1], "compare_hue_named": own[2], "compare_hue_named_other_pair": other[2],
+            "compare_answered": float(np.mean([bool(facts(a)) for a in answers]))}
 
 
 def image_dependence(session, size: int) -> dict[str, float]:
@@ -89,6 +133,7 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--n", type=int, default=64, help="questions per kind")
     parser.add_argument("--size", type=int, default=112, help="image side; the processor keeps it as is")
+    parser.add_argument("--compare", type=int, default=0, help="two-image pairs to grade (0: skip)")
     args = parser.parse_args()
     args.min_pixels = args.max_pixels = args.size * args.size  # one image grid, as the base was trained
     session = session_from_args(args)
@@ -97,6 +142,9 @@ def main() -> None:
         print(f"open {kind:<6} {hit}/{total} = {100 * hit / total:5.1f}%  (chance {100 * chance:.1f}%)")
     for key, value in image_dependence(session, args.size).items():
         print(f"{key}: {value:.4g}")
+    if args.compare:
+        for key, value in compare_lists(session, args.compare, args.size).items():
+            print(f"{key}: {value:.3f}")
 
 
 if __name__ == "__main__":
