@@ -14,6 +14,10 @@
    a hit (Jaccard >= 0.85, the reward's tau), the mean Jaccard, and whether the answer names a hue of the
    changed object; each also against another pair's change (what an answer that ignores the images gets).
    A critique can only be better than chance if this is.
+4. Answer type (`--answer_type N`), teacher-forced: for N shape and N colour questions (as in 1), with the
+   base's own think, which answer is likeliest among "It is a <shape>." (6) and "It is <hue>." (8)? The share
+   whose likeliest answer has the asked type separates reading the question from reading the image (chance
+   for the type: 6/14 for shape questions, 8/14 for colour ones), and "exact" counts the right value.
 
     python scripts/world_diagnose.py --model runs/world_base/base_hf
     python scripts/world_diagnose.py --model runs/world_base/sft/checkpoints --step 500 \
@@ -32,18 +36,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viper_common.shapeworld import base_data, render
+from viper_common.shapeworld import base_data, language, render
 from viper_common.shapeworld.fact_match import facts, fact_similarity
 from viper_common.shapeworld import scene as S
 from viper_common.shapeworld.splits import SEED_RANGES, seed_block
 from viper_jax.evaluation.answers import answer_text
+from viper_jax.evaluation.likelihood import score_row
 from viper_jax.inference import add_model_args, generate_batch, rollout_config, session_from_args
 from viper_jax.models.qwen2_5_vl import prepare_vision
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 ANSWER_PREFIX = "<think>I look at the center.</think><answer>It is"
 QUESTIONS = {"hue": "Tell me the colour of the object at the {where}.",
-             "shape": "What shape is the object at the {where}?", "count": "How many shapes can you see?"}
+             "shape": "Tell me the shape of the object at the {where}.", "count": "How many shapes can you see?"}
 
 
 def open_questions(session, n: int, size: int) -> dict[str, tuple[int, int]]:
@@ -128,12 +133,33 @@ def image_dependence(session, size: int) -> dict[str, float]:
             "feature_spread_over_tokens": float(np.mean(spread)), "feature_scale": float(np.mean(scale))}
 
 
+def answer_type(session, n: int, size: int) -> dict[str, float]:
+    options = {f"shape {x}": f"It is {language.article(x)} {x}." for x in S.SHAPES}
+    options.update({f"hue {x}": f"It is {x}." for x in S.HUES})
+    typed, exact = collections.Counter(), collections.Counter()
+    for k, seed in enumerate(seed_block("val", 98, 2 * n)):  # not open_questions' block
+        rng = np.random.default_rng(seed)
+        scene = S.sample_scene(rng)
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        kind = ("shape", "hue")[k % 2]
+        where = "object" if len(scene.objects) == 1 else f"object at the {obj.position}"
+        question = f"Tell me the {'shape' if kind == 'shape' else 'colour'} of the {where}."
+        think = "I look at the object." if len(scene.objects) == 1 else f"I look at the {obj.position}."
+        prompt = session.prompt([render.render(scene, seed, size)], question)
+        choice = score_row(session, prompt, f"<think>{think}</think><answer>", options).choice
+        typed[kind] += choice.split()[0] == kind
+        exact[kind] += choice == f"{kind} {getattr(obj, kind)}"
+    return {f"answer_type_{k}": typed[k] / n for k in ("shape", "hue")} | {
+        f"answer_exact_{k}": exact[k] / n for k in ("shape", "hue")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--n", type=int, default=64, help="questions per kind")
     parser.add_argument("--size", type=int, default=112, help="image side; the processor keeps it as is")
     parser.add_argument("--compare", type=int, default=0, help="two-image pairs to grade (0: skip)")
+    parser.add_argument("--answer_type", type=int, default=0, help="questions per kind, teacher-forced (0: skip)")
     args = parser.parse_args()
     args.min_pixels = args.max_pixels = args.size * args.size  # one image grid, as the base was trained
     session = session_from_args(args)
@@ -144,6 +170,9 @@ def main() -> None:
         print(f"{key}: {value:.4g}")
     if args.compare:
         for key, value in compare_lists(session, args.compare, args.size).items():
+            print(f"{key}: {value:.3f}")
+    if args.answer_type:
+        for key, value in answer_type(session, args.answer_type, args.size).items():
             print(f"{key}: {value:.3f}")
 
 
