@@ -21,8 +21,11 @@ NO_DESCRIBE = {"describe": 0.0, "ask": 0.5, "compare": 0.25, "choose": 0.25}  # 
 def test_content_spans_mark_what_the_image_shows():
     """Hand-checked answers: words of the <answer> only, never the think; an option letter is its own span."""
     answer = "<think>I look at the red one.</think><answer>There are two objects: a red circle at the top.</answer>"
-    assert [answer[s:e] for s, e in base_data.content_spans(answer)] == ["two", "red", "circle", "top"]
+    assert [answer[s:e] for s, e in base_data.content_spans(answer)] == ["two", "a red", "circle", "top"]
     for text, words in [("<think>I look at the top.</think><answer>B</answer>", ["B"]),
+                        # the article decides a shape answer from a hue answer ("It is red."): it is marked
+                        ("<think>x</think><answer>It is a star by an orange circle.</answer>", ["a star", "an orange", "circle"]),
+                        ("<think>x</think><answer>It is red, as a rule.</answer>", ["red"]),
                         ("<think>x</think><answer>No, they show two different scenes.</answer>", ["No", "two"])]:
         assert [text[s:e] for s, e in base_data.content_spans(text)] == words
     assert base_data.content_spans("no answer tags") == ()
@@ -61,7 +64,8 @@ def test_focus_tokens_in_sft_batches(tmp_path):
         runs = np.split(at, np.flatnonzero(np.diff(at) > 1) + 1)  # contiguous focus tokens
         pieces = [tokenizer.decode(batch["input_ids"][row][run]) for run in runs]
         # Tokens overlapping a word spell it (a token may carry the leading space; nothing else is marked).
-        assert re.findall(r"[A-Za-z]+", " ".join(pieces)) == words, (ex.answer, pieces)
+        assert re.findall(r"[A-Za-z]+", " ".join(pieces)) == re.findall(r"[A-Za-z]+", " ".join(words)), (
+            ex.answer, pieces)
     only = loss_weights(batch, focus_only=True)
     weighted = loss_weights(batch, focus_weight=3.0)
     np.testing.assert_array_equal(only, focus)

@@ -61,8 +61,11 @@ YES_NO_INSTRUCTION = "Please answer yes or no."
 # Words whose value is read off the image: attributes, backgrounds, counts, positions, yes / no / nothing.
 CONTENT_WORDS = (*language.LEXICON, *BACKGROUNDS, *language.NUMBER_WORDS[1:], "top", "bottom", "left", "right",
                  "center", "centre", "middle", "upper", "lower", "yes", "no", "nothing")
-_CONTENT = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, CONTENT_WORDS), key=len, reverse=True)) + r")\b",
-                      re.IGNORECASE)
+# An article right before a content word is part of its span: after "It is" it is the token that decides between
+# a shape answer ("It is a star.") and a hue answer ("It is red."), and a focus loss without it never learnt
+# that a shape question takes a shape (base10, docs/shapeworld.md "What the base reads").
+_CONTENT = re.compile(r"(?:\b(?:a|an)\s+)?\b(?:" + "|".join(sorted(map(re.escape, CONTENT_WORDS), key=len, reverse=True))
+                      + r")\b", re.IGNORECASE)
 _ANSWER_BODY = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
 _WHOLE_ANSWER = re.compile(r"[A-D]|\d+")  # an option letter or a count: the whole body is content
 
@@ -88,7 +91,8 @@ class Example:
 
 def content_spans(answer: str) -> tuple[tuple[int, int], ...]:
     """[start, end) character spans of the content words inside `answer`'s <answer>...</answer>: every
-    CONTENT_WORDS word, or the whole body when it is an option letter or a number. The think is never marked."""
+    CONTENT_WORDS word (with an article right before it), or the whole body when it is an option letter or a
+    number. The think is never marked."""
     body = _ANSWER_BODY.search(answer)
     if body is None:
         return ()
