@@ -30,9 +30,10 @@ import numpy as np
 from viper_common.shapeworld import render
 from viper_common.shapeworld.scene import SHAPES, SIZES, sample_scene
 from viper_common.shapeworld.splits import seed_block
+from viper_jax.world.vision_pretrain import MERGED_PX, centre_token
 
 SIZE = 112
-TOKEN_PX = 28  # one merged visual token at 112 px
+TOKEN_PX = MERGED_PX  # one merged visual token
 CROP_PX = 40
 
 
@@ -40,16 +41,14 @@ def object_crops(n_scenes: int, block: int) -> dict[str, np.ndarray]:
     """Per object: its token cell and its centred crop (flattened, in [0, 1]), shape and size indices."""
     seeds = seed_block("base_train", block, 1_000_000)
     cells, crops, shapes, sizes = [], [], [], []
-    side = SIZE // TOKEN_PX
+    half = CROP_PX // 2
     for i in range(n_scenes):
         scene = sample_scene(np.random.default_rng(seeds[i]))
         image = np.asarray(render.render(scene, seeds[i], SIZE), np.float32) / 255.0
-        half = CROP_PX // 2
         padded = np.pad(image, ((half, half), (half, half), (0, 0)), mode="edge")
         for obj in scene.objects:
-            row, col = divmod(obj.cell, 3)
-            x, y = (col + 0.5 + obj.dx) * SIZE / 3, (row + 0.5 + obj.dy) * SIZE / 3
-            ty, tx = min(int(y // TOKEN_PX), side - 1), min(int(x // TOKEN_PX), side - 1)
+            x, y = render.object_centre(obj, SIZE)
+            ty, tx = divmod(centre_token(obj, SIZE), SIZE // TOKEN_PX)
             cells.append(image[ty * TOKEN_PX:(ty + 1) * TOKEN_PX, tx * TOKEN_PX:(tx + 1) * TOKEN_PX].ravel())
             crops.append(padded[int(y):int(y) + CROP_PX, int(x):int(x) + CROP_PX].ravel())
             shapes.append(SHAPES.index(obj.shape))

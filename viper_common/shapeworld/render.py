@@ -127,13 +127,17 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(4, px))
 
 
+def object_centre(obj: Obj, side_px: float) -> tuple[float, float]:
+    """(x, y) of the object's centre in an image side_px wide: its grid cell's centre plus its jitter."""
+    row, col = divmod(obj.cell, 3)
+    cell_w = side_px / 3
+    return (col + 0.5 + (obj.dx or 0.0)) * cell_w, (row + 0.5 + (obj.dy or 0.0)) * cell_w
+
+
 def _draw_object(canvas: Image.Image, obj: Obj, side_px: int, seed: int) -> None:
     if obj.cell is None or obj.shape is None:
         raise SceneError(f"cannot render an object without cell and shape: {obj}")
-    cell_w = side_px / 3
-    row, col = divmod(obj.cell, 3)
-    cx = (col + 0.5 + (obj.dx or 0.0)) * cell_w
-    cy = (row + 0.5 + (obj.dy or 0.0)) * cell_w
+    cx, cy = object_centre(obj, side_px)
     jitter = np.random.default_rng([seed, 7919, obj.cell]).uniform(0.92, 1.08)
     diameter = SIZE_FRACTION[obj.size or "medium"] * side_px * jitter
     radius = diameter / 2

@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from viper_common.shapeworld import render
-from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, SIZES, Scene, sample_scene
+from viper_common.shapeworld.scene import BACKGROUNDS, HUES, SHAPES, SIZES, Obj, Scene, sample_scene
 from viper_common.shapeworld.splits import seed_block
 
 # Per-token targets: index len(choices) means "no object centre in this token".
@@ -44,15 +44,19 @@ BLOCK_SIZE = 1_000_000
 MERGED_PX = 28  # 14 px patches, 2x2 merge
 
 
+def centre_token(obj: Obj, size: int) -> int:
+    """Row-major index of the merged token (MERGED_PX square) that holds the object's centre."""
+    side = size // MERGED_PX
+    x, y = render.object_centre(obj, size)
+    return min(int(y // MERGED_PX), side - 1) * side + min(int(x // MERGED_PX), side - 1)
+
+
 def token_targets(scene: Scene, size: int) -> dict[str, np.ndarray]:
     """{'hue'|'shape'|'size': [T] int32 per merged token, row-major; 'background': [] int32}."""
     side = size // MERGED_PX
     out = {k: np.full(side * side, len(v), np.int32) for k, v in TARGETS.items()}
-    cell_px = size / 3
     for obj in scene.objects:
-        row, col = divmod(obj.cell, 3)
-        x, y = (col + 0.5 + obj.dx) * cell_px, (row + 0.5 + obj.dy) * cell_px
-        t = min(int(y // MERGED_PX), side - 1) * side + min(int(x // MERGED_PX), side - 1)
+        t = centre_token(obj, size)
         for k, choices in TARGETS.items():
             out[k][t] = choices.index(getattr(obj, k))
     out["background"] = np.asarray(BACKGROUNDS.index(scene.background), np.int32)
