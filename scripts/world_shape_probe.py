@@ -116,7 +116,7 @@ def run_tower(args: argparse.Namespace) -> None:
         else:
             shutil.copytree(args.model, model_dir)
         summary = pretrain_vision(model_dir, steps=args.steps, batch_size=32, learning_rate=args.lr, size=SIZE,
-                                  seed=args.seed)
+                                  seed=args.seed, pool_scenes=args.pool, workers=2)
     print(json.dumps(summary))
 
 
@@ -132,6 +132,7 @@ def main() -> None:
     tower.add_argument("--steps", type=int, default=600)
     tower.add_argument("--lr", type=float, default=1e-3)
     tower.add_argument("--seed", type=int, default=0, help="the readout head's init")
+    tower.add_argument("--pool", type=int, default=0, help="scenes rendered once and reused (0: fresh scenes)")
     args = parser.parse_args()
     run_pixels() if args.readout == "pixels" else run_tower(args)
 

@@ -36,11 +36,38 @@ def test_token_targets_mark_the_token_under_each_object_centre():
 def test_pretraining_changes_only_the_vision_tower(tmp_path):
     model_dir = write_tiny_model(tmp_path / "m")
     before = nnx.to_pure_dict(nnx.state(load_hf(model_dir, scan_layers=False), nnx.Param))
-    summary = vision_pretrain.pretrain_vision(model_dir, steps=3, batch_size=4, learning_rate=1e-2, size=56)
+    summary = vision_pretrain.pretrain_vision(model_dir, steps=3, batch_size=4, learning_rate=1e-2, size=56,
+                                             pool_scenes=8)
     after = nnx.to_pure_dict(nnx.state(load_hf(model_dir, scan_layers=False), nnx.Param))
     assert summary["steps"] == 3 and set(summary["accuracy"]) == {"hue", "shape", "size", "background"}
+    assert set(summary["held_out_accuracy"]) == set(summary["accuracy"])
     changed = lambda a, b: any(not np.array_equal(x, y)
                                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     assert changed(before["visual"], after["visual"])
     assert not changed(before["language_model"], after["language_model"])
     assert (model_dir / "tokenizer_config.json").exists()  # the directory stays a loadable HF model
+
+
+def test_a_mirrored_scene_has_its_targets_in_mirrored_tokens():
+    # A star in the top-left cell, mirrored, is the star in the top-right cell of the same scene: the mirror of
+    # the image's targets must equal the targets of the scene with the object's column reversed.
+    left = Scene("navy", (_obj(cell=0, shape="star", hue="blue", size="large", dx=0.1),))
+    right = Scene("navy", (_obj(cell=2, shape="star", hue="blue", size="large", dx=-0.1),))
+    image = np.arange(112 * 112 * 3, dtype=np.int64).reshape(1, 112, 112, 3)
+    targets = {k: v[None] for k, v in vision_pretrain.token_targets(left, 112).items()}
+    mirrored_image, mirrored = vision_pretrain.mirror(image, targets)
+    np.testing.assert_array_equal(mirrored_image[0, :, 0], image[0, :, -1])
+    for k, v in vision_pretrain.token_targets(right, 112).items():
+        np.testing.assert_array_equal(mirrored[k][0], v)
+
+
+def test_a_rendered_pool_holds_the_scenes_and_targets_of_its_seeds():
+    from viper_common.shapeworld import render
+    from viper_common.shapeworld.scene import sample_scene
+
+    seeds = range(1000, 1005)
+    images, targets = vision_pretrain.render_pool(56, seeds, workers=1, chunk=2)
+    assert images.shape == (5, 56, 56, 3) and images.dtype == np.uint8 and targets["hue"].shape == (5, 4)
+    scene = sample_scene(np.random.default_rng(1003))
+    np.testing.assert_array_equal(images[3], np.asarray(render.render(scene, 1003, 56)))
+    np.testing.assert_array_equal(targets["shape"][3], vision_pretrain.token_targets(scene, 56)["shape"])

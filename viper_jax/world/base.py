@@ -70,6 +70,7 @@ def base_config() -> ConfigDict:
     c.vision.steps = 300  # 0 = keep the random tower
     c.vision.batch_size = 32
     c.vision.learning_rate = 1e-3
+    c.vision.pool_scenes = 0  # > 0: scenes rendered once (in world.workers processes) and reused, mirrored; 0: fresh
     c.sft = sft_config.base_config()  # workdir, model.path and data.shard_globs are set by `build_base`
     return c
 
@@ -104,6 +105,9 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"config model: vision_hidden {m.vision_hidden} must split into {m.vision_heads} heads")
     if config.world.size % 28:
         raise ConfigError(f"config world.size: {config.world.size} px is not a multiple of 28 (14 px patches, 2x2 merge)")
+    if config.vision.steps < 0 or config.vision.pool_scenes < 0:
+        raise ConfigError(f"config vision: steps {config.vision.steps} and pool_scenes {config.vision.pool_scenes} "
+                          "must be >= 0")
     if not 0 <= config.sft.sft.focus_steps <= config.sft.steps:  # viper sft refuses it too, but only after the data
         raise ConfigError(f"config sft.sft.focus_steps: {config.sft.sft.focus_steps} must be in [0, sft.steps="
                           f"{config.sft.steps}]")
@@ -191,7 +195,8 @@ def _write_init_model(config: ConfigDict, tokenizer: Any, model_dir: Path) -> di
     if int(v.steps) > 0:
         summary = pretrain_vision(tmp, steps=int(v.steps), batch_size=int(v.batch_size),
                                   learning_rate=float(v.learning_rate), size=int(config.world.size),
-                                  seed=int(config.model.seed))
+                                  seed=int(config.model.seed), pool_scenes=int(v.pool_scenes),
+                                  workers=int(config.world.workers))
     write_json_atomic(tmp / "vision_pretrain.json", summary)
     tmp.rename(model_dir)  # a half-written model directory is never mistaken for a finished one
     return summary

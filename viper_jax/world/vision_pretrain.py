@@ -22,8 +22,10 @@ scene graph is what building the base's data does anyway (the describe answers a
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +42,8 @@ from viper_common.shapeworld.splits import seed_block
 # Per-token targets: index len(choices) means "no object centre in this token".
 TARGETS = {"hue": HUES, "shape": SHAPES, "size": SIZES}
 SEED_BLOCK = 50  # base_train seeds 50M..51M; base_data uses seeds from 0 up (n_train < 50M)
+HELD_OUT_BLOCK = 55  # fresh scenes to measure the tower on (world_shape_probe.py uses blocks 52 and 53)
+HELD_OUT_BATCHES = 10
 BLOCK_SIZE = 1_000_000
 MERGED_PX = 28  # 14 px patches, 2x2 merge
 
@@ -80,6 +84,55 @@ def batches(image_processor: Any, size: int, batch_size: int, seeds: range) -> I
         yield batch
 
 
+def _render_chunk(size: int, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    images, targets = [], []
+    for seed in range(start, stop):
+        scene = sample_scene(np.random.default_rng(seed))
+        images.append(np.asarray(render.render(scene, seed, size), np.uint8))
+        targets.append(token_targets(scene, size))
+    return np.stack(images), {k: np.stack([t[k] for t in targets]) for k in targets[0]}
+
+
+def render_pool(size: int, seeds: range, workers: int = 1, chunk: int = 500
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Scenes seeds[i] rendered once: uint8 images [N, size, size, 3] and their stacked token_targets. Rendering
+    (a 4x supersampled PIL drawing, about 10 ms a scene) costs more than a tower step: a pool drawn from
+    many times lets the pretraining run several times the steps in the same time."""
+    jobs = [(size, a, min(a + chunk, seeds.stop)) for a in range(seeds.start, seeds.stop, chunk)]
+    if workers == 1 or len(jobs) < 2:
+        parts = [_render_chunk(*job) for job in jobs]
+    else:  # spawn: JAX's threads do not fork
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_render_chunk, *zip(*jobs)))
+    return np.concatenate([p[0] for p in parts]), {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+
+
+def mirror(images: np.ndarray, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Left-right mirror images [B, H, W, 3] and their per-token targets [B, T]. All six shapes are
+    mirror-symmetric, so a mirrored scene's targets are the same objects in mirrored tokens."""
+    side = int(round(targets["hue"].shape[1] ** 0.5))
+    flipped = {k: (v.reshape(len(v), side, side)[:, :, ::-1].reshape(len(v), -1) if v.ndim == 2 else v)
+               for k, v in targets.items()}
+    return images[:, :, ::-1], flipped
+
+
+def pool_batches(image_processor: Any, images: np.ndarray, targets: dict[str, np.ndarray], batch_size: int,
+                 seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches drawn at random from a rendered pool, each image mirrored with probability 1/2."""
+    rng = np.random.default_rng(seed)
+    while True:
+        rows = rng.integers(0, len(images), batch_size)
+        flip = rng.random(batch_size) < 0.5
+        imgs, tgts = images[rows], {k: v[rows] for k, v in targets.items()}
+        m_imgs, m_tgts = mirror(imgs[flip], {k: v[flip] for k, v in tgts.items()})
+        imgs[flip] = m_imgs
+        for k in tgts:
+            tgts[k][flip] = m_tgts[k]
+        out = image_processor(images=list(imgs), return_tensors="np")
+        yield tgts | {"pixel_values": np.asarray(out["pixel_values"], np.float32),
+                      "image_grid_thw": np.asarray(out["image_grid_thw"], np.int32)}
+
+
 class Head(nnx.Module):
     """Linear readouts of the merged tokens (the tower's output, out_hidden_size wide)."""
 
@@ -104,9 +157,11 @@ def _loss(tower: Any, head: Head, batch: dict[str, Any], vision_inputs: Any, tok
 
 
 def pretrain_vision(model_dir: str | Path, *, steps: int, batch_size: int, learning_rate: float, size: int,
-                    seed: int = 0, log: Any = None) -> dict[str, Any]:
+                    seed: int = 0, pool_scenes: int = 0, workers: int = 1, log: Any = None) -> dict[str, Any]:
     """Trains the vision tower of the HF model in `model_dir` in place (only `visual.*` changes); returns
-    {steps, seconds, accuracy: per target on the last 10 batches (at object tokens for the token targets)}."""
+    {steps, seconds, accuracy: per target on the last 10 batches (at object tokens for the token targets),
+    held_out_accuracy: the same on fresh scenes}. `pool_scenes` > 0: batches come from that many scenes
+    rendered once (render_pool, in `workers` processes) and mirrored at random; 0: a fresh scene per image."""
     from viper_jax.data.processing import make_image_processor
     from viper_jax.models.qwen2_5_vl import load_hf, prepare_vision, save_hf
 
@@ -124,6 +179,11 @@ def pretrain_vision(model_dir: str | Path, *, steps: int, batch_size: int, learn
     opt_state = optimizer.init(params)
 
     @jax.jit
+    def accuracy(params, batch, vision_inputs):
+        tower, h = nnx.merge(graphdef, params)
+        return _loss(tower, h, batch, vision_inputs, tokens_per_image)[1]
+
+    @jax.jit
     def step(params, opt_state, batch, vision_inputs):
         def loss_fn(p):
             tower, h = nnx.merge(graphdef, p)
@@ -133,8 +193,14 @@ def pretrain_vision(model_dir: str | Path, *, steps: int, batch_size: int, learn
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc
 
-    data = batches(processor, size, batch_size, seed_block("base_train", SEED_BLOCK, BLOCK_SIZE))
     start, recent = time.perf_counter(), []
+    if pool_scenes > 0:
+        images, targets = render_pool(size, seed_block("base_train", SEED_BLOCK, BLOCK_SIZE)[:pool_scenes], workers)
+        print(f"  vision pretraining: {pool_scenes} scenes rendered ({time.perf_counter() - start:.0f} s)",
+              file=log, flush=True)
+        data = pool_batches(processor, images, targets, batch_size, seed)
+    else:
+        data = batches(processor, size, batch_size, seed_block("base_train", SEED_BLOCK, BLOCK_SIZE))
     vision_inputs = None
     for k in range(1, steps + 1):
         batch = next(data)
@@ -146,10 +212,17 @@ def pretrain_vision(model_dir: str | Path, *, steps: int, batch_size: int, learn
         if k % 50 == 0 or k == steps:
             print(f"  vision pretraining {k}/{steps}: loss {float(loss):.3f} accuracy {_mean_accuracy(recent)} "
                   f"({time.perf_counter() - start:.0f} s)", file=log, flush=True)
+    held_out = batches(processor, size, batch_size, seed_block("base_train", HELD_OUT_BLOCK, BLOCK_SIZE))
+    fresh = []
+    for _ in range(HELD_OUT_BATCHES if steps else 0):
+        batch = next(held_out)
+        batch.pop("image_grid_thw")
+        fresh.append(jax.device_get(accuracy(params, batch, vision_inputs)))
     tower, _ = nnx.merge(graphdef, params)
     model.visual = tower
     save_hf(model, None, model_dir)  # the tokenizer files stay where they are
-    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "accuracy": _mean_accuracy(recent)}
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "accuracy": _mean_accuracy(recent),
+            "held_out_accuracy": _mean_accuracy(fresh), "pool_scenes": pool_scenes}
 
 
 def _mean_accuracy(recent: list[dict[str, Any]]) -> dict[str, float]:
