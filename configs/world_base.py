@@ -27,7 +27,11 @@ def get_config():
     # Differences as "- " lines: the list format the synthesis's critique needs (base6; without it the base's
     # critiques were empty, run rq4). Its open readings were lower than base4's (hue 37.5% vs 54.7%).
     c.world.compare_lists = True
-    c.vision.steps = 600
+    # base12: 10,000 tower steps on a pool of 32,000 rendered scenes (rendered once in world.workers processes,
+    # mirrored at random): shape at object tokens 0.86 on fresh scenes, where base10's 600 steps reached 0.19 and
+    # 3,000 fresh-scene steps 0.35 (docs/shapeworld.md, "A tower that encodes shape").
+    c.vision.steps = 10000
+    c.vision.pool_scenes = 32000
     s = c.sft
     s.steps = 800
     s.optim.frozen = ("visual",)

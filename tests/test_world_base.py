@@ -17,7 +17,8 @@ TOY = ["--config.world.n_train=24", "--config.world.tokenizer_scenes=50", "--con
        "--config.model.intermediate=128", "--config.model.vision_hidden=32", "--config.model.vision_depth=1",
        "--config.model.vision_heads=2", "--config.sft.steps=3", "--config.sft.data.batch_size=4",
        "--config.sft.sft.images_per_batch=8", "--config.sft.sft.focus_steps=1",
-       "--config.sft.checkpoint.every_steps=2", "--config.vision.steps=4", "--config.vision.batch_size=4"]
+       "--config.sft.checkpoint.every_steps=2", "--config.vision.steps=4", "--config.vision.batch_size=4",
+       "--config.vision.pool_scenes=16"]
 
 
 def _run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
