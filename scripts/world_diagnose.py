@@ -8,12 +8,15 @@
    hues), and which hue wins how often; and how collapsed are the vision tower's
    features (their spread across the image's tokens, against their overall scale). A model that ignores its
    images has near-zero logit differences; a collapsed tower gives near-constant features.
-3. Two-image comparison (`--compare N`): pairs made as the base data's compare examples are (one coarse change,
-   same render seed), asked the base data's list prompt, which is also stage 1's critique prompt in
-   configs/synth_shapeworld.py. Graded against the pair's true change sentence with the reward's fact matcher:
-   a hit (Jaccard >= 0.85, the reward's tau), the mean Jaccard, and whether the answer names a hue of the
-   changed object; each also against another pair's change (what an answer that ignores the images gets).
-   A critique can only be better than chance if this is.
+3. Two-image comparison (`--compare N`; `--show K` prints K answers beside their truth): pairs made as the
+   base data's compare examples are (one coarse change, same render seed), asked the base data's list
+   prompt, which is also stage 1's critique prompt in configs/synth_shapeworld.py. Graded against the
+   pair's true change sentence with the reward's fact matcher: a hit (Jaccard >= 0.85, the reward's tau),
+   the mean Jaccard, and whether the answer names a hue of the changed object; each also against another
+   pair's change (what an answer that ignores the images gets). A critique can only be better than chance
+   if this is. `--same N`: N pairs, half the same render twice, half one coarse change, asked "Are these two
+   images the same?" after the base's own think; right when "Yes" is likelier than "No" as the first answer
+   token exactly for the unchanged pairs (chance 0.5): does the model see that anything changed at all?
 4. Answer type (`--answer_type N`), teacher-forced: for N shape and N colour questions (as in 1), with the
    base's own think, which answer is likeliest among "It is a <shape>." (6) and "It is <hue>." (8)? The share
    whose likeliest answer has the asked type separates reading the question from reading the image (chance
@@ -77,7 +80,7 @@ def _change_hues(scene: S.Scene, edited: S.Scene) -> set[str]:
     return {o.hue for o in before ^ after}
 
 
-def compare_lists(session, n: int, size: int) -> dict[str, float]:
+def compare_lists(session, n: int, size: int, show: int = 0) -> dict[str, float]:
     prompts, truths, hues = [], [], []
     # The last val-range seeds: the benchmark's category blocks and the open questions take from the start.
     for seed in seed_block("val", len(SEED_RANGES["val"]) // n - 1, n):
@@ -102,10 +105,43 @@ def compare_lists(session, n: int, size: int) -> dict[str, float]:
                for k, a in enumerate(answers)]
         return float(np.mean([j >= 0.85 for j in jac])), float(np.mean(jac)), float(np.mean(hue))
 
+    for k in range(min(show, n)):
+        print(f"  pair {k}: truth  {truths[k]}\n          answer {answers[k]}")
     own, other = grade(0), grade(1)
     return {"compare_hit": own[0], "compare_hit_other_pair": other[0], "compare_jaccard": own[1],
             "compare_jaccard_other_pair": other[1], "compare_hue_named": own[2], "compare_hue_named_other_pair": other[2],
             "compare_answered": float(np.mean([bool(facts(a)) for a in answers]))}
+
+
+def same_pairs(n: int, size: int) -> list[tuple[object, object, bool]]:
+    """n val-range pairs (image, image, unchanged?), alternately the same render twice and one coarse change."""
+    pairs = []
+    for k, seed in enumerate(seed_block("val", len(SEED_RANGES["val"]) // (2 * n) - 2, n)):  # not compare's block
+        rng = np.random.default_rng(seed)
+        scene = S.sample_scene(rng, min_objects=2)
+        same = k % 2 == 0
+        second = scene if same else base_data.coarse_change(scene, rng)[0]
+        pairs.append((render.render(scene, seed, size), render.render(second, seed, size), same))
+    return pairs
+
+
+def same_or_changed(session, n: int, size: int) -> dict[str, float]:
+    """Asked the base data's yes/no comparison question about same_pairs, is the first answer token "Yes"
+    likelier than "No" exactly when nothing changed?"""
+    model = session.model
+    yes, no = (session.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+    prefix = session.tokenizer(f"<think>{base_data.COMPARE_THINK}</think><answer>", add_special_tokens=False).input_ids
+    right, margins = [], {True: [], False: []}
+    for first, second, same in same_pairs(n, size):
+        prompt = session.prompt([first, second], "Are these two images the same?")
+        ids = np.concatenate([prompt.input_ids, prefix]).astype(np.int32)[None]
+        logits = np.asarray(model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
+                                  image_grid_thw=prompt.image_grid_thw)[0, -1])
+        margin = float(logits[yes] - logits[no])
+        right.append((margin > 0) == same)
+        margins[same].append(margin)
+    return {"same_or_changed_right": float(np.mean(right)),
+            "yes_minus_no_same": float(np.mean(margins[True])), "yes_minus_no_changed": float(np.mean(margins[False]))}
 
 
 def image_dependence(session, size: int) -> dict[str, float]:
@@ -159,6 +195,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="questions per kind")
     parser.add_argument("--size", type=int, default=112, help="image side; the processor keeps it as is")
     parser.add_argument("--compare", type=int, default=0, help="two-image pairs to grade (0: skip)")
+    parser.add_argument("--same", type=int, default=0, help="same-or-changed pairs, teacher-forced (0: skip)")
+    parser.add_argument("--show", type=int, default=0, help="print this many compare answers beside their truth")
     parser.add_argument("--answer_type", type=int, default=0, help="questions per kind, teacher-forced (0: skip)")
     args = parser.parse_args()
     args.min_pixels = args.max_pixels = args.size * args.size  # one image grid, as the base was trained
@@ -169,7 +207,10 @@ def main() -> None:
     for key, value in image_dependence(session, args.size).items():
         print(f"{key}: {value:.4g}")
     if args.compare:
-        for key, value in compare_lists(session, args.compare, args.size).items():
+        for key, value in compare_lists(session, args.compare, args.size, args.show).items():
+            print(f"{key}: {value:.3f}")
+    if args.same:
+        for key, value in same_or_changed(session, args.same, args.size).items():
             print(f"{key}: {value:.3f}")
     if args.answer_type:
         for key, value in answer_type(session, args.answer_type, args.size).items():

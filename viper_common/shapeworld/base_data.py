@@ -199,6 +199,7 @@ def coarse_change(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
         f"The {obj.hue} {obj.shape} {_where(obj, rng)} has become {language.article(shape)} {shape}."
 
 
+COMPARE_THINK = "I compare the two images object by object."
 LIST_PROMPTS = ("List the differences between the two images, one per line starting with '- '.",
                 "What changed from the first image to the second? Write each change on its own line, starting with '- '.")
 
@@ -209,7 +210,7 @@ def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int,
     instruct VLM follows when the synthesis asks it to critique a redrawn image (never a typed edit op)."""
     first = render.render_png(scene, seed, size)
     mode = _pick(rng, ("same", "other_scene", "what_differs", "what_differs", "same_q_changed") + extra_modes)
-    think = "I compare the two images object by object."
+    think = COMPARE_THINK
     if mode == "same":
         return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
             respond(think, "Yes, the two images are the same."), (first, first)
