@@ -84,3 +84,17 @@ def test_world_base_refuses_unknown_keys_and_bad_architecture(tmp_path):
     assert out.returncode != 0 and "config model" in out.stderr and "Traceback" not in out.stderr
     out = _run(tmp_path / "z", "--config.sft.sft.focus_steps=9")  # past sft.steps=3: refused before any data
     assert out.returncode != 0 and "sft.sft.focus_steps" in out.stderr and not (tmp_path / "z" / "data").exists()
+    out = _run(tmp_path / "r", "--config.model.rope_theta=1")
+    assert out.returncode != 0 and "model.rope_theta" in out.stderr and not (tmp_path / "r" / "data").exists()
+
+
+def test_the_rope_theta_setting_reaches_the_model_config():
+    from transformers import AutoTokenizer
+
+    from viper_jax.world.base import base_config, model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets" / "world_base")
+    m = base_config().model
+    assert model_config(tokenizer, m).text.rope_theta == 1e6  # Qwen2.5-VL's
+    m.rope_theta = 10.0
+    assert model_config(tokenizer, m).text.rope_theta == 10.0

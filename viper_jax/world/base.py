@@ -64,6 +64,10 @@ def base_config() -> ConfigDict:
     c.model.vision_hidden = 96
     c.model.vision_depth = 3
     c.model.vision_heads = 4
+    # The decoder's rotary base, Qwen2.5-VL's. At head size 32 it leaves MRoPE's height and width sections (the
+    # lowest frequencies) under 0.006 rad per grid step; 10 (0.1-0.4 rad) made the base stop reading its images
+    # at all (base13, docs/shapeworld.md "The base does not compare two images at all").
+    c.model.rope_theta = 1e6
     c.model.seed = 0
     # Vision pretraining (world/vision_pretrain.py): without it the base never reads its images (measured).
     c.vision = ConfigDict()
@@ -101,6 +105,8 @@ def validate(config: ConfigDict) -> None:
     if m.hidden % m.heads or (m.hidden // m.heads) % 2 or m.hidden // m.heads < 6 or m.heads % m.kv_heads:
         raise ConfigError(f"config model: hidden {m.hidden} must split into {m.heads} heads of an even size >= 6 "
                           f"(MRoPE's three sections), and heads into kv_heads {m.kv_heads} groups")
+    if not m.rope_theta > 1:
+        raise ConfigError(f"config model.rope_theta: {m.rope_theta} must be > 1")
     if m.vision_hidden % m.vision_heads:
         raise ConfigError(f"config model: vision_hidden {m.vision_hidden} must split into {m.vision_heads} heads")
     if config.world.size % 28:
@@ -123,6 +129,7 @@ def model_config(tokenizer: Any, m: ConfigDict) -> Any:
     text = TextConfig(vocab_size=len(tokenizer), hidden_size=m.hidden, intermediate_size=m.intermediate,
                       num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
                       max_position_embeddings=4096, rms_norm_eps=1e-6, mrope_section=(half - 2 * third, third, third),
+                      rope_theta=float(m.rope_theta),
                       bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=int(tokenizer.pad_token_id))
     vision = VisionConfig(depth=m.vision_depth, hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden,
                           num_heads=m.vision_heads, out_hidden_size=m.hidden,
