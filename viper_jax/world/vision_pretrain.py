@@ -17,7 +17,10 @@ the tower encodes them only as far as the coarse task makes it, so the base is m
 real VLMs are, and ViPER has room to improve it.
 
 Scenes come from their own block of the base_train seed range (never val / test / synth); reading their
-scene graph is what building the base's data does anyway (the describe answers are captions of it).
+scene graph is what building the base's data does anyway (the describe answers are captions of it). With
+`pool_scenes`, that many are rendered once and drawn from, mirrored at random: rendering costs more than a
+tower step, and shape is learnt only after thousands of steps (0.19 after 600, 0.86 after 10,000 held out).
+Accuracy is also measured on fresh scenes of another block (`held_out_accuracy`).
 """
 
 from __future__ import annotations
@@ -67,21 +70,17 @@ def token_targets(scene: Scene, size: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _batch(image_processor: Any, images: np.ndarray, targets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = image_processor(images=list(images), return_tensors="np")
+    return targets | {"pixel_values": np.asarray(out["pixel_values"], np.float32),
+                      "image_grid_thw": np.asarray(out["image_grid_thw"], np.int32)}
+
+
 def batches(image_processor: Any, size: int, batch_size: int, seeds: range) -> Iterator[dict[str, np.ndarray]]:
-    """Rendered scenes (seed i draws and renders scene i) -> pixel rows, grids and per-token targets."""
-    it = iter(seeds)
-    while True:
-        images, targets = [], []
-        for _ in range(batch_size):
-            seed = next(it)
-            scene = sample_scene(np.random.default_rng(seed))
-            images.append(render.render(scene, seed, size))
-            targets.append(token_targets(scene, size))
-        out = image_processor(images=images, return_tensors="np")
-        batch = {k: np.stack([t[k] for t in targets]) for k in targets[0]}
-        batch["pixel_values"] = np.asarray(out["pixel_values"], np.float32)
-        batch["image_grid_thw"] = np.asarray(out["image_grid_thw"], np.int32)
-        yield batch
+    """Rendered scenes (seed i draws and renders scene i), consecutive seeds -> pixel rows, grids and
+    per-token targets."""
+    for start in range(seeds.start, seeds.stop - batch_size + 1, batch_size):
+        yield _batch(image_processor, *_render_chunk(size, start, start + batch_size))
 
 
 def _render_chunk(size: int, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -128,9 +127,7 @@ def pool_batches(image_processor: Any, images: np.ndarray, targets: dict[str, np
         imgs[flip] = m_imgs
         for k in tgts:
             tgts[k][flip] = m_tgts[k]
-        out = image_processor(images=list(imgs), return_tensors="np")
-        yield tgts | {"pixel_values": np.asarray(out["pixel_values"], np.float32),
-                      "image_grid_thw": np.asarray(out["image_grid_thw"], np.int32)}
+        yield _batch(image_processor, imgs, tgts)
 
 
 class Head(nnx.Module):
