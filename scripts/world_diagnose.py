@@ -16,7 +16,8 @@
    pair's change (what an answer that ignores the images gets). A critique can only be better than chance
    if this is. `--same N`: N pairs, half the same render twice, half one coarse change, asked "Are these two
    images the same?" after the base's own think; right when "Yes" is likelier than "No" as the first answer
-   token exactly for the unchanged pairs (chance 0.5): does the model see that anything changed at all?
+   token exactly for the unchanged pairs (chance 0.5): does the model see that anything changed at all? Also
+   N/2 pairs of two unrelated scenes, and the yes - no margin per kind of pair.
 4. Answer type (`--answer_type N`), teacher-forced: for N shape and N colour questions (as in 1), with the
    base's own think, which answer is likeliest among "It is a <shape>." (6) and "It is <hue>." (8)? The share
    whose likeliest answer has the asked type separates reading the question from reading the image (chance
@@ -113,35 +114,43 @@ def compare_lists(session, n: int, size: int, show: int = 0) -> dict[str, float]
             "compare_answered": float(np.mean([bool(facts(a)) for a in answers]))}
 
 
-def same_pairs(n: int, size: int) -> list[tuple[object, object, bool]]:
-    """n val-range pairs (image, image, unchanged?), alternately the same render twice and one coarse change."""
+def same_pairs(n: int, size: int) -> list[tuple[object, object, str]]:
+    """n val-range pairs (image, image, kind), alternately "same" (one render twice) and "changed" (one coarse
+    change), then n // 2 "other" pairs of two unrelated scenes (another background, mostly)."""
     pairs = []
     for k, seed in enumerate(seed_block("val", len(SEED_RANGES["val"]) // (2 * n) - 2, n)):  # not compare's block
         rng = np.random.default_rng(seed)
         scene = S.sample_scene(rng, min_objects=2)
         same = k % 2 == 0
         second = scene if same else base_data.coarse_change(scene, rng)[0]
-        pairs.append((render.render(scene, seed, size), render.render(second, seed, size), same))
+        pairs.append((render.render(scene, seed, size), render.render(second, seed, size), "same" if same else "changed"))
+    for seed in seed_block("val", len(SEED_RANGES["val"]) // (2 * n) - 3, n // 2):
+        rng = np.random.default_rng(seed)
+        first, second = S.sample_scene(rng, min_objects=2), S.sample_scene(rng, min_objects=2)
+        pairs.append((render.render(first, seed, size), render.render(second, seed + 1, size), "other"))
     return pairs
 
 
 def same_or_changed(session, n: int, size: int) -> dict[str, float]:
     """Asked the base data's yes/no comparison question about same_pairs, is the first answer token "Yes"
-    likelier than "No" exactly when nothing changed?"""
+    likelier than "No" exactly when nothing changed (over the same and changed pairs)? And the yes - no
+    logit margin per kind of pair, mean and spread."""
     model = session.model
     yes, no = (session.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     prefix = session.tokenizer(f"<think>{base_data.COMPARE_THINK}</think><answer>", add_special_tokens=False).input_ids
-    right, margins = [], {True: [], False: []}
-    for first, second, same in same_pairs(n, size):
+    right, margins = [], collections.defaultdict(list)
+    for first, second, kind in same_pairs(n, size):
         prompt = session.prompt([first, second], "Are these two images the same?")
         ids = np.concatenate([prompt.input_ids, prefix]).astype(np.int32)[None]
         logits = np.asarray(model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
                                   image_grid_thw=prompt.image_grid_thw)[0, -1])
         margin = float(logits[yes] - logits[no])
-        right.append((margin > 0) == same)
-        margins[same].append(margin)
-    return {"same_or_changed_right": float(np.mean(right)),
-            "yes_minus_no_same": float(np.mean(margins[True])), "yes_minus_no_changed": float(np.mean(margins[False]))}
+        if kind != "other":
+            right.append((margin > 0) == (kind == "same"))
+        margins[kind].append(margin)
+    return {"same_or_changed_right": float(np.mean(right))} | {
+        f"yes_minus_no_{k}": float(np.mean(v)) for k, v in margins.items()} | {
+        f"yes_minus_no_{k}_std": float(np.std(v)) for k, v in margins.items()}
 
 
 def image_dependence(session, size: int) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""scripts/world_diagnose.py --same: its pairs are what they say (the same render twice, or one change), and
+"""scripts/world_diagnose.py --same: its pairs are what they say (the same render twice, one change, two scenes), and
 its grading gives an oracle 1.0 and an image-blind model 0.5."""
 
 import sys
@@ -15,11 +15,11 @@ import world_diagnose as diagnose  # noqa: E402
 YES, NO = 5, 7
 
 
-def test_same_pairs_alternate_identical_renders_and_one_change():
+def test_same_pairs_alternate_identical_renders_and_one_change_then_unrelated_scenes():
     pairs = diagnose.same_pairs(6, 56)
-    assert [same for _, _, same in pairs] == [True, False] * 3
-    for first, second, same in pairs:
-        assert np.array_equal(np.asarray(first), np.asarray(second)) == same
+    assert [kind for _, _, kind in pairs] == ["same", "changed"] * 3 + ["other"] * 3
+    for first, second, kind in pairs:
+        assert np.array_equal(np.asarray(first), np.asarray(second)) == (kind == "same")
 
 
 class _Session:
@@ -47,4 +47,5 @@ def test_an_oracle_is_always_right_and_an_image_blind_model_is_at_chance():
     assert diagnose.same_or_changed(oracle, 8, 56)["same_or_changed_right"] == 1.0
     blind = diagnose.same_or_changed(_Session(lambda px: -0.5), 8, 56)
     assert blind["same_or_changed_right"] == 0.5
-    assert blind["yes_minus_no_same"] == blind["yes_minus_no_changed"] == -0.5
+    assert blind["yes_minus_no_same"] == blind["yes_minus_no_changed"] == blind["yes_minus_no_other"] == -0.5
+    assert blind["yes_minus_no_other_std"] == 0.0
