@@ -114,6 +114,13 @@ def compare_lists(session, n: int, size: int, show: int = 0) -> dict[str, float]
             "compare_answered": float(np.mean([bool(facts(a)) for a in answers]))}
 
 
+def next_token_logits(session, prompt, continuation: list[int]) -> np.ndarray:
+    """[vocab] logits of the token after the prompt and `continuation` (token ids), one forward pass."""
+    ids = np.concatenate([prompt.input_ids, continuation]).astype(np.int32)[None]
+    return np.asarray(session.model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
+                                    image_grid_thw=prompt.image_grid_thw)[0, -1])
+
+
 def same_pairs(n: int, size: int) -> list[tuple[object, object, str]]:
     """n val-range pairs (image, image, kind), alternately "same" (one render twice) and "changed" (one coarse
     change), then n // 2 "other" pairs of two unrelated scenes (another background, mostly)."""
@@ -135,15 +142,12 @@ def same_or_changed(session, n: int, size: int) -> dict[str, float]:
     """Asked the base data's yes/no comparison question about same_pairs, is the first answer token "Yes"
     likelier than "No" exactly when nothing changed (over the same and changed pairs)? And the yes - no
     logit margin per kind of pair, mean and spread."""
-    model = session.model
     yes, no = (session.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     prefix = session.tokenizer(f"<think>{base_data.COMPARE_THINK}</think><answer>", add_special_tokens=False).input_ids
     right, margins = [], collections.defaultdict(list)
     for first, second, kind in same_pairs(n, size):
         prompt = session.prompt([first, second], "Are these two images the same?")
-        ids = np.concatenate([prompt.input_ids, prefix]).astype(np.int32)[None]
-        logits = np.asarray(model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
-                                  image_grid_thw=prompt.image_grid_thw)[0, -1])
+        logits = next_token_logits(session, prompt, prefix)
         margin = float(logits[yes] - logits[no])
         if kind != "other":
             right.append((margin > 0) == (kind == "same"))
@@ -156,20 +160,17 @@ def same_or_changed(session, n: int, size: int) -> dict[str, float]:
 def image_dependence(session, size: int) -> dict[str, float]:
     model, cfg = session.model, session.model.config
     logits, spread, scale = [], [], []
+    # The base's own answer up to the colour word, so the next token is the one that names the hue.
+    prefix = session.tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids
     for hue in S.HUES:
         scene = S.Scene("white", (S.Obj(shape="circle", hue=hue, shade="dark", size="large", pattern="solid",
                                         label="", cell=4, dx=0.0, dy=0.0),))
         prompt = session.prompt([render.render(scene, 0, size)], QUESTIONS["hue"].format(where="center"))
-        # The base's own answer up to the colour word, so the next token is the one that names the hue.
-        ids = np.concatenate([prompt.input_ids, session.tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids])
-        ids = ids.astype(np.int32)[None]
         vision = prepare_vision(prompt.image_grid_thw, cfg.vision)
         feats = np.asarray(model.get_image_features(jnp.asarray(prompt.pixel_values), vision))
         spread.append(float(np.abs(feats - feats.mean(0)).mean()))
         scale.append(float(np.abs(feats).mean()))
-        out = model(jnp.asarray(ids), pixel_values=jnp.asarray(prompt.pixel_values),
-                    image_grid_thw=prompt.image_grid_thw)
-        logits.append(np.asarray(out[0, -1]))
+        logits.append(next_token_logits(session, prompt, prefix))
     logits = np.stack(logits)
     hue_ids = [session.tokenizer(" " + h, add_special_tokens=False).input_ids[0] for h in S.HUES]
     named = sum(int(np.argmax(row[hue_ids]) == k) for k, row in enumerate(logits))
