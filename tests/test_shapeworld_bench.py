@@ -405,3 +405,22 @@ def test_compare_lists_write_the_difference_as_a_list_line():
             listed += 1
     assert listed >= 15
     assert [e.answer for e in base_data.examples(40)] == [e.answer for e in base_data.examples(40, compare_lists=False)]
+
+
+def test_compare_modes_choose_the_two_image_questions():
+    """compare_modes: only the named questions, weighted by repetition; the same image twice is answered yes,
+    any other pair no; None is today's mix (the same examples), an unknown mode is refused."""
+    only_compare = {"describe": 0, "ask": 0, "compare": 1, "choose": 0}
+    same_q = ("Are these two images the same?", "Do the two images show the same thing?")
+    yes = 0
+    exs = list(base_data.examples(120, weights=only_compare, compare_modes=("same", "same", "other_scene")))
+    for ex in exs:
+        assert ex.prompt in same_q and len(ex.images) == 2
+        answer = re.search(r"<answer>(.+)</answer>", ex.answer).group(1)
+        assert answer.startswith("Yes") == (ex.images[0] == ex.images[1])
+        yes += answer.startswith("Yes")
+    assert 60 <= yes <= 100  # two of three draws
+    assert [e.answer for e in base_data.examples(40, weights=only_compare, compare_lists=True)] == [
+        e.answer for e in base_data.examples(40, weights=only_compare, compare_modes=base_data.COMPARE_MODES + ("list",))]
+    with pytest.raises(ValueError, match="compare_modes must be"):
+        next(base_data.examples(1, weights=only_compare, compare_modes=("sam",)))

@@ -200,16 +200,22 @@ def coarse_change(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
 
 
 COMPARE_THINK = "I compare the two images object by object."
+# compare's questions, drawn uniformly (a mode twice: twice as often): the same image twice ("same"), two
+# unrelated scenes ("other_scene"), one coarse change asked as "what differs?" ("what_differs"), as "are they
+# the same?" ("same_q_changed") or as a "- " list ("list", the critique's format; compare_lists adds it).
+COMPARE_MODES = ("same", "other_scene", "what_differs", "what_differs", "same_q_changed")
+COMPARE_MODE_NAMES = frozenset(COMPARE_MODES) | {"list"}
 LIST_PROMPTS = ("List the differences between the two images, one per line starting with '- '.",
                 "What changed from the first image to the second? Write each change on its own line, starting with '- '.")
 
 
 def compare(scene: Scene, rng: np.random.Generator, seed: int, size: int,
-            extra_modes: tuple[str, ...] = ()) -> tuple[str, str, tuple[bytes, bytes]]:
-    """`extra_modes` ("list",) adds the difference written as a "- " list line: the list format an
-    instruct VLM follows when the synthesis asks it to critique a redrawn image (never a typed edit op)."""
+            modes: tuple[str, ...] = COMPARE_MODES) -> tuple[str, str, tuple[bytes, bytes]]:
+    """A two-image example of one of `modes` (COMPARE_MODES). Mode "list" writes the difference as a "- " list
+    line: the list format an instruct VLM follows when the synthesis asks it to critique a redrawn image
+    (never a typed edit op)."""
     first = render.render_png(scene, seed, size)
-    mode = _pick(rng, ("same", "other_scene", "what_differs", "what_differs", "same_q_changed") + extra_modes)
+    mode = _pick(rng, modes)
     think = COMPARE_THINK
     if mode == "same":
         return _pick(rng, ("Are these two images the same?", "Do the two images show the same thing?")), \
@@ -281,8 +287,19 @@ def _draw_kind(rng: np.random.Generator, weights: dict[str, float] | None) -> st
     return KINDS[int(rng.choice(len(KINDS), p=p / p.sum()))]
 
 
+def compare_modes_for(compare_lists: bool, compare_modes: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The modes compare draws from: `compare_modes` when given, else COMPARE_MODES (+ "list" with compare_lists)."""
+    if compare_modes is None:
+        return COMPARE_MODES + (("list",) if compare_lists else ())
+    unknown = set(compare_modes) - COMPARE_MODE_NAMES
+    if not compare_modes or unknown:
+        raise ValueError(f"compare_modes must be a non-empty tuple of {sorted(COMPARE_MODE_NAMES)}, got {compare_modes}")
+    return tuple(compare_modes)
+
+
 def example(index: int, size: int = 112, weights: dict[str, float] | None = None,
-            one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter") -> Example:
+            one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter",
+            compare_modes: tuple[str, ...] | None = None) -> Example:
     """Example `index`, drawn from seed base_train.start + index (deterministic). `one_object_share` of the
     scenes hold a single object: the easiest reading of an image, where a fresh decoder starts to look. An
     edit example the scene cannot make (no object with a unique name, an edit with the same result as the
@@ -304,7 +321,7 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
         else:
             prompt, answer = made
     if kind == "compare":
-        prompt, answer, images = compare(scene, rng, seed, size, ("list",) if compare_lists else ())
+        prompt, answer, images = compare(scene, rng, seed, size, compare_modes_for(compare_lists, compare_modes))
     elif kind == "choose":
         prompt, answer = choose(scene, rng, mcq_answer)
     elif kind == "follow":
@@ -315,22 +332,24 @@ def example(index: int, size: int = 112, weights: dict[str, float] | None = None
 
 
 def examples(n: int, start: int = 0, size: int = 112, weights: dict[str, float] | None = None,
-             one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter"
-             ) -> Iterator[Example]:
+             one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter",
+             compare_modes: tuple[str, ...] | None = None) -> Iterator[Example]:
     for index in range(start, start + n):
-        yield example(index, size, weights, one_object_share, compare_lists, mcq_answer)
+        yield example(index, size, weights, one_object_share, compare_lists, mcq_answer, compare_modes)
 
 
 def _write_shard(path: Path, count: int, start: int, size: int, weights: dict[str, float] | None,
-                 one_object_share: float, compare_lists: bool, mcq_answer: str) -> None:
+                 one_object_share: float, compare_lists: bool, mcq_answer: str,
+                 compare_modes: tuple[str, ...] | None) -> None:
     with records.ShardWriter(path) as writer:
-        for ex in examples(count, start, size, weights, one_object_share, compare_lists, mcq_answer):
+        for ex in examples(count, start, size, weights, one_object_share, compare_lists, mcq_answer, compare_modes):
             writer.write(ex.to_record())
 
 
 def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_size: int = SHARD_SIZE,
                     weights: dict[str, float] | None = None, workers: int = 1, log: Any = None,
-                    one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter") -> Path:
+                    one_object_share: float = 0.0, compare_lists: bool = False, mcq_answer: str = "letter",
+                    compare_modes: tuple[str, ...] | None = None) -> Path:
     """Writes n examples as `instruct` records in shards of shard_size plus `manifest.json`, shards in
     `workers` processes. Resumes: a shard on disk is complete (shards are written atomically) and is kept;
     `settings.json` makes sure a resumed run has the same settings. Progress lines go to `log` (default:
@@ -353,6 +372,8 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
         settings["compare_lists"] = True
     if mcq_answer != "letter":
         settings["mcq_answer"] = mcq_answer
+    if compare_modes is not None:
+        settings["compare_modes"] = list(compare_modes_for(compare_lists, compare_modes))
     _draw_kind(np.random.default_rng(0), weights)  # validates the weights before any work
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
@@ -364,8 +385,8 @@ def write_base_data(out_dir: str | os.PathLike, n: int, size: int = 112, shard_s
               for s in range(num_shards)}
     todo = [(k, name) for k, name in enumerate(shards) if not (out / name).exists()]
     print(f"  base data: {num_shards - len(todo)}/{num_shards} shards already written", file=log, flush=True)
-    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share, compare_lists, mcq_answer)
-            for k, name in todo]
+    jobs = [(out / name, shards[name], k * shard_size, size, weights, one_object_share, compare_lists, mcq_answer,
+             compare_modes) for k, name in todo]
     if workers == 1 or len(jobs) < 2:
         done = (_write_shard(*job) for job in jobs)
         pool = None

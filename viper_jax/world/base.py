@@ -55,6 +55,7 @@ def base_config() -> ConfigDict:
     c.world.weights = ConfigDict(dict(DEFAULT_WEIGHTS))  # the kinds of example, relative (base_data.KINDS)
     c.world.compare_lists = False  # compare examples may ask for the differences as "- " lines (base_data.compare)
     c.world.mcq_answer = "letter"  # multiple-choice answers: the option letter, or "text" (base_data.choose)
+    c.world.compare_modes = ()  # the compare questions (base_data.COMPARE_MODES); () = that mix, + "list" above
     c.model = ConfigDict()  # the tiny Qwen2.5-VL's architecture
     c.model.hidden = 128
     c.model.layers = 4
@@ -167,7 +168,8 @@ def _write_data(config: ConfigDict, data_dir: Path) -> None:
         base_data.write_base_data(data_dir / "base_data", int(w.n_train), size=int(w.size), workers=int(w.workers),
                                   one_object_share=float(w.one_object_share),
                                   weights={k: float(v) for k, v in w.weights.items()},
-                                  compare_lists=bool(w.compare_lists), mcq_answer=str(w.mcq_answer))
+                                  compare_lists=bool(w.compare_lists), mcq_answer=str(w.mcq_answer),
+                                  compare_modes=tuple(w.compare_modes) or None)
     except ValueError as e:  # settings that contradict the data already in the folder, or bad counts
         raise ConfigError(f"config world: {e}") from None
 
