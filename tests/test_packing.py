@@ -134,6 +134,18 @@ def test_pack_layout_keeps_every_sequence_in_its_own_segment(world):
     assert seen == 9
 
 
+def accumulate(fns, params, ref, denoms, micros) -> tuple[float, dict, dict]:
+    """(summed loss, summed gradients, summed metric sums) of micro-batches sharing `denoms`, reference
+    log-probs (the KL term) from `ref`."""
+    acc, loss, sums = fns.zeros(params), 0.0, {}
+    for m in micros:
+        m.inputs["ref_logp"] = np.asarray(fns.logprobs(ref, m.inputs))
+        acc, part = fns.accumulate(params, acc, m.inputs, denoms)
+        loss += float(part["loss"])
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in part.items()}
+    return loss, jax.device_get(acc), sums
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_packed_loss_and_gradients_equal_the_padded(world, aggregation):
     """The summed micro-batch losses and gradients of one minibatch (shared denominators): padded micro-batches
@@ -144,19 +156,11 @@ def test_packed_loss_and_gradients_equal_the_padded(world, aggregation):
     batch = with_old_logp(world, fns)
     denoms = {"tokens": jnp.float32(batch.resp_mask.sum()), "seqs": jnp.float32(9), "norm_length": jnp.float32(N)}
 
-    def run(micros):
-        acc, loss, sums = fns.zeros(params), 0.0, {}
-        for m in micros:
-            m.inputs["ref_logp"] = np.asarray(fns.logprobs(ref, m.inputs))
-            acc, part = fns.accumulate(params, acc, m.inputs, denoms)
-            loss += float(part["loss"])
-            sums = {k: sums.get(k, 0.0) + float(v) for k, v in part.items()}
-        return loss, jax.device_get(acc), sums
-
-    padded = run([packing.padded_micro(batch, a, a + 2, update_inputs(batch, a, a + 2, config)) for a in (0, 2)])
+    padded = accumulate(fns, params, ref, denoms,
+                        [packing.padded_micro(batch, a, a + 2, update_inputs(batch, a, a + 2, config)) for a in (0, 2)])
     micros = packing.pack_minibatch(batch, 0, 4, config, max_rows=3)
     assert len(micros) >= 2 and max(m.inputs["segment_ids"].max() for m in micros) >= 2  # rows hold several
-    packed = run(micros)
+    packed = accumulate(fns, params, ref, denoms, micros)
     assert abs(padded[0]) > 1e-3 and padded[2]["clip_frac_low"] > 0 and padded[2]["clip_frac_high"] > 0
     np.testing.assert_allclose(packed[0], padded[0], **TOL)
     for k in padded[2]:
@@ -212,16 +216,55 @@ def test_response_width_and_first_fit():
     assert [packing.row_bucket(n, 6, multiple=4) for n in (1, 3, 5, 9)] == [4, 4, 8, 12]  # the mesh's batch shards
 
 
-def test_packing_is_refused_with_several_processes():
-    """Packed micro-batches are cut per process; several processes would disagree on their count and shapes."""
+def test_padding_packed_micro_batches_changes_nothing(world):
+    """pad_packed, as several processes use it to agree on shapes (grpo_multihost.agree_packed): packed micro-batches
+    grown by prompts, rows and predicted slots, plus an empty one (a process short of micro-batches), give the
+    same loss, metric sums and gradients (seq-mean-token-mean, KL and entropy on); the vision tower still takes part."""
+    config, _, params, ref, _ = world
+    fns, *_ = fns_for(world, aggregation="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.01)
+    batch = with_old_logp(world, fns)
+    denoms = {"tokens": jnp.float32(batch.resp_mask.sum()), "seqs": jnp.float32(9), "norm_length": jnp.float32(N)}
+    micros = packing.pack_minibatch(batch, 0, 4, config, max_rows=3)
+    pad = config.text.pad_token_id
+    grown = [packing.pad_packed(m, len(m.inputs["prompt_ids"]) + 2, m.inputs["ids"].shape[0] + 3,
+                                m.inputs["pred_index"].shape[0] + 5, pad) for m in micros]
+    empty = packing.pad_packed(micros[0], 2, 4, 24, pad, keep=False)
+    for m, g in zip(micros, grown):
+        x, y = m.inputs, g.inputs
+        assert y["prompt_ids"].shape[0] == x["prompt_ids"].shape[0] + 2 and "pixel_values" in y
+        assert y["segment_ids"].shape == (x["segment_ids"].shape[0] + 3, TP + N)
+        assert y["positions"].shape[1:] == y["ids"].shape
+        assert all(y[k].shape == (1, x["pred_index"].shape[0] + 5) for k in ("targets", "resp_mask", "old_logp"))
+        assert (g.tokens, g.seqs, g.processed, g.prompts) == (m.tokens, m.seqs, m.processed, m.prompts)
+    assert (empty.tokens, empty.seqs, empty.processed) == (0, 0, 0)
+    assert (empty.inputs["ids"].shape, empty.inputs["prompt_ids"].shape) == ((4, TP + N), (2, TP))
+    want = accumulate(fns, params, ref, denoms, micros)
+    got = accumulate(fns, params, ref, denoms, grown + [empty])
+    assert abs(want[0]) > 1e-3
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    for k in want[2]:
+        np.testing.assert_allclose(got[2][k], want[2][k], **TOL, err_msg=k)
+    assert max(float(np.abs(a).max()) for a in jax.tree.leaves(want[1]["visual"])) > 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want[1])[0], jax.tree.leaves(got[1])):
+        np.testing.assert_allclose(b, a, **TOL, err_msg=jax.tree_util.keystr(path))
+    nothing = accumulate(fns, params, ref, denoms, [empty])  # the empty one alone: zero loss, zero gradients
+    assert nothing[0] == 0 and all(not np.any(a) for a in jax.tree.leaves(nothing[1]))
+
+
+def test_packing_with_several_processes_needs_whole_shares():
+    """Packed, a minibatch's prompts split evenly over the processes (rl.micro_batch_prompts does not matter:
+    packed micro-batches are padded to shapes every shard divides); otherwise a ConfigError naming the setting."""
     from types import SimpleNamespace
 
     from viper_jax.train.config import ConfigError
     from viper_jax.train.grpo_multihost import check_split
 
     rl = base_config().rl
-    rl.prompts_per_step, rl.micro_batch_prompts = 4, 2
-    check_split(rl, SimpleNamespace(count=2, per_process=1))  # padded: fine
-    rl.packing = True
-    with pytest.raises(ConfigError, match="rl.packing: runs in one JAX process"):
-        check_split(rl, SimpleNamespace(count=2, per_process=1))
+    rl.prompts_per_step, rl.micro_batch_prompts, rl.packing = 4, 1, True
+    check_split(rl, SimpleNamespace(count=2, per_process=2))  # padded, 1 prompt over 4 shards would be refused
+    rl.packing = False
+    with pytest.raises(ConfigError, match="multiple of the mesh's 4 batch shards"):
+        check_split(rl, SimpleNamespace(count=2, per_process=2))
+    rl.packing, rl.num_minibatches = True, 4  # a minibatch of 1 prompt cannot split over 2 processes
+    with pytest.raises(ConfigError, match="rl.packing the prompts of every minibatch"):
+        check_split(rl, SimpleNamespace(count=2, per_process=2))

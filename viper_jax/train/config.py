@@ -133,9 +133,11 @@ def base_config() -> ConfigDict:
     c.rl.logit_chunk = 0  # response tokens per lm_head chunk (rematerialised); 0 = all at once
     # Sequence packing (train/packing.py): each response's prompt + response tokens are a segment of packed rows
     # (attention within segments, per-segment MRoPE positions), so the update runs on real tokens only; same
-    # loss, gradients and metrics as the padded rows (tests/test_packing.py). One JAX process only.
+    # loss, gradients and metrics as the padded rows (tests/test_packing.py), in one JAX process or several
+    # (tests/test_train_multiprocess.py).
     c.rl.packing = False
-    c.rl.pack_tokens = 0  # token budget of a packed micro-batch; 0 = the padded micro-batch's (rows x row width)
+    # Token budget of a packed micro-batch, over all processes; 0 = the padded micro-batch's (rows x row width).
+    c.rl.pack_tokens = 0
     # > 0: the update's response span is the batch's longest counted response rounded up to this * 2^k (at most
     # rollout.max_new_tokens) instead of max_new_tokens; same results. 0 = off.
     c.rl.response_bucket = 0

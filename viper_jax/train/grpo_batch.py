@@ -64,9 +64,6 @@ def full_positions(prompt_pos: np.ndarray, num_new: int, group_size: int) -> np.
 
 def update_inputs(batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VLConfig) -> dict[str, Any]:
     """The jitted update's input dict for prompts [start, stop) of `batch` (and their rows)."""
-    g = batch.group_size
-    ids, mask = batch.prompt_ids[start:stop], batch.prompt_mask[start:stop]
-    rows = slice(start * g, stop * g)
     grid = None
     out: dict[str, Any] = {}
     if batch.image_grid_thw is not None and batch.image_grid_thw.shape[0] > 0:
@@ -75,12 +72,22 @@ def update_inputs(batch: RolloutBatch, start: int, stop: int, config: Qwen2_5_VL
         first_row = np.concatenate([[0], np.cumsum(batch.image_grid_thw.prod(axis=1))])
         out["pixel_values"] = batch.pixel_values[first_row[first_image[start]]:first_row[first_image[stop]]]
         out["vision_inputs"] = prepare_vision(grid, config.vision)
-    n = batch.tokens.shape[1]
-    out.update(prompt_ids=ids, prompt_mask=mask,
-               positions=full_positions(prompt_positions(ids, mask, grid, config), n, g),
-               tokens=batch.tokens[rows], resp_mask=batch.resp_mask[rows], advantages=batch.advantages[rows],
-               old_logp=batch.old_logp[rows])
+    out.update(row_inputs(batch, start, stop, grid, config))
     return out
+
+
+def row_inputs(batch: RolloutBatch, start: int, stop: int, grid: np.ndarray | None,
+               config: Qwen2_5_VLConfig) -> dict[str, Any]:
+    """update_inputs without the images: prompts [start, stop), their rows' responses, and positions from
+    get_rope_index over `grid` (text positions for None). Several processes pass the grid the rollout used
+    (empty for a process without images in a batch with some), so positions are the sampler's."""
+    g = batch.group_size
+    ids, mask = batch.prompt_ids[start:stop], batch.prompt_mask[start:stop]
+    rows = slice(start * g, stop * g)
+    return dict(prompt_ids=ids, prompt_mask=mask,
+                positions=full_positions(prompt_positions(ids, mask, grid, config), batch.tokens.shape[1], g),
+                tokens=batch.tokens[rows], resp_mask=batch.resp_mask[rows], advantages=batch.advantages[rows],
+                old_logp=batch.old_logp[rows])
 
 
 def slices(num_prompts: int, num_minibatches: int, micro_prompts: int) -> list[list[tuple[int, int]]]:

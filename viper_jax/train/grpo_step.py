@@ -295,14 +295,15 @@ class GRPOLearner:
         if not settings.packing:
             return [[padded_micro(rollout_batch, a, b, processes.micro_inputs(rollout_batch, a, b, self.model_config))
                      for a, b in mb] for mb in ranges]
-        if processes.count > 1:
-            raise ValueError("rl.packing runs in one JAX process (grpo_multihost.check_split refuses it)")
         width = rollout_batch.prompt_ids.shape[1] + rollout_batch.tokens.shape[1]
         rows = (ranges[0][0][1] - ranges[0][0][0]) * settings.group_size  # the padded micro-batch's rows
-        max_rows = max(1, settings.pack_tokens // width) if settings.pack_tokens > 0 else rows
-        shards = batch_shard_count(self.fns.mesh, self.fns.rules)
-        return [pack_minibatch(rollout_batch, mb[0][0], mb[-1][1], self.model_config, max_rows, shards)
-                for mb in ranges]
+        # pack_tokens, like micro_batch_prompts, counts over all processes; each packs its own prompts on its
+        # own share of the batch shards, then they agree on counts and shapes (grpo_multihost.py).
+        max_rows = max(1, settings.pack_tokens // (width * processes.count)) if settings.pack_tokens > 0 else rows
+        shards = batch_shard_count(self.fns.mesh, self.fns.rules) // processes.count
+        return processes.agree_packed([pack_minibatch(rollout_batch, mb[0][0], mb[-1][1], self.model_config, max_rows,
+                                                      shards, processes.local_inputs) for mb in ranges],
+                                      rollout_batch, self.model_config)
 
     def _update(self, rollout_batch: RolloutBatch) -> dict[str, float]:
         settings, fns, processes = self.settings, self.fns, self.processes
@@ -324,14 +325,14 @@ class GRPOLearner:
                 if tokens == 0:
                     continue
                 if settings.recompute_old_logprobs:
-                    fresh = processes.to_host(fns.logprobs(self.state.params, micro.inputs)) * micro.mask
+                    fresh = processes.to_host(fns.logprobs(self.state.params, micro.inputs), micro.axis) * micro.mask
                     # The sampler's log-probs (KV-cache decode) vs a full forward: ~1e-6 in fp32; large values
                     # mean the update does not see what the sampler saw (positions, images, dtype).
                     diffs.append(float(np.abs(fresh - micro.old_logp).max()))
-                    micro.inputs["old_logp"] = processes.from_host(fresh)
+                    micro.inputs["old_logp"] = processes.from_host(fresh, micro.axis)
                 if settings.kl_coef > 0:
                     micro.inputs["ref_logp"] = processes.from_host(
-                        processes.to_host(fns.logprobs(self.ref_params, micro.inputs)))
+                        processes.to_host(fns.logprobs(self.ref_params, micro.inputs), micro.axis), micro.axis)
         sums: dict[str, Any] = {}
         grad_norms, skipped, empty, lrs, processed = [], 0, 0, [], 0
         first = np.cumsum([0] + [len(mb) for mb in micro_batches])

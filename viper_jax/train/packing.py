@@ -23,12 +23,24 @@ gradient, so they are left out. Micro-batches are cut by a token budget (verl's 
 are taken in order while their sequences fit `max_rows` rows of L (first-fit decreasing), the row count
 rounded up to an eighth of the budget (few distinct shapes to compile). Denominators stay the minibatch's (token
 and sequence counts), so the summed gradients equal the padded update's whatever the cut.
+
+Several JAX processes (grpo_multihost.MultiProcess.agree_packed): each process packs its own prompts of the
+minibatch as above, into rows of the agreed prompt width + response width, under its share of the budget
+(rl.pack_tokens, like rl.micro_batch_prompts, counts over all processes). Their cuts differ with their lengths,
+but every jitted call is collective, so the processes then allgather their plans (micro-batches per minibatch;
+each one's prompt range, rows and K), take the maxima, and grow each micro-batch to them (`pad_packed`: prompts of
+pad tokens, rows of segment 0, slots of mask 0, all multiples of the process's batch shards); a process with
+fewer micro-batches runs empty ones. The global arrays are the processes' blocks in block order: prompt_src and
+pred_index shifted by the block's offset, the [1, K] arrays and positions blocked on axis 1 (MicroBatch.axis),
+images as in the padded multi-process path (each process's pixel block, block_vision_inputs over every
+process's grids of its micro-batch). Padding adds nothing to loss or gradient and the denominators are global
+sums, so the gradient is the unpacked multi-process one (tests/test_train_multiprocess.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +58,8 @@ class MicroBatch:
     old_logp: np.ndarray    # the rollout's log-probs in the same layout
     seqs: int               # responses with at least one counted token
     processed: int          # token slots the forward runs on, padding excluded for prompts (the metric)
+    prompts: tuple[int, int] = (0, 0)  # its prompts [a, b) of the batch (several processes: their images)
+    axis: int = 0           # the process-block axis of mask / old_logp: rows (padded [R, N]) or 1 (packed [1, K])
 
     @property
     def tokens(self) -> int:
@@ -143,6 +157,22 @@ def cut_prompts(lengths: np.ndarray, row_len: int, max_rows: int) -> list[tuple[
     return cuts
 
 
+# The per-predicted-token arrays [1, K] of a packed micro-batch (pred_index [K] besides).
+PER_TOKEN = (("targets", np.int32), ("resp_mask", np.float32), ("old_logp", np.float32), ("advantages", np.float32),
+             ("seq_tokens", np.float32))
+
+
+def _padding(rows: int, row_len: int, slots: int) -> dict[str, np.ndarray]:
+    """pack_micro's arrays holding nothing: rows of segment 0 (prompt_src -1), predicted slots of index 0, mask 0."""
+    shape = (rows, row_len)
+    out = {name: np.zeros(shape, np.int32) for name in ("ids", "segment_ids")}
+    out.update({name: np.zeros((1, slots), dt) for name, dt in PER_TOKEN})
+    out["pred_index"] = np.zeros(slots, np.int32)
+    out["prompt_src"] = np.full(shape, -1, np.int32)
+    out["positions"] = np.zeros((3, *shape), np.int32)
+    return out
+
+
 def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: int, multiple: int = 1) -> MicroBatch:
     """update_inputs' padded dict of some prompts -> their packed MicroBatch (layout: module docstring)."""
     ids, pmask, resp = inputs["prompt_ids"], inputs["prompt_mask"], inputs["resp_mask"]
@@ -152,15 +182,7 @@ def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: 
     lengths = np.asarray([len(cols[r // group_size]) + counted[r] if counted[r] else 0 for r in range(len(resp))])
     layout = first_fit(lengths, row_len)
     rows = row_bucket(len(layout), max_rows, multiple)
-    shape, width = (rows, row_len), resp.shape[1]
-    k = predicted_slots(rows, int(counted.sum()), width)
-    out = {name: np.zeros(shape, np.int32) for name in ("ids", "segment_ids")}
-    out.update({name: np.zeros((1, k), dt) for name, dt in (
-        ("targets", np.int32), ("resp_mask", np.float32), ("old_logp", np.float32), ("advantages", np.float32),
-        ("seq_tokens", np.float32))})
-    out["pred_index"] = np.zeros(k, np.int32)
-    out["prompt_src"] = np.full(shape, -1, np.int32)
-    out["positions"] = np.zeros((3, *shape), np.int32)
+    out = _padding(rows, row_len, predicted_slots(rows, int(counted.sum()), resp.shape[1]))
     done = 0  # predicted tokens written
     for row, members in enumerate(layout):
         at = 0
@@ -183,16 +205,41 @@ def pack_micro(inputs: dict[str, Any], group_size: int, row_len: int, max_rows: 
     packed = {k: v for k, v in inputs.items() if k in ("prompt_ids", "pixel_values", "vision_inputs")}
     packed.update(out)
     return MicroBatch(packed, out["resp_mask"], out["old_logp"].copy(), int((counted > 0).sum()),
-                      int(lengths.sum()))
+                      int(lengths.sum()), axis=1)
 
 
-def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_rows: int,
-                   multiple: int = 1) -> list[MicroBatch]:
+def pad_packed(micro: MicroBatch, prompts: int, rows: int, slots: int, pad_id: int, keep: bool = True) -> MicroBatch:
+    """A packed micro-batch grown to `prompts` prompts, `rows` rows and `slots` predicted slots (several
+    processes make theirs the same shape, so the jitted collectives line up), or, keep=False, one of that
+    shape holding nothing (a process with fewer micro-batches). Same loss and gradients: the added prompts
+    (pad_id, no image token) are embedded but never referenced, added rows are segment 0 (they attend
+    only to each other, prompt_src -1) and added slots have mask 0."""
+    x = micro.inputs
+    out = _padding(rows, x["ids"].shape[1], slots)
+    out["prompt_ids"] = np.full((prompts, x["prompt_ids"].shape[1]), pad_id, np.int32)
+    if not keep:
+        return MicroBatch(out, out["resp_mask"], out["old_logp"].copy(), 0, 0, axis=1)
+    out["prompt_ids"][:len(x["prompt_ids"])] = x["prompt_ids"]
+    r, k = x["ids"].shape[0], x["pred_index"].shape[0]
+    for name in ("ids", "segment_ids", "prompt_src"):
+        out[name][:r] = x[name]
+    out["positions"][:, :r] = x["positions"]
+    out["pred_index"][:k] = x["pred_index"]
+    for name, _ in PER_TOKEN:
+        out[name][:, :k] = x[name]
+    out.update({name: x[name] for name in ("pixel_values", "vision_inputs") if name in x})
+    return dataclasses.replace(micro, inputs=out, mask=out["resp_mask"], old_logp=out["old_logp"].copy())
+
+
+def pack_minibatch(batch: RolloutBatch, start: int, stop: int, config: Any, max_rows: int, multiple: int = 1,
+                   inputs: Callable[..., dict[str, Any]] = update_inputs) -> list[MicroBatch]:
     """Prompts [start, stop) (one minibatch) as packed micro-batches of at most `max_rows` rows of prompt
-    bucket + response width tokens (the padded row width, so any sequence fits), prompts in order."""
+    bucket + response width tokens (the padded row width, so any sequence fits), prompts in order.
+    `inputs(batch, a, b, config)`: update_inputs' dict of prompts [a, b) (a process's own rows, when several)."""
     g, row_len = batch.group_size, batch.prompt_ids.shape[1] + batch.tokens.shape[1]
     lengths = _sequence_lengths(batch, start, stop).reshape(-1, g)
-    return [pack_micro(update_inputs(batch, start + a, start + b, config), g, row_len, max_rows, multiple)
+    return [dataclasses.replace(pack_micro(inputs(batch, start + a, start + b, config), g, row_len, max_rows, multiple),
+                                prompts=(start + a, start + b))
             for a, b in cut_prompts(lengths, row_len, max_rows)]
 
 
