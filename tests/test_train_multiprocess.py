@@ -14,6 +14,9 @@ contiguous run of the same global batch, so the updates would differ by design.
 The multi-process run is SIGKILLed (both processes) after checkpoint 2 and restarted; it must resume
 mid-stage from every process's own data position and end where the reference ends.
 
+Packed (rl.packing): two processes whose packed micro-batch counts differ must end with the parameters of
+one process packed and of one process unpacked (the same global order, 1e-5).
+
 Tolerances: parameters after 2 and after 5 steps within 1e-5 (fp32). Both runs compute the same
 global programs on 4 devices, but through different collective implementations (in-process CPU
 collectives against gloo between processes) and different input layouts (host NumPy replicated by jit
@@ -122,7 +125,8 @@ def _env(data: Path, cache: Path, devices: int) -> dict[str, str]:
     return env
 
 
-def _start(workdir: Path, env: dict[str, str], processes: int, log: Path) -> list[subprocess.Popen]:
+def _start(workdir: Path, env: dict[str, str], processes: int, log: Path,
+           run: list[str] = RUN) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i in range(processes):
@@ -131,7 +135,7 @@ def _start(workdir: Path, env: dict[str, str], processes: int, log: Path) -> lis
             f"--config.distributed.process_id={i}", "--config.distributed.cpu_collectives=gloo",
             "--config.distributed.timeout_s=120"])
         out = open(log.with_suffix(f".{i}.log"), "a")
-        procs.append(subprocess.Popen(train_command(workdir, RUN + extra), env=env, cwd=ROOT, stdout=out,
+        procs.append(subprocess.Popen(train_command(workdir, run + extra), env=env, cwd=ROOT, stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         out.close()
     return procs
@@ -299,3 +303,53 @@ def test_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     for name in hf_ref:  # the zero-gradient key bias to the noise bound above, every other tensor to 1e-5
         atol = 1e-3 if name.endswith("k_proj.bias") else 1e-5
         np.testing.assert_allclose(hf_multi[name], hf_ref[name], rtol=0, atol=atol, err_msg=name)
+
+
+# Packed: 2 caption_refine steps, then 1 visual_ops (two images a prompt). The tiny config's warmup gives update 1
+# learning rate 0, so parameters are compared after steps 2 and 3. One length bucket of 384 (no auto buckets)
+# makes every packed row 400 tokens, so two even (shorter-prompt) caption sequences share a row and odd ones do
+# not; a budget of 3200 tokens is 4 rows a process (8 in one process): process 0 packs its 2 prompts into 1
+# micro-batch, process 1 needs 2, and the single-process run cuts its 4 prompts 3 + 1 (visual_ops prompts are
+# shorter: one micro-batch everywhere). Tolerance: packed against unpacked sums in another order (attention over
+# packed rows, the embedding gradient's scatter), and Adam's first real step can magnify that in a few embedding
+# entries whose gradients nearly cancel: up to ~4e-5 (one process as much as two) when that step is visual_ops',
+# ~1e-6 here, where it is caption_refine's.
+PACKED_STEPS = {"caption_refine": 2, "visual_ops": 1}
+PACKED = RUN + [f"--config.stages.{name}.steps={n}" for name, n in PACKED_STEPS.items()] + [
+    "--config.data.auto_buckets=0", "--config.data.length_buckets=(384,)", "--config.checkpoint.every_steps=2"]
+
+
+@pytest.mark.slow  # three `viper train` launches, ~2.5 minutes here: unpacked and packed in one process, packed in two
+def test_two_processes_packed_match_one_packed_and_unpacked(tmp_path):
+    """rl.packing over two processes whose micro-batch counts differ (the short one runs an empty micro-batch,
+    every micro-batch padded to the larger shapes): the same parameters (1e-5, fp32) after steps 2 and 3 as one
+    process packed and as one process unpacked on the same global order, and the same samples and rewards."""
+    multi_data, ref_data = tmp_path / "data_multi", tmp_path / "data_ref"
+    _write(multi_data, {task: list(range(PER_TASK)) for task in PACKED_STEPS})
+    _write(ref_data, {task: _global_order(task, n) for task, n in PACKED_STEPS.items()})
+    packed = PACKED + ["--config.rl.packing=true", "--config.rl.pack_tokens=3200"]
+    runs = {"unpacked": (ref_data, 4, 1, PACKED), "packed": (ref_data, 4, 1, packed),
+            "multi": (multi_data, 2, 2, packed)}
+    for name, (data, devices, processes, run) in runs.items():  # one at a time: two shared cores
+        env = _env(data, tmp_path / f"cache{processes}", devices)  # the one-process runs share their rollout programs
+        _finish(_start(tmp_path / name, env, processes, tmp_path / name, run), tmp_path / name)
+    log = (tmp_path / "multi.0.log").read_text()
+    assert "different numbers of micro-batches (by block: [[1], [2]])" in log, log[-3000:]
+
+    final = sum(PACKED_STEPS.values())
+    rows = {name: _metrics(tmp_path / name) for name in runs}
+    assert [r["step"] for r in rows["multi"]] == list(range(1, final + 1))
+    for name in ("packed", "unpacked"):
+        for a, b in zip(rows[name], rows["multi"]):
+            assert a["record_ids"] == b["record_ids"], (name, a["step"])
+            for key in ("reward/mean", "reward/std", "response_length/mean"):  # same samples: exact
+                assert a[key] == b[key], (name, a["step"], key)
+            assert abs(a["update/grad_norm"] - b["update/grad_norm"]) <= 1e-5 * a["update/grad_norm"], (name, a["step"])
+    params = {name: {s: _params(tmp_path / name, s) for s in (2, final)} for name in runs}
+    for name in ("packed", "unpacked"):
+        for s in (2, final):
+            diff = _max_diff(params[name][s], params["multi"][s])
+            noise = float(np.abs(params[name][s][NOISE_ONLY] - params["multi"][s][NOISE_ONLY]).max())
+            print(f"multi packed vs one process {name}, step {s}: max |param diff| {diff:.3g}, key bias {noise:.3g}")
+            assert diff <= 1e-5 and noise <= 1e-3, (name, s)
+    assert _max_diff(params["multi"][2], params["multi"][final]) > 1e-3  # not vacuous: the last update moved them
