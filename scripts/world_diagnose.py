@@ -17,7 +17,8 @@
    if this is. `--same N`: N pairs, half the same render twice, half one coarse change, asked "Are these two
    images the same?" after the base's own think; right when "Yes" is likelier than "No" as the first answer
    token exactly for the unchanged pairs (chance 0.5): does the model see that anything changed at all? Also
-   N/2 pairs of two unrelated scenes, and the yes - no margin per kind of pair.
+   N/2 pairs of two unrelated scenes, the yes - no margin per kind of pair, and the AUC of same pairs
+   against changed and against other-scene pairs (the margin's ranking, whatever its yes/no bias).
 4. Answer type (`--answer_type N`), teacher-forced: for N shape and N colour questions (as in 1), with the
    base's own think, which answer is likeliest among "It is a <shape>." (6) and "It is <hue>." (8)? The share
    whose likeliest answer has the asked type separates reading the question from reading the image (chance
@@ -140,8 +141,9 @@ def same_pairs(n: int, size: int) -> list[tuple[object, object, str]]:
 
 def same_or_changed(session, n: int, size: int) -> dict[str, float]:
     """Asked the base data's yes/no comparison question about same_pairs, is the first answer token "Yes"
-    likelier than "No" exactly when nothing changed (over the same and changed pairs)? And the yes - no
-    logit margin per kind of pair, mean and spread."""
+    likelier than "No" exactly when nothing changed (over the same and changed pairs)? The yes - no logit
+    margin per kind of pair, mean and spread, and how well it ranks same pairs above changed and above
+    other-scene pairs whatever the yes/no bias (AUC, chance 0.5)."""
     yes, no = (session.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     prefix = session.tokenizer(f"<think>{base_data.COMPARE_THINK}</think><answer>", add_special_tokens=False).input_ids
     right, margins = [], collections.defaultdict(list)
@@ -152,7 +154,14 @@ def same_or_changed(session, n: int, size: int) -> dict[str, float]:
         if kind != "other":
             right.append((margin > 0) == (kind == "same"))
         margins[kind].append(margin)
-    return {"same_or_changed_right": float(np.mean(right))} | {
+    same = np.asarray(margins["same"])
+
+    def auc(kind: str) -> float:  # P(margin of a same pair > margin of a `kind` pair), ties half: bias-free
+        other = np.asarray(margins[kind])[None, :]
+        return float(np.mean((same[:, None] > other) + 0.5 * (same[:, None] == other)))
+
+    return {"same_or_changed_right": float(np.mean(right)), "auc_same_vs_changed": auc("changed"),
+            "auc_same_vs_other": auc("other")} | {
         f"yes_minus_no_{k}": float(np.mean(v)) for k, v in margins.items()} | {
         f"yes_minus_no_{k}_std": float(np.std(v)) for k, v in margins.items()}
 
@@ -202,7 +211,7 @@ def answer_type(session, n: int, size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
-    parser.add_argument("--n", type=int, default=64, help="questions per kind")
+    parser.add_argument("--n", type=int, default=64, help="open questions per kind (0: skip them)")
     parser.add_argument("--size", type=int, default=112, help="image side; the processor keeps it as is")
     parser.add_argument("--compare", type=int, default=0, help="two-image pairs to grade (0: skip)")
     parser.add_argument("--same", type=int, default=0, help="same-or-changed pairs, teacher-forced (0: skip)")
@@ -211,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     args.min_pixels = args.max_pixels = args.size * args.size  # one image grid, as the base was trained
     session = session_from_args(args)
-    for kind, (hit, total) in open_questions(session, args.n, args.size).items():
+    for kind, (hit, total) in (open_questions(session, args.n, args.size) if args.n else {}).items():
         chance = {"hue": 1 / 8, "shape": 1 / 6, "count": 1 / 5}[kind]
         print(f"open {kind:<6} {hit}/{total} = {100 * hit / total:5.1f}%  (chance {100 * chance:.1f}%)")
     for key, value in image_dependence(session, args.size).items():

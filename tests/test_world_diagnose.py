@@ -1,5 +1,5 @@
 """scripts/world_diagnose.py --same: its pairs are what they say (the same render twice, one change, two scenes), and
-its grading gives an oracle 1.0 and an image-blind model 0.5."""
+its grading (right and AUC) gives an oracle 1.0 and an image-blind model 0.5."""
 
 import sys
 import types
@@ -44,8 +44,12 @@ class _Session:
 
 def test_an_oracle_is_always_right_and_an_image_blind_model_is_at_chance():
     oracle = _Session(lambda px: 1.0 if np.array_equal(px[0], px[1]) else -1.0)
-    assert diagnose.same_or_changed(oracle, 8, 56)["same_or_changed_right"] == 1.0
+    seen = diagnose.same_or_changed(oracle, 8, 56)
+    assert seen["same_or_changed_right"] == seen["auc_same_vs_changed"] == seen["auc_same_vs_other"] == 1.0
     blind = diagnose.same_or_changed(_Session(lambda px: -0.5), 8, 56)
-    assert blind["same_or_changed_right"] == 0.5
+    assert blind["same_or_changed_right"] == blind["auc_same_vs_changed"] == blind["auc_same_vs_other"] == 0.5
+    # "No" always likelier, but a larger margin for the same pairs: right at chance, the ranking perfect.
+    biased = diagnose.same_or_changed(_Session(lambda px: -0.1 if np.array_equal(px[0], px[1]) else -2.0), 8, 56)
+    assert biased["same_or_changed_right"] == 0.5 and biased["auc_same_vs_changed"] == 1.0
     assert blind["yes_minus_no_same"] == blind["yes_minus_no_changed"] == blind["yes_minus_no_other"] == -0.5
     assert blind["yes_minus_no_other_std"] == 0.0
