@@ -18,7 +18,8 @@
    images the same?" after the base's own think; right when "Yes" is likelier than "No" as the first answer
    token exactly for the unchanged pairs (chance 0.5): does the model see that anything changed at all? Also
    N/2 pairs of two unrelated scenes, the yes - no margin per kind of pair, and the AUC of same pairs
-   against changed and against other-scene pairs (the margin's ranking, whatever its yes/no bias).
+   against changed pairs (all, and per kind of change) and against other-scene pairs (the margin's ranking,
+   whatever its yes/no bias).
 4. Answer type (`--answer_type N`), teacher-forced: for N shape and N colour questions (as in 1), with the
    base's own think, which answer is likeliest among "It is a <shape>." (6) and "It is <hue>." (8)? The share
    whose likeliest answer has the asked type separates reading the question from reading the image (chance
@@ -122,20 +123,30 @@ def next_token_logits(session, prompt, continuation: list[int]) -> np.ndarray:
                                     image_grid_thw=prompt.image_grid_thw)[0, -1])
 
 
-def same_pairs(n: int, size: int) -> list[tuple[object, object, str]]:
-    """n val-range pairs (image, image, kind), alternately "same" (one render twice) and "changed" (one coarse
-    change), then n // 2 "other" pairs of two unrelated scenes (another background, mostly)."""
+def change_op(scene: S.Scene, edited: S.Scene) -> str:
+    """Which of coarse_change's edits turned `scene` into `edited` (read from the two scenes)."""
+    if len(edited.objects) != len(scene.objects):
+        return "add" if len(edited.objects) > len(scene.objects) else "remove"
+    before, after = next((a, b) for a, b in zip(scene.objects, edited.objects) if a != b)
+    return "move" if before.cell != after.cell else "recolour" if before.hue != after.hue else "reshape"
+
+
+def same_pairs(n: int, size: int) -> list[tuple[object, object, str, str]]:
+    """n val-range pairs (image, image, kind, op), alternately "same" (one render twice) and "changed" (one
+    coarse change, op its change_op), then n // 2 "other" pairs of two unrelated scenes (another background,
+    mostly); op is "" but for changed pairs."""
     pairs = []
     for k, seed in enumerate(seed_block("val", len(SEED_RANGES["val"]) // (2 * n) - 2, n)):  # not compare's block
         rng = np.random.default_rng(seed)
         scene = S.sample_scene(rng, min_objects=2)
         same = k % 2 == 0
         second = scene if same else base_data.coarse_change(scene, rng)[0]
-        pairs.append((render.render(scene, seed, size), render.render(second, seed, size), "same" if same else "changed"))
+        pairs.append((render.render(scene, seed, size), render.render(second, seed, size),
+                      "same" if same else "changed", "" if same else change_op(scene, second)))
     for seed in seed_block("val", len(SEED_RANGES["val"]) // (2 * n) - 3, n // 2):
         rng = np.random.default_rng(seed)
         first, second = S.sample_scene(rng, min_objects=2), S.sample_scene(rng, min_objects=2)
-        pairs.append((render.render(first, seed, size), render.render(second, seed + 1, size), "other"))
+        pairs.append((render.render(first, seed, size), render.render(second, seed + 1, size), "other", ""))
     return pairs
 
 
@@ -147,21 +158,24 @@ def same_or_changed(session, n: int, size: int) -> dict[str, float]:
     yes, no = (session.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     prefix = session.tokenizer(f"<think>{base_data.COMPARE_THINK}</think><answer>", add_special_tokens=False).input_ids
     right, margins = [], collections.defaultdict(list)
-    for first, second, kind in same_pairs(n, size):
+    for first, second, kind, op in same_pairs(n, size):
         prompt = session.prompt([first, second], "Are these two images the same?")
         logits = next_token_logits(session, prompt, prefix)
         margin = float(logits[yes] - logits[no])
         if kind != "other":
             right.append((margin > 0) == (kind == "same"))
         margins[kind].append(margin)
+        if op:
+            margins[f"changed_{op}"].append(margin)
     same = np.asarray(margins["same"])
 
     def auc(kind: str) -> float:  # P(margin of a same pair > margin of a `kind` pair), ties half: bias-free
         other = np.asarray(margins[kind])[None, :]
         return float(np.mean((same[:, None] > other) + 0.5 * (same[:, None] == other)))
 
+    ops = sorted(k for k in margins if k.startswith("changed_"))
     return {"same_or_changed_right": float(np.mean(right)), "auc_same_vs_changed": auc("changed"),
-            "auc_same_vs_other": auc("other")} | {
+            "auc_same_vs_other": auc("other")} | {f"auc_same_vs_{k} (n={len(margins[k])})": auc(k) for k in ops} | {
         f"yes_minus_no_{k}": float(np.mean(v)) for k, v in margins.items()} | {
         f"yes_minus_no_{k}_std": float(np.std(v)) for k, v in margins.items()}
 

@@ -17,9 +17,25 @@ YES, NO = 5, 7
 
 def test_same_pairs_alternate_identical_renders_and_one_change_then_unrelated_scenes():
     pairs = diagnose.same_pairs(6, 56)
-    assert [kind for _, _, kind in pairs] == ["same", "changed"] * 3 + ["other"] * 3
-    for first, second, kind in pairs:
+    assert [kind for _, _, kind, _ in pairs] == ["same", "changed"] * 3 + ["other"] * 3
+    for first, second, kind, op in pairs:
         assert np.array_equal(np.asarray(first), np.asarray(second)) == (kind == "same")
+        assert (op in ("add", "remove", "move", "recolour", "reshape")) == (kind == "changed")
+
+
+def test_change_op_names_each_coarse_change():
+    """Over many scenes change_op recovers every edit coarse_change makes, as its sentence says it."""
+    words = {"add": "does not have", "remove": "is missing", "move": "has moved", "recolour": "in the second",
+             "reshape": "has become"}
+    seen = set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        scene = diagnose.S.sample_scene(rng, min_objects=2)
+        edited, sentence = diagnose.base_data.coarse_change(scene, rng)
+        op = diagnose.change_op(scene, edited)
+        assert words[op] in sentence, (op, sentence)
+        seen.add(op)
+    assert seen == set(words)
 
 
 class _Session:
